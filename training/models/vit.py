@@ -1,0 +1,305 @@
+"""ViT/p: a Vision Transformer for any patch size p. With p=1 every pixel is a token (ViT/1).
+
+Follows Nguyen et al., "An Image is Worth More Than 16x16 Patches" (arXiv 2406.09415): the
+locality-free variant uses 1x1 patches and a learned position embedding with no 2D prior.
+The model takes images in [0, 1] and normalises them itself, so that exported models and the
+dictionary embedding (which indexes raw 0..255 intensities) see the same input.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name: (depth, width, heads). T/S/B/L are the paper's; F/P/N are small sizes for CPUs and tests.
+SIZES = {
+    "F": (2, 32, 2),      # femto: unit tests
+    "P": (4, 64, 2),      # pico: trains on 2 CPU cores
+    "N": (6, 128, 4),     # nano
+    "T": (12, 192, 3),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+}
+_NAME = re.compile(r"^ViT-([A-Z]+)/(\d+)$")
+
+
+@dataclass
+class ViTConfig:
+    """Architecture arguments; stored verbatim in a checkpoint's config.json."""
+    image_size: tuple[int, int] = (32, 32)     # (H, W); p must divide both
+    in_channels: int = 3
+    patch_size: int = 1
+    width: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    embed: str = "linear"        # "linear" | "dictionary" (paper's Appendix F)
+    dict_dim: int = 0            # dictionary width per channel; 0 -> width // in_channels
+    pos_embed: str = "learned"   # "learned" | "sincos" | "none"
+    pool: str = "cls"            # "cls" | "mean"
+    drop_path: float = 0.0
+    num_classes: int = 0         # 0 -> no classification head
+    mean: tuple[float, ...] = field(default=(0.5,))
+    std: tuple[float, ...] = field(default=(0.5,))
+
+    def __post_init__(self):
+        self.image_size = tuple(int(s) for s in self.image_size)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        h, w = self.image_size
+        p = self.patch_size
+        if p < 1 or h % p or w % p:
+            raise ValueError(f"patch size {p} must divide the image size {h}x{w}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        for key, allowed in (("embed", ("linear", "dictionary")),
+                             ("pos_embed", ("learned", "sincos", "none")),
+                             ("pool", ("cls", "mean"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, not {getattr(self, key)!r}")
+        if len(self.mean) not in (1, self.in_channels) or len(self.std) != len(self.mean):
+            raise ValueError("mean/std need one value or one per input channel")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"], d["mean"], d["std"] = list(self.image_size), list(self.mean), list(self.std)
+        return d
+
+
+def parse_name(name: str) -> tuple[int, int, int, int]:
+    """'ViT-T/1' -> (depth, width, heads, patch_size)."""
+    m = _NAME.match(name)
+    if not m or m.group(1) not in SIZES:
+        raise ValueError(f"unknown model {name!r}; expected ViT-<size>/<patch> with size in "
+                         f"{'/'.join(SIZES)}, e.g. ViT-T/1")
+    return (*SIZES[m.group(1)], int(m.group(2)))
+
+
+def vit_config(name: str, **kwargs) -> ViTConfig:
+    """Config for a named size, e.g. vit_config('ViT-S/2', image_size=(32, 32), num_classes=100)."""
+    depth, width, heads, p = parse_name(name)
+    return ViTConfig(**{"depth": depth, "width": width, "heads": heads, "patch_size": p, **kwargs})
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), patches in row-major order, pixels inside as (p, p, C)."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
+    n, _, d = x.shape
+    gh, gw = grid
+    c = d // (p * p)
+    x = x.reshape(n, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, c, gh * p, gw * p)
+
+
+def sincos_pos_embed(width: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding (the locality prior ViT/1 drops): (gh*gw, width)."""
+    if width % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, not {width}")
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
+                            torch.arange(gw, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    out = [f(pos.reshape(-1, 1) * omega) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1).float()
+
+
+class PixelEmbed(nn.Module):
+    """Patches (N, L, p*p*C) in [0, 1] -> tokens (N, L, D): a linear map or per-channel dictionaries."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.kind = cfg.embed
+        c, p = cfg.in_channels, cfg.patch_size
+        if self.kind == "linear":
+            self.proj = nn.Linear(p * p * c, cfg.width)
+            mean = torch.tensor(cfg.mean).expand(c)
+            std = torch.tensor(cfg.std).expand(c)
+            # patch layout is (p, p, C): repeat the per-channel statistics over the p*p pixels
+            self.register_buffer("mean", mean.repeat(p * p).clone(), persistent=False)
+            self.register_buffer("std", std.repeat(p * p).clone(), persistent=False)
+        else:
+            dim = cfg.dict_dim or cfg.width // c
+            self.tables = nn.Parameter(torch.empty(c, 256, dim))   # one 256-entry table per channel
+            self.register_buffer("channel", torch.arange(c).repeat(p * p), persistent=False)
+            d_in = p * p * c * dim
+            self.proj = nn.Identity() if d_in == cfg.width else nn.Linear(d_in, cfg.width)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return self.proj((patches - self.mean) / self.std)
+        # Intensity i/255 looks up entry i. Non-integer values (MixUp, resizing) interpolate between
+        # the two neighbouring entries, which is exact on integers and keeps mixing meaningful.
+        v = patches.clamp(0, 1) * 255                           # (N, L, K), K = p*p*C
+        lo = v.floor().long().clamp(max=254)
+        frac = (v - lo).unsqueeze(-1)
+        table = self.tables[self.channel]                       # (K, 256, dim)
+        k = torch.arange(table.shape[0], device=v.device)
+        emb = table[k, lo] * (1 - frac) + table[k, lo + 1] * frac   # (N, L, K, dim)
+        return self.proj(emb.flatten(2).to(patches.dtype))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+def attention(q, k, v, impl: str = "sdpa"):
+    """(N, H, L, Dh) x3 -> (N, H, L, Dh). 'naive' is the textbook softmax(QK^T)V, for benchmarks."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5     # (N, H, L, L)
+    return scores.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.impl = "sdpa"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, d = x.shape
+        qkv = self.qkv(x).view(n, length, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                     # (N, H, L, Dh) each
+        x = attention(q, k, v, self.impl)
+        return self.proj(x.transpose(1, 2).reshape(n, length, d))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x)), with drop path."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ViT(nn.Module):
+    """ViT/p encoder with an optional classification head."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.embed = PixelEmbed(cfg)
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d))
+        elif cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.grid)[None], persistent=False)
+        else:
+            self.pos_embed = None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.pool == "cls" else None
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()   # deeper blocks drop more
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cfg.embed == "dictionary":
+            nn.init.trunc_normal_(self.embed.tables, std=0.02)
+
+    def set_attention(self, impl: str):
+        """'sdpa' (default) or 'naive' (explicit L x L scores; benchmarks only)."""
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [0, 1] -> position-embedded patch tokens (N, L, D)."""
+        t = self.embed(patchify(x, self.cfg.patch_size))
+        return t if self.pos_embed is None else t + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> normalised tokens (N, L, D), preceded by [cls] when pooling on it."""
+        t = self.tokens(x)
+        if self.cls_token is not None:
+            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        for block in self.blocks:
+            t = block(t)
+        return self.norm(t)
+
+    def pool(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, 0] if self.cls_token is not None else t.mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(x)))   # (N, classes) or (N, D)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: 0 embeddings, 1..depth blocks, depth+1 rest."""
+        if name.startswith(("embed.", "pos_embed", "cls_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.cfg.depth + 1
+
+
+def flops_per_image(cfg: ViTConfig) -> int:
+    """Model FLOPs of one forward pass (a multiply-add counts 2), the convention behind MFU."""
+    d, n = cfg.width, cfg.num_tokens + (cfg.pool == "cls")
+    hidden = int(d * cfg.mlp_ratio)
+    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
+    p2c = cfg.patch_size ** 2 * cfg.in_channels
+    embed = 2 * cfg.num_tokens * p2c * d if cfg.embed == "linear" else 0
+    if cfg.embed == "dictionary" and p2c * (cfg.dict_dim or d // cfg.in_channels) != d:
+        embed = 2 * cfg.num_tokens * p2c * (cfg.dict_dim or d // cfg.in_channels) * d
+    return embed + cfg.depth * per_block + 2 * d * cfg.num_classes
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":   # quick look: python -m training.models.vit
+    for size in SIZES:
+        cfg = vit_config(f"ViT-{size}/1", image_size=(32, 32), num_classes=100)
+        print(f"ViT-{size}/1", f"{count_params(ViT(cfg)) / 1e6:.2f}M params",
+              f"{flops_per_image(cfg) / 1e9:.2f} GFLOPs", f"L={cfg.num_tokens}",
+              f"{math.prod(cfg.image_size)} pixels")
