@@ -1,4 +1,4 @@
-"""The checkpoint folder contract: config.json + model.safetensors (+ metrics.jsonl, train_state.pt).
+"""The checkpoint folder contract: config.json, model.safetensors, metrics.jsonl, train_state.pt.
 
 Every file is written atomically (temp file in the same folder, fsync, rename), so a run killed at
 any moment leaves either the previous complete checkpoint or the new one, never a torn file.

@@ -75,7 +75,8 @@ class ViTConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["image_size"], d["mean"], d["std"] = list(self.image_size), list(self.mean), list(self.std)
+        for key in ("image_size", "mean", "std"):
+            d[key] = list(d[key])
         return d
 
 
@@ -123,7 +124,7 @@ def sincos_pos_embed(width: int, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class PixelEmbed(nn.Module):
-    """Patches (N, L, p*p*C) in [0, 1] -> tokens (N, L, D): a linear map or per-channel dictionaries."""
+    """Patches (N, L, p*p*C) in [0, 1] -> tokens (N, L, D): linear, or per-channel dictionaries."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -273,7 +274,7 @@ class ViT(nn.Module):
         return {"pos_embed", "cls_token"}
 
     def layer_id(self, name: str) -> int:
-        """Depth of a parameter for layer-wise lr decay: 0 embeddings, 1..depth blocks, depth+1 rest."""
+        """Layer index for layer-wise lr decay: 0 embeddings, 1..depth blocks, depth+1 the rest."""
         if name.startswith(("embed.", "pos_embed", "cls_token")):
             return 0
         if name.startswith("blocks."):
