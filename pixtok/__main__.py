@@ -1,0 +1,5 @@
+import sys
+
+from pixtok.cli import main
+
+sys.exit(main())
