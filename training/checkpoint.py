@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pixtok.errors import UserError
+
 FORMAT = "pixtok-checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that is missing, incomplete or of another format."""
 
 
