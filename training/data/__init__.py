@@ -1,0 +1,82 @@
+"""Classification data sets: Fashion-MNIST, CIFAR-100 (fine or coarse labels), ImageFolder.
+
+Every data set has `classes`, `in_channels`, `image_size` (H, W), `len()` and `ds[i] -> (uint8
+tensor (C, H, W), int label)`. The in-memory ones (Fashion-MNIST, CIFAR) also expose `images`
+(uint8 (N, C, H, W)) and `labels` (int64 (N,)), so a training loop can index whole batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pixtok.errors import UserError
+
+from .resize import MODES as RESIZE_MODES
+from .resize import resize_batch
+
+NAMES = ("fashion-mnist", "cifar100", "cifar100-coarse", "imagefolder")
+SPLITS = ("train", "test")
+
+
+class DataError(UserError):
+    """A data set that is missing, truncated or not in the expected layout."""
+
+
+class InMemoryDataset:
+    """A whole split held as one uint8 tensor (N, C, H, W) plus int64 labels (N,)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                 image_size: tuple[int, int] | None, resize: str, source: str):
+        # images arrive as (N, H, W, C) uint8, the layout PIL and the file formats share
+        if len(images) != len(labels):
+            raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"{source}: labels range {labels.min()}..{labels.max()}, expected "
+                            f"0..{len(classes) - 1} for {len(classes)} classes")
+        if image_size is not None:
+            images = resize_batch(images, image_size, resize)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.images = self.images.contiguous()  # (N, C, H, W)
+        self.labels = torch.from_numpy(labels)  # (N,)
+        self.classes = list(classes)
+        self.in_channels = self.images.shape[1]
+        self.image_size = tuple(self.images.shape[2:])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def parse_image_size(image_size) -> tuple[int, int] | None:
+    """None, an int S or a pair (H, W) -> (H, W) or None."""
+    if image_size is None:
+        return None
+    ints = (int, np.integer)
+    size = (image_size, image_size) if isinstance(image_size, ints) else image_size
+    pair = isinstance(size, (list, tuple)) and len(size) == 2
+    if not pair or not all(isinstance(s, ints) and not isinstance(s, bool) and s > 0 for s in size):
+        raise DataError(f"image_size {image_size!r}: expected a positive int or a pair (H, W)")
+    return int(size[0]), int(size[1])
+
+
+def build_dataset(name: str, data_dir=None, split: str = "train", image_size=None,
+                  resize: str = "bicubic", cache_dir=None):
+    """The data set `name` ("fashion-mnist", "cifar100", "cifar100-coarse", "imagefolder")."""
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if resize not in RESIZE_MODES:
+        raise DataError(f"resize {resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+    size = parse_image_size(image_size)
+    if name == "fashion-mnist":
+        from .fashion_mnist import load_fashion_mnist
+        return load_fashion_mnist(data_dir, split, size, resize)
+    if name in ("cifar100", "cifar100-coarse"):
+        from .cifar import load_cifar100
+        return load_cifar100(data_dir, split, size, resize, coarse=name == "cifar100-coarse")
+    if name == "imagefolder":
+        from .imagefolder import ImageFolder
+        return ImageFolder(data_dir, split, size, resize, cache_dir)
+    raise DataError(f"data set {name!r}: expected one of {', '.join(NAMES)}")

@@ -1,0 +1,39 @@
+# pixtok: `make test` and `make serve` install whatever is missing, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+EXTRAS ?= test
+STAMP := $(VENV)/.installed-$(EXTRAS)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests and the default models need, by the command or path that shows them
+APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java
+
+.PHONY: install system-deps test lint clean
+
+install: $(STAMP)
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[$(EXTRAS)]'
+	$(PIP) --no-deps taming-transformers-rom1504==0.0.6
+	@touch $@
+
+system-deps:
+	@missing=""; for need in $(APT_NEEDS); do pkg=$${need%%:*}; what=$${need#*:}; \
+	  if [ "$${what:0:1}" = / ]; then [ -e "$$what" ] || missing="$$missing $$pkg"; \
+	  else command -v "$$what" >/dev/null || missing="$$missing $$pkg"; fi; done; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install system-deps lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

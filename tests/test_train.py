@@ -1,0 +1,142 @@
+"""`pixtok train` / `pixtok eval` run as a user runs them: subprocesses on small IDX files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datafiles import learnable_fashion
+from safetensors.torch import load_file
+
+from training.data import build_dataset
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = ["model=ViT-F/1", "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1",
+        "amp=off"]
+
+
+def pixtok(*args, check=True, **kw):
+    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True,
+                         text=True, env=ENV, timeout=300, **kw)
+    if check and out.returncode:
+        raise AssertionError(f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    return learnable_fashion(tmp_path_factory.mktemp("data") / "fashion")
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def test_train_then_eval(fashion, tmp_path):
+    out = tmp_path / "run"
+    res = pixtok("train", "vit1-fashion", "--out", str(out), f"data_dir={fashion}", *TINY,
+                 "epochs=4", "lr=3e-3", "warmup_epochs=0.5", "eval_every=1", "ema=0.9")
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert all(a["loss"] > b["loss"] for a, b in zip(lines, lines[1:]))
+    assert final["acc1"] > 0.3 and final["n"] == 128          # chance is 0.1
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "pixtok-checkpoint/1" and config["task"] == "classify"
+    assert config["labels"][0] == "T-shirt/top" and len(config["labels"]) == 10
+    assert config["input"] == {"image_size": [14, 14], "channels": 1, "resize": "bicubic"}
+    assert config["model"]["args"]["num_classes"] == 10
+    assert config["recipe"]["ema"] == 0.9 and config["recipe_name"] == "vit1-fashion"
+    train_set = build_dataset("fashion-mnist", fashion, image_size=14)  # stats measured on it
+    mean = train_set.images.double().mean().item() / 255
+    assert config["model"]["args"]["mean"][0] == pytest.approx(mean, abs=1e-4)
+    assert not list(out.glob("*.tmp"))
+    # eval reproduces the final number from the exported (EMA) weights
+    res = pixtok("eval", str(out))
+    metrics = json.loads(res.stdout)
+    assert metrics["acc1"] == pytest.approx(final["acc1"]) and metrics["n"] == 128
+    assert set(metrics) >= {"acc1", "acc5", "n"}
+
+
+def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
+    args = [f"data_dir={fashion}", *TINY, "epochs=2", "max_steps=24", "eval_every=0.5",
+            "drop_path=0.1", "ema=0.8", "ckpt_minutes=0"]        # checkpoint after every step
+    pixtok("train", "vit1-fashion", "--out", str(tmp_path / "a"), *args)
+
+    b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "pixtok", "train", "vit1-fashion", "--out",
+                             str(b), *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        state = b / "train_state.pt"
+        if state.is_file() and torch.load(state, weights_only=True)["step"] >= 9:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(b / "train_state.pt", weights_only=True)["step"]
+    assert 9 <= killed_at < 24, "the run should have been killed midway"
+    pixtok("train", "vit1-fashion", "--out", str(b), "--resume")
+
+    wa, wb = weights(tmp_path / "a"), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    strip = [{k: v for k, v in json.loads(x).items() if k != "time"}
+             for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    strip_b = [{k: v for k, v in json.loads(x).items() if k != "time"}
+               for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert strip == strip_b
+
+
+def test_torchrun_two_processes_match_one(fashion, tmp_path):
+    """DDP over gloo: 2 processes x 16 images = 1 process x 32 images, step for step."""
+    args = [f"data_dir={fashion}", *TINY, "epochs=1", "max_steps=6", "eval_every=1"]
+    pixtok("train", "vit1-fashion", "--out", str(tmp_path / "one"), *args)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "pixtok",
+                          "train", "vit1-fashion", "--out", str(tmp_path / "two"), *args],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
+    # and the 2-process run really trained (weights moved from their initialisation)
+    init = torch.load(tmp_path / "two" / "train_state.pt", weights_only=True)["step"]
+    assert init == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["train", "vit1-fashion", "data_dir=/nonexistent/fashion"], "/nonexistent/fashion"),
+    (["train", "vit1-fashion", "nosuchkey=1"], "unknown key(s) nosuchkey"),
+    (["train", "vit1-fashion", "epochs=many"], "epochs=many: expected a number"),
+    (["train", "vit1-fashion", "image_size=0"], "image_size=0"),
+    (["train", "vit1-fashion", "model=ViT-Q/1"], "unknown model 'ViT-Q/1'"),
+    (["eval", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    res = pixtok(*args, "--out", str(tmp_path / "x"), check=False) if args[0] == "train" else \
+        pixtok(*args, check=False)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_finished_run_is_not_overwritten(fashion, tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), f"data_dir={fashion}", *TINY, "max_steps=1", "eval_every=100"]
+    pixtok("train", "vit1-fashion", *args)
+    before = (out / "model.safetensors").read_bytes()
+    res = pixtok("train", "vit1-fashion", *args, check=False)
+    assert res.returncode == 2 and "--resume" in res.stderr
+    assert (out / "model.safetensors").read_bytes() == before

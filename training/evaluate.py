@@ -1,0 +1,33 @@
+"""`pixtok eval CKPT`: evaluate a checkpoint folder and print one JSON object of metrics."""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from pixtok.errors import UserError
+from training.checkpoint import read_config
+
+# task -> module holding evaluate_checkpoint(ckpt, config, args) -> dict
+EVALUATORS = {
+    "classify": "training.tasks.classify",
+    "depth": "training.tasks.depth",
+    "mae": "training.tasks.mae",
+    "generate": "training.tasks.generate",
+}
+
+
+def run_cli(args) -> int:
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"{ckpt}: no such checkpoint folder")
+    if (ckpt / "model_index.json").is_file():           # a diffusers pipeline: a generator
+        config = {"task": "generate"}
+    else:
+        config = read_config(ckpt)
+    task = config.get("task")
+    if task not in EVALUATORS:
+        raise UserError(f"{ckpt}: cannot evaluate task {task!r}")
+    metrics = importlib.import_module(EVALUATORS[task]).evaluate_checkpoint(ckpt, config, args)
+    print(json.dumps(metrics))
+    return 0

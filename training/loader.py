@@ -1,0 +1,49 @@
+"""Batches by explicit index lists, so the training loop alone decides the data order."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+def in_memory(dataset):
+    """(images (N, C, H, W), targets) when a set is held in memory or in a decoded cache
+    (labels or depth maps), else None for a set decoded item by item."""
+    images = getattr(dataset, "images", None)
+    if images is None:
+        images = getattr(dataset, "cache", None)      # ImageFolder's memory-mapped .npy
+    targets = getattr(dataset, "labels", getattr(dataset, "depths", None))
+    return None if images is None or targets is None else (images, targets)
+
+
+def fetch_batches(dataset, index_lists, num_workers: int = 0):
+    """Yield (images uint8 (n, C, H, W), targets) for each list of indices, in order.
+
+    In-memory sets are indexed directly; others are decoded by a DataLoader (with worker
+    processes when num_workers > 0) that follows the same index lists.
+    """
+    held = in_memory(dataset)
+    if held is not None:
+        images, targets = held
+        for idx in index_lists:
+            idx = np.asarray(idx, dtype=np.int64)
+            yield torch.as_tensor(np.asarray(images[idx])), torch.as_tensor(targets[idx])
+        return
+    yield from DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers,
+                          persistent_workers=False)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def channel_stats(dataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a training set in [0, 1] (ImageNet's for lazily decoded sets),
+    which the model stores and applies itself, so serving needs no separate normalisation."""
+    held = in_memory(dataset)
+    if held is None:
+        c = dataset.in_channels
+        return (list(IMAGENET_MEAN), list(IMAGENET_STD)) if c == 3 else ([0.5] * c, [0.5] * c)
+    step = max(1, len(dataset) // 50_000)                 # a sample is enough for large sets
+    x = torch.as_tensor(np.asarray(held[0][::step])).double().div_(255)
+    x = x.transpose(0, 1).flatten(1)                        # (C, N*H*W)
+    return [round(v, 4) for v in x.mean(1).tolist()], [round(v, 4) for v in x.std(1).tolist()]

@@ -1,0 +1,161 @@
+"""Recipes: one flat dataclass of all a run needs, from a TOML file plus key=value overrides."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pixtok.errors import UserError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class Recipe:
+    """A training run. Field names are the keys accepted in recipe files and as CLI overrides."""
+    name: str = ""
+    source: str = ""              # where the numbers come from (paper section, table)
+    task: str = "classify"        # classify | depth | mae
+    # model
+    model: str = "ViT-P/1"        # a registry name; width/depth/heads > 0 override the size
+    width: int = 0
+    depth: int = 0
+    heads: int = 0
+    embed: str = "linear"         # linear | dictionary
+    dict_dim: int = 0
+    pos_embed: str = "learned"    # learned | sincos | none
+    pool: str = "cls"             # cls | mean
+    drop_path: float = 0.0
+    init_from: str = ""           # checkpoint whose encoder starts this model (MAE fine-tuning)
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""            # "" -> the data set's default location
+    image_size: list[int] = field(default_factory=list)   # [H, W]; [] -> native size
+    resize: str = "bicubic"       # bicubic | nearest (the paper's "single-pixel" resize)
+    cache_dir: str = ""
+    num_workers: int = 0
+    crop_padding: int = 0
+    hflip: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    # optimisation
+    epochs: float = 10.0
+    max_steps: int = 0            # > 0 stops there (the schedule still spans `epochs`)
+    batch_size: int = 128         # global, over all processes
+    lr: float = 1e-3              # peak learning rate
+    min_lr: float = 1e-6          # cosine floor
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    layer_decay: float = 1.0      # layer-wise lr decay (fine-tuning); 1 = off
+    grad_clip: float = 0.0        # max gradient norm; 0 = off
+    ema: float = 0.0              # EMA decay of the weights; 0 = off
+    amp: str = "auto"             # auto (bf16 on GPU) | bf16 | off
+    seed: int = 0
+    threads: int = 0              # torch threads per process; 0 = torch's default
+    # bookkeeping
+    eval_every: float = 1.0       # epochs between evaluations
+    ckpt_minutes: float = 10.0    # also checkpoint when this much time has passed
+    eval_batch_size: int = 256
+    # depth
+    depth_loss: str = "silog"     # l1 | silog
+    # MAE
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _convert(name: str, kind, text: str):
+    """Parse an override's text as the field's type."""
+    if kind is bool or kind == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"override {name}={text}: expected true or false")
+    if kind in (int, "int", float, "float"):
+        try:
+            return int(text) if kind in (int, "int") else float(text)
+        except ValueError:
+            raise UserError(f"override {name}={text}: expected a number") from None
+    if name == "image_size":
+        try:
+            sizes = [int(s) for s in text.lower().replace("x", ",").split(",") if s]
+        except ValueError:
+            sizes = []
+        if len(sizes) not in (1, 2) or min(sizes) < 1:
+            raise UserError(f"override image_size={text}: expected N or HxW, e.g. 32 or 48x64")
+        return sizes * (3 - len(sizes))
+    return text
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+def _check_keys(keys, where: str) -> None:
+    unknown = sorted(set(keys) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: "
+                        f"{', '.join(FIELDS)}")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    values = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"bad override {item!r}: expected key=value, e.g. epochs=5")
+        _check_keys([key], "override")
+        values[key] = _convert(key, FIELDS[key].type, text)
+    return values
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) -> Recipe:
+    """A recipe by name (training/recipes/NAME.toml) or path, with overrides applied."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        path = RECIPE_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise UserError(f"unknown recipe {name_or_path!r}; known recipes: "
+                            f"{', '.join(recipe_names())} (or give a .toml file)")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    _check_keys(values, str(path))
+    values.setdefault("name", path.stem)
+    return from_dict(values, overrides)
+
+
+def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe:
+    """A recipe from stored values (config.json's "recipe") with overrides applied."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    merged = {**values, **(overrides or {})}
+    _check_keys(merged, "recipe")
+    recipe = Recipe(**merged)
+    for key in ("data_dir", "cache_dir", "init_from"):          # "~/data/..." in recipes
+        setattr(recipe, key, os.path.expanduser(getattr(recipe, key)))
+    if isinstance(recipe.image_size, int):
+        recipe.image_size = [recipe.image_size, recipe.image_size]
+    for key, allowed in (("amp", ("auto", "bf16", "off")), ("resize", ("bicubic", "nearest")),
+                         ("task", ("classify", "depth", "mae")),
+                         ("depth_loss", ("l1", "silog"))):
+        if getattr(recipe, key) not in allowed:
+            raise UserError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(allowed)}")
+    if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.lr <= 0:
+        raise UserError("batch_size, epochs and lr must be positive")
+    return recipe

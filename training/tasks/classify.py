@@ -1,0 +1,136 @@
+"""Image classification with ViT/p: data, loss and Acc@1/Acc@5 evaluation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pixtok.errors import UserError
+from training.data import build_dataset
+from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
+from training.distributed import Dist
+from training.loader import channel_stats, fetch_batches
+from training.models import build_model
+from training.models.vit import vit_config
+from training.recipe import Recipe
+
+
+def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
+    """The config.json "model" entry for a recipe's ViT on a training set."""
+    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
+    mean, std = channel_stats(dataset)
+    try:
+        cfg = vit_config(recipe.model, image_size=tuple(dataset.image_size),
+                         in_channels=dataset.in_channels, mean=mean, std=std,
+                         num_classes=num_classes, embed=recipe.embed, dict_dim=recipe.dict_dim,
+                         pos_embed=recipe.pos_embed, pool=recipe.pool, drop_path=recipe.drop_path,
+                         **sizes)
+    except ValueError as e:            # the model code raises ValueError: a bad recipe
+        raise UserError(str(e)) from None
+    return {"arch": "vit", "name": recipe.model, "args": cfg.to_dict()}
+
+
+def data_spec(recipe: Recipe) -> dict:
+    return {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
+            "image_size": recipe.image_size or None, "resize": recipe.resize}
+
+
+def load_split(data: dict, split: str, cache_dir: str = ""):
+    """A split of the data set a recipe or a checkpoint names."""
+    size = tuple(data["image_size"]) if data.get("image_size") else None
+    return build_dataset(data["dataset"], data.get("data_dir"), split=split, image_size=size,
+                         resize=data.get("resize", "bicubic"), cache_dir=cache_dir or None)
+
+
+class ClassifyTask:
+    """What the training loop needs to train and evaluate a classifier."""
+
+    name = "classify"
+
+    def __init__(self, recipe: Recipe, dist: Dist):
+        self.recipe, self.dist = recipe, dist
+        self.data = data_spec(recipe)
+        self.train_set = load_split(self.data, "train", recipe.cache_dir)
+        self.test_set = load_split(self.data, "test", recipe.cache_dir)
+        ds = self.train_set
+        self.spec = model_spec(recipe, ds, len(ds.classes))
+        self.model = build_model(self.spec)
+        self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)
+        self.mix = None
+        if recipe.mixup > 0 or recipe.cutmix > 0:
+            self.mix = MixUpCutMix(recipe.mixup, recipe.cutmix, num_classes=len(ds.classes),
+                                   label_smoothing=recipe.label_smoothing)
+
+    def config(self) -> dict:
+        """Task-specific part of config.json."""
+        ds = self.train_set
+        return {"task": self.name, "model": self.spec, "labels": list(ds.classes),
+                "input": {"image_size": list(ds.image_size), "channels": ds.in_channels,
+                          "resize": self.recipe.resize},
+                "data": self.data}
+
+    def batches(self, index_lists, aug_seeds):
+        """Yield (images float [0, 1], labels) for the given index lists of this process.
+
+        aug_seeds[i] seeds the augmentation of global batch i; each process applies its slice
+        of the global batch's parameters, so 1 and N processes augment identically.
+        """
+        r, w = self.dist.rank, self.dist.world
+        for (x, y), seed in zip(fetch_batches(self.train_set, index_lists, self.recipe.num_workers),
+                                aug_seeds):
+            n_local = x.shape[0]
+            gen = torch.Generator().manual_seed(seed)
+            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
+            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
+            x = self.crop_flip.apply(x, params)
+            yield x.float().div_(255), y
+
+    def loss(self, model, batch, step_seed: int) -> torch.Tensor:
+        x, y = (t.to(self.dist.device, non_blocking=True) for t in batch)
+        classes = len(self.train_set.classes)
+        if self.mix is not None:
+            gen = torch.Generator().manual_seed(step_seed * 1009 + self.dist.rank)
+            x, target = self.mix(x.cpu(), y.cpu(), gen)
+            x, target = x.to(self.dist.device), target.to(self.dist.device)
+        elif self.recipe.label_smoothing > 0:
+            target = smooth_targets(y, classes, self.recipe.label_smoothing)
+        else:
+            target = y
+        logits = model(x)
+        return F.cross_entropy(logits.float(), target)
+
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 256) -> dict:
+        return evaluate_classifier(model, self.test_set, self.dist, batch_size)
+
+
+@torch.no_grad()
+def evaluate_classifier(model, dataset, dist: Dist, batch_size: int = 256, amp=None) -> dict:
+    """Acc@1, Acc@5 and mean loss over a data set, each process taking every world-th item."""
+    model.eval()
+    idx = list(range(dist.rank, len(dataset), dist.world))
+    lists = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    k = min(5, len(dataset.classes))
+    correct1 = correct5 = loss = 0.0
+    for x, y in fetch_batches(dataset, lists, 0):
+        x, y = x.to(dist.device).float().div_(255), y.to(dist.device)
+        with amp or torch.autocast(dist.device.type, enabled=False):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+    correct1, correct5, loss, n = dist.sum([correct1, correct5, loss, float(sum(map(len, lists)))])
+    return {"acc1": correct1 / n, "acc5": correct5 / n, "loss": loss / n, "n": int(n)}
+
+
+def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+    """`pixtok eval` for a classifier: Acc@1/Acc@5 on a split of its data set (or --data)."""
+    from training.checkpoint import load_model
+    from training.distributed import Dist
+
+    model, config = load_model(ckpt)
+    data = dict(config["data"], **({"data_dir": args.data} if args.data else {}))
+    dataset = load_split(data, args.split)
+    if list(dataset.classes) != list(config["labels"]):
+        raise UserError(f"{data['data_dir']}: its classes differ from the checkpoint's labels")
+    return evaluate_classifier(model, dataset, Dist(), args.batch_size)

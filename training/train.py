@@ -1,0 +1,268 @@
+"""The training loop shared by every task: schedule, AdamW, EMA, DDP, checkpoints, exact resume.
+
+Determinism: the data order of epoch e is a permutation seeded by (seed, e); the augmentation of
+global step s is seeded by (seed, s); the remaining randomness (drop path, MAE masks) comes from
+torch's RNG, whose state is saved with every checkpoint. So a run killed and resumed from its last
+checkpoint ends with the same weights as one never interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pixtok.errors import UserError
+from training import distributed
+from training.checkpoint import (
+    FORMAT,
+    git_commit,
+    load_train_state,
+    read_config,
+    save_train_state,
+    save_weights,
+    write_json,
+)
+from training.recipe import Recipe, from_dict, load_recipe
+
+
+def build_task(recipe: Recipe, dist):
+    if recipe.task == "classify":
+        from training.tasks.classify import ClassifyTask
+        return ClassifyTask(recipe, dist)
+    if recipe.task == "depth":
+        from training.tasks.depth import DepthTask
+        return DepthTask(recipe, dist)
+    if recipe.task == "mae":
+        from training.tasks.mae import MAETask
+        return MAETask(recipe, dist)
+    raise UserError(f"unknown task {recipe.task!r}")
+
+
+def lr_at(step: int, recipe: Recipe, steps_per_epoch: int) -> float:
+    """Linear warm-up to the peak, then cosine to min_lr over the whole run."""
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    total = recipe.epochs * steps_per_epoch
+    if step < warmup:
+        return recipe.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, position embeddings and [cls];
+    with layer_decay < 1, deeper layers keep more of the learning rate (MAE fine-tuning)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    depth = getattr(getattr(model, "cfg", None), "depth", 0)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or name in skip or name.endswith(".bias")
+        layer = model.layer_id(name) if recipe.layer_decay < 1 and hasattr(model, "layer_id") else 0
+        scale = recipe.layer_decay ** (depth + 1 - layer) if recipe.layer_decay < 1 else 1.0
+        key = (no_decay, scale)
+        g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else
+                                    recipe.weight_decay, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def autocast(recipe: Recipe, device: torch.device):
+    bf16 = recipe.amp == "bf16" or (recipe.amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+class EMA:
+    """Exponential moving average of a model's weights (the copy that gets exported)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(p, 1 - self.decay)
+            else:
+                e.copy_(p)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] = ()) -> dict:
+    """Run (or continue) a recipe into the checkpoint folder `out`; returns the last metrics."""
+    out = Path(out)
+    dist = distributed.setup()
+    state = None
+    if (out / "train_state.pt").is_file():
+        if not resume:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it "
+                            "or choose another --out")
+        state = load_train_state(out / "train_state.pt")
+        recipe = from_dict(read_config(out)["recipe"], overrides)  # stored recipe + new overrides
+    if recipe.threads > 0:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed + dist.rank)
+    task = build_task(recipe, dist)
+    model = task.model.to(dist.device)
+    if recipe.init_from and state is None:
+        task.init_from(recipe.init_from)
+
+    b_local, rem = divmod(recipe.batch_size, dist.world)
+    if rem:
+        raise UserError(f"batch_size={recipe.batch_size} is not divisible by {dist.world}")
+    steps_per_epoch = len(task.train_set) // recipe.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"batch_size={recipe.batch_size} exceeds the {len(task.train_set)} "
+                        "training items")
+    total = math.ceil(recipe.epochs * steps_per_epoch)
+    if recipe.max_steps > 0:
+        total = min(total, recipe.max_steps)
+    eval_every = max(1, round(recipe.eval_every * steps_per_epoch))
+
+    opt = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr,
+                            betas=(recipe.beta1, recipe.beta2))
+    ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+        set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)], dist.device)
+        step = state["step"]
+        if dist.main:
+            trim_metrics(out / "metrics.jsonl", step)
+    ddp = DistributedDataParallel(model) if dist.world > 1 else model
+
+    config = {"format": FORMAT, **task.config(), "recipe": recipe.to_dict(),
+              "recipe_name": recipe.name, "git_commit": git_commit()}
+
+    def checkpoint(metrics: dict | None):
+        rngs = [None] * dist.world
+        if dist.world > 1:
+            torch.distributed.all_gather_object(rngs, rng_state(dist.device))
+        else:
+            rngs = [rng_state(dist.device)]
+        if not dist.main:
+            return
+        export = (ema.model if ema else model).state_dict()
+        save_weights(out / "model.safetensors", export)
+        write_json(out / "config.json", {**config, "step": step, "epoch": step / steps_per_epoch,
+                                         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                                         **({"metrics": metrics} if metrics else {})})
+        save_train_state(out / "train_state.pt", {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "ema": ema.model.state_dict() if ema else None, "rng": rngs,
+            "data_position": {"epoch": step // steps_per_epoch,
+                              "batch": step % steps_per_epoch}})
+
+    def evaluate() -> dict:
+        metrics = task.evaluate(ema.model if ema else model, recipe.eval_batch_size)
+        metrics = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
+                   "time": round(time.time() - t_start, 1)}
+        if dist.main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        model.train()
+        return metrics
+
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    t_start = last_ckpt = time.time()
+    bar = tqdm(total=total, initial=step, disable=not dist.main, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30, desc=recipe.name or recipe.task)
+    metrics: dict = {}
+    model.train()
+    batches = None
+    seen, t_seen = 0, time.time()
+    while step < total:
+        epoch, b = divmod(step, steps_per_epoch)
+        if batches is None or b == 0:
+            order = epoch_order(len(task.train_set), recipe.seed, epoch)
+            lists = [order[i * recipe.batch_size + dist.rank * b_local:
+                           i * recipe.batch_size + (dist.rank + 1) * b_local].tolist()
+                     for i in range(b, min(steps_per_epoch, b + (total - step)))]
+            seeds = [recipe.seed * 1_000_003 + epoch * steps_per_epoch + i
+                     for i in range(b, b + len(lists))]
+            batches = task.batches(lists, seeds)
+        batch = next(batches)
+        lr = lr_at(step, recipe, steps_per_epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        with autocast(recipe, dist.device):
+            loss = task.loss(ddp, batch, recipe.seed * 1_000_003 + step)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at step {step}; lower lr= or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        seen += recipe.batch_size
+        bar.update(1)
+        if step % 10 == 0 or step == total:
+            now = time.time()
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{seen / max(now - t_seen, 1e-9):.0f}", refresh=False)
+            seen, t_seen = 0, now
+        done = step == total
+        if step % eval_every == 0 or done:
+            metrics = evaluate()
+            if dist.main:
+                bar.write(json.dumps(metrics))
+            checkpoint(metrics)
+            last_ckpt = time.time()
+        elif dist.any(time.time() - last_ckpt > recipe.ckpt_minutes * 60):
+            checkpoint(None)
+            last_ckpt = time.time()
+    bar.close()
+    dist.barrier()
+    distributed.teardown()
+    return metrics
+
+
+def run_cli(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    metrics = train(recipe, out, resume=args.resume, overrides=args.overrides)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"checkpoint": str(out), **metrics}))
+    return 0
