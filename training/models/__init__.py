@@ -12,4 +12,13 @@ def build_model(spec: dict) -> nn.Module:
     if arch == "vit":
         from training.models.vit import ViT, ViTConfig
         return ViT(ViTConfig(**spec["args"]))
+    elif arch == "dit":
+        from training.models.dit import PixelDiT
+        return PixelDiT(**spec["args"])
+    elif arch == "vit-depth":
+        from training.models.depth import DepthViT
+        return DepthViT.from_args(spec["args"])
+    elif arch == "mae":
+        from training.models.mae import MAE, MAEConfig
+        return MAE(MAEConfig(**spec["args"]))
     raise ValueError(f"unknown model architecture {arch!r}")

@@ -1,0 +1,68 @@
+"""Depth metrics (Eigen et al. 2014 conventions), over valid pixels only.
+
+rmse (m), rel = mean |pred - gt| / gt (the paper's "RAE"), log10 = mean |log10 pred - log10 gt|,
+delta_k = share of pixels with max(pred/gt, gt/pred) < 1.25**k. Pixels are pooled over the whole
+set: every valid pixel weighs the same, whatever its image or batch (rmse is the root of the
+pooled mean square, not a mean of per-image roots).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MIN_DEPTH = 1e-3   # predictions are clamped to 1 mm so that log and ratios stay finite
+KEYS = ("rmse", "rel", "delta1", "delta2", "delta3", "log10", "n")
+
+
+def valid_mask(target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixels with a measured depth: target > 0 and finite (and `valid`, when given)."""
+    mask = torch.isfinite(target) & (target > 0)
+    return mask if valid is None else mask & valid.bool()
+
+
+class DepthMetrics:
+    """Accumulates exact sums over batches; compute() gives the pooled metrics."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(("sq", "rel", "log10", "d1", "d2", "d3"), 0.0)
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None):
+        mask = valid_mask(target, valid)
+        p = pred.detach()[mask].double().clamp_min(MIN_DEPTH)   # (M,)
+        t = target.detach()[mask].double()
+        ratio = torch.maximum(p / t, t / p)
+        self.sums["sq"] += ((p - t) ** 2).sum().item()
+        self.sums["rel"] += ((p - t).abs() / t).sum().item()
+        self.sums["log10"] += (torch.log10(p) - torch.log10(t)).abs().sum().item()
+        for k in (1, 2, 3):
+            self.sums[f"d{k}"] += (ratio < 1.25 ** k).sum().item()
+        self.n += int(mask.sum())
+        return self
+
+    def compute(self) -> dict:
+        if self.n == 0:
+            return {key: (0 if key == "n" else math.nan) for key in KEYS}
+        s, n = self.sums, self.n
+        return {"rmse": math.sqrt(s["sq"] / n), "rel": s["rel"] / n, "delta1": s["d1"] / n,
+                "delta2": s["d2"] / n, "delta3": s["d3"] / n, "log10": s["log10"] / n, "n": n}
+
+
+def depth_metrics(pred: torch.Tensor, target: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> dict:
+    """Metrics of one batch: pred, target, valid of one shape, e.g. (N, 1, H, W)."""
+    return DepthMetrics().update(pred, target, valid).compute()
+
+
+def mean_depth_baseline(train_depths: torch.Tensor) -> float:
+    """The constant depth a trivial model predicts: the mean over valid training pixels (m).
+
+    Score it with depth_metrics(torch.full_like(test_depths, baseline), test_depths).
+    """
+    depths = torch.as_tensor(train_depths)
+    values = depths[valid_mask(depths)].double()
+    if values.numel() == 0:
+        raise ValueError("mean_depth_baseline: no valid (positive, finite) training depths")
+    return values.mean().item()
