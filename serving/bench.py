@@ -1,0 +1,163 @@
+"""`pixtok bench serve`: classifier throughput and latency through TorchServe vs. in process.
+
+Both paths run the same checkpoint with the same batching rule (up to BATCHING["classify"]
+requests, waiting at most its delay), so the gap between them is what HTTP, TorchServe's frontend
+and its worker protocol cost. The server gets its own run folder and free ports, so a user's
+running server is never touched. startup_s is `pixtok serve` (archives already built) to the
+first answer.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from serving import launcher
+from serving.inference import load_classifier, pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "model_store" / "fashion-vit1"
+
+
+def bench_checkpoint(tmp: Path) -> tuple[Path, str]:
+    """The shipped Fashion-MNIST classifier, or an untrained one of the same shape (speed only)."""
+    if (SHIPPED / "config.json").is_file():
+        return SHIPPED, "fashion-vit1"
+    from training.checkpoint import save_weights, write_json
+    from training.models.vit import ViT, vit_config
+
+    torch.manual_seed(0)
+    cfg = vit_config("ViT-P/1", image_size=(28, 28), in_channels=1, num_classes=10)
+    ckpt = tmp / "bench-vit1"
+    write_json(ckpt / "config.json", {
+        "format": "pixtok-checkpoint/1", "task": "classify",
+        "model": {"arch": "vit", "name": "ViT-P/1", "args": cfg.to_dict()},
+        "labels": [f"class{i}" for i in range(10)],
+        "input": {"image_size": [28, 28], "channels": 1, "resize": "bicubic"},
+        "data": {"name": "untrained, for speed only"}, "recipe": {}, "git_commit": None,
+        "step": 0})
+    save_weights(ckpt / "model.safetensors", ViT(cfg).state_dict())
+    return ckpt, "bench-vit1 (untrained ViT-P/1, 28x28)"
+
+
+class InProcessBatcher:
+    """Requests from many threads -> batches, by TorchServe's rule: up to batch_size requests,
+    waiting at most max_delay_s after the first."""
+
+    def __init__(self, core, batch_size: int, max_delay_s: float):
+        self.core, self.batch_size, self.max_delay_s = core, batch_size, max_delay_s
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def submit(self, body: bytes) -> dict:
+        done, slot = threading.Event(), {}
+        self.queue.put((body, done, slot))
+        done.wait()
+        return slot["result"]
+
+    def run(self):
+        while (first := self.queue.get()) is not None:
+            batch, deadline = [first], time.monotonic() + self.max_delay_s
+            while len(batch) < self.batch_size and (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.queue.put(None)     # finish this batch, then stop
+                    break
+                batch.append(item)
+            inputs = [self.core.preprocess(body, "image/png") for body, _, _ in batch]
+            for (_, done, slot), result in zip(batch, self.core.predict(inputs)):
+                slot["result"] = result
+                done.set()
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+
+
+def drive(call, bodies: list[bytes], clients: int, per_client: int) -> dict:
+    """`clients` threads, each sending per_client requests back to back -> throughput, latency."""
+    latencies, lock = [], threading.Lock()
+
+    def client(i: int):
+        for j in range(per_client):
+            t0 = time.perf_counter()
+            call(bodies[(i * per_client + j) % len(bodies)])
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "images_per_s": round(len(ms) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def bench_serve(quick: bool = False) -> dict:
+    """{"suite": "serve", "model", "results": [{"path", "clients", "images_per_s", "p50_ms",
+    "p99_ms"}], "startup_s"}"""
+    from export.archive import export_archive
+    from training.data.resize import resize_image
+    from training.models import build_model
+
+    per_client = 8 if quick else 48
+    device = pick_device(0)     # where TorchServe puts the worker: GPU 0 when there is one
+    rng = np.random.default_rng(0)
+    bodies = []
+    for _ in range(32):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+        bodies.append(buf.getvalue())
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pixtok-bench-") as tmp:
+        tmp = Path(tmp)
+        ckpt, model_label = bench_checkpoint(tmp)
+        store = tmp / "store"
+        export_archive(ckpt, store, name="bench", log=lambda *_: None)
+        t0 = time.perf_counter()
+        server = launcher.start(store, run_dir=tmp / "run", log=lambda *_: None,
+                                ports=launcher.free_ports())
+        try:
+            client = server.client()
+            client.classify(bodies[0], model="bench")
+            startup_s = time.perf_counter() - t0
+            for clients in (1, 4, 16):
+                row = drive(lambda b: client.classify(b, model="bench"), bodies, clients,
+                            per_client)
+                results.append({"path": "torchserve", **row})
+        finally:
+            launcher.stop(tmp / "run", log=lambda *_: None)
+        core = load_classifier(ckpt, build_model, resize_image, device)
+        rule = launcher.BATCHING["classify"]
+        batcher = InProcessBatcher(core, rule["batchSize"], rule["maxBatchDelay"] / 1000)
+        try:
+            for clients in (1, 4, 16):
+                results.append({"path": "in-process",
+                                **drive(batcher.submit, bodies, clients, per_client)})
+        finally:
+            batcher.close()
+    return {"suite": "serve", "model": model_label, "device": str(device),
+            "results": results, "startup_s": round(startup_s, 2)}
+
+
+if __name__ == "__main__":   # python -m serving.bench [--quick]
+    import json
+    import sys
+
+    print(json.dumps(bench_serve("--quick" in sys.argv), indent=1))

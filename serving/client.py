@@ -1,0 +1,219 @@
+"""A small REST client for `pixtok serve`: finds the server and its key through the run folder.
+
+TorchServe's keys expire (token_expiration_min) and a rejected key comes back as HTTP 400
+InvalidKeyException (401 in other versions). On either, the client re-reads key_file.json (another
+client may already have rolled the key) and, if the key there is the one just refused, asks the
+management API for a fresh one with the never-expiring API key. A long-running server therefore
+never strands a client, the Gradio front end included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+
+from pixtok.errors import UserError
+from serving.validate import MAX_BODY_BYTES
+
+DEFAULT_MODELS = {"classify": "fashion-vit1", "depth": "scenes-vit1-depth",
+                  "generate": "fashion-dit1"}
+STATUS_CODES = {int(s) for s in HTTPStatus}
+PORTS = {   # api -> (environment variable, default port); `pixtok serve` listens on these
+    "inference": ("PIXTOK_INFERENCE_PORT", 8080),
+    "management": ("PIXTOK_MANAGEMENT_PORT", 8081),
+    "metrics": ("PIXTOK_METRICS_PORT", 8082),
+    "grpc_inference": ("PIXTOK_GRPC_INFERENCE_PORT", 7070),
+    "grpc_management": ("PIXTOK_GRPC_MANAGEMENT_PORT", 7071),
+}
+
+
+class ServerError(UserError):
+    """The server refused a request; .status and .payload ({"code", "type", "message"}) say why."""
+
+    def __init__(self, status: int, payload: dict):
+        self.status, self.payload = status, payload
+        super().__init__(f"HTTP {status} {payload.get('type', '')}: "
+                         f"{payload.get('message', payload)}")
+
+
+class ServerUnreachable(UserError):
+    """Nothing answers at the server's address."""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # TorchServe's own 413 (body over max_request_size) has no body at all
+            phrase = HTTPStatus(self.status).phrase if self.status in STATUS_CODES else ""
+            return {"code": self.status, "type": phrase,
+                    "message": self.body[:200].decode("utf-8", "replace") or phrase}
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("PIXTOK_RUN_DIR") or Path.home() / ".cache" / "pixtok" / "run")
+
+
+def port(api: str) -> int:
+    env, default = PORTS[api]
+    return int(os.environ.get(env, default))
+
+
+def read_properties(path: Path) -> dict:
+    """key=value lines of a Java .properties file (enough for the addresses we write)."""
+    props = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "!")):
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def local_url(address: str) -> str:
+    """A bind address as a URL to call: a server listening on every interface is reached locally."""
+    return address.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]").rstrip("/")
+
+
+def too_large(body: bytes) -> Response:
+    """TorchServe's own 413 for a body over max_request_size comes without JSON: say it in ours."""
+    message = f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}"
+    payload = {"code": 413, "type": "body_too_large", "message": message}
+    return Response(413, {}, json.dumps(payload).encode())
+
+
+def is_key_refused(resp: Response) -> bool:
+    return resp.status == 401 or (resp.status == 400 and
+                                  resp.json().get("type") == "InvalidKeyException")
+
+
+class Client:
+    """Client(base_url=None, run_dir=None): classify / depth / generate over the REST API."""
+
+    def __init__(self, base_url: str | None = None, run_dir=None,
+                 management_url: str | None = None, timeout: float = 120.0):
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir()
+        config = self.run_dir / "config.properties"
+        props = read_properties(config) if config.is_file() else {}
+        self.base_url = local_url(base_url or props.get("inference_address")
+                                  or f"http://127.0.0.1:{port('inference')}")
+        self.management_url = local_url(management_url or props.get("management_address")
+                                        or f"http://127.0.0.1:{port('management')}")
+        self.key_file = self.run_dir / "key_file.json"
+        self.timeout = timeout
+        self._keys: dict | None = None
+        self._lock = threading.Lock()
+        # never send a local request (and its key) through an http_proxy from the environment
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    # --- keys -------------------------------------------------------------------------------
+    def _read_keys(self) -> dict:
+        try:
+            return json.loads(self.key_file.read_text())
+        except FileNotFoundError:
+            return {}     # token authorisation off: send no key
+        except json.JSONDecodeError:
+            return {}     # caught mid-write by TorchServe; the retry reads it again
+
+    def key(self, kind: str) -> str | None:
+        with self._lock:
+            if self._keys is None:
+                self._keys = self._read_keys()
+            return self._keys.get(kind, {}).get("key")
+
+    def refresh_key(self, kind: str, refused: str | None) -> None:
+        """After `refused` was turned down: take a newer key from the file, or have one made."""
+        with self._lock:
+            self._keys = self._read_keys()
+            if self._keys.get(kind, {}).get("key") not in (refused, None):
+                return
+            api_key = self._keys.get("API", {}).get("key")
+            if api_key:
+                self._send("POST", f"{self.management_url}/token?type={kind}", None,
+                           {"Authorization": f"Bearer {api_key}"})
+                self._keys = self._read_keys()
+
+    # --- HTTP -------------------------------------------------------------------------------
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict) -> Response:
+        req = urllib.request.Request(url, data=body, method=method, headers=headers)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as r:
+                return Response(r.status, dict(r.headers), r.read())
+        except urllib.error.HTTPError as e:
+            answer = Response(e.code, dict(e.headers), e.read())
+            return too_large(body) if e.code == 413 and not answer.body else answer
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            if body and len(body) > MAX_BODY_BYTES and isinstance(reason, ConnectionError):
+                return too_large(body)   # TorchServe's 413 came while the body was still sent
+            raise ServerUnreachable(f"cannot reach {url} ({reason}); is `pixtok serve` "
+                                    "running?") from None
+
+    def request(self, method: str, url: str, body: bytes | None = None,
+                headers: dict | None = None, kind: str | None = "inference") -> Response:
+        """One call with the key of `kind` (inference, management or None), re-keyed if refused."""
+        for attempt in range(3):
+            key = self.key(kind) if kind else None
+            sent = dict(headers or {})
+            if key:
+                sent["Authorization"] = f"Bearer {key}"
+            resp = self._send(method, url, body, sent)
+            if not (kind and is_key_refused(resp)) or attempt == 2:
+                return resp
+            self.refresh_key(kind, key)
+        return resp
+
+    def predict(self, model: str, body: bytes, content_type: str) -> dict:
+        """POST /predictions/<model> -> the answer's JSON; ServerError on any non-200."""
+        resp = self.request("POST", f"{self.base_url}/predictions/{model}", body,
+                            {"Content-Type": content_type})
+        if resp.status != 200:
+            raise ServerError(resp.status, resp.json())
+        return resp.json()
+
+    # --- the three tasks --------------------------------------------------------------------
+    def classify(self, image_bytes: bytes, model: str = DEFAULT_MODELS["classify"],
+                 content_type: str = "application/octet-stream") -> dict:
+        """-> {"label", "index", "score", "top_k": [{"label", "index", "score"}, ...]}"""
+        return self.predict(model, image_bytes, content_type)
+
+    def depth(self, image_bytes: bytes, model: str = DEFAULT_MODELS["depth"],
+              content_type: str = "application/octet-stream") -> dict:
+        """-> {"width", "height", "unit", "min", "max", "depth_png"}"""
+        return self.predict(model, image_bytes, content_type)
+
+    def generate(self, label, model: str = DEFAULT_MODELS["generate"], **opts) -> dict:
+        """label (name or index), seed, steps, sampler, guidance, num_images -> {"images", ...}"""
+        body = json.dumps({"label": label, **opts}).encode()
+        return self.predict(model, body, "application/json")
+
+    # --- management -------------------------------------------------------------------------
+    def management(self, method: str, path: str) -> Response:
+        return self.request(method, f"{self.management_url}/{path.lstrip('/')}",
+                            kind="management")
+
+    def describe(self, model: str) -> dict | None:
+        """The management API's description of a model (workers and their status), or None."""
+        resp = self.management("GET", f"models/{model}")
+        if resp.status != 200:
+            return None
+        found = resp.json()
+        return found[0] if isinstance(found, list) and found else None
+
+    def is_ready(self, model: str) -> bool:
+        """True once a worker of the model is READY (/ping says Healthy even while they crash)."""
+        info = self.describe(model)
+        return bool(info) and any(w.get("status") == "READY" for w in info.get("workers", []))

@@ -1,0 +1,321 @@
+"""`pixtok serve` / `pixtok serve --stop`: TorchServe on the model store, state in one run folder.
+
+The run folder ($PIXTOK_RUN_DIR, default ~/.cache/pixtok/run/, mode 0700) holds everything a
+server writes: config.properties, key_file.json (TorchServe writes it into its working directory,
+which is this folder), logs/, and tmp/ with TorchServe's pid file, worker sockets and unpacked
+archives. TorchServe's own "one server per machine" pid file lives in $TMPDIR, so pointing
+TMPDIR at tmp/ lets two run folders (a user's server and a test's) run side by side.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from pixtok.errors import UserError
+from serving.client import PORTS, Client, default_run_dir
+from serving.validate import MAX_BODY_BYTES
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = Path(__file__).with_name("config.properties")
+BATCHING = {   # task -> TorchServe batching; a generator batches inside one request instead
+    "classify": {"batchSize": 16, "maxBatchDelay": 10},
+    "depth": {"batchSize": 4, "maxBatchDelay": 10},
+    "generate": {"batchSize": 1, "maxBatchDelay": 0},
+}
+# TorchServe answers a body over max_request_size with a bare 413 (no JSON) and a reset
+# connection; set above the handler's own limit, bodies up to twice it get the handler's JSON 413.
+MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES
+MAX_RESPONSE_BYTES = 64 * 2**20       # 16 generated images as base64 PNGs fit with room
+SERVER_CLASS = "org.pytorch.serve.ModelServer"
+
+
+class ServeError(UserError):
+    """The server cannot start, is already running, or did not come up."""
+
+
+@dataclass
+class Server:
+    """A running `pixtok serve`: where it listens and where its state is."""
+    run_dir: Path
+    pid: int
+    host: str
+    ports: dict
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.ports['metrics']}/metrics"
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.inference_url, self.run_dir, self.management_url, timeout)
+
+
+def bracketed(host: str) -> str:
+    """A host as it appears in a URL: IPv6 addresses go in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def url_host(host: str) -> str:
+    """Where a client reaches a server bound to host: all interfaces are reached locally."""
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    return bracketed(local.get(host, host))
+
+
+def free_ports() -> dict:
+    """A port that nothing listens on right now for every API (tests, benchmarks)."""
+    socks = [socket.socket() for _ in PORTS]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return {api: s.getsockname()[1] for api, s in zip(PORTS, socks)}
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ports_from_env() -> dict:
+    ports = {}
+    for api, (env, default) in PORTS.items():
+        value = os.environ.get(env, str(default))
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise ServeError(f"{env}={value!r}: expected a port number 1..65535")
+        ports[api] = int(value)
+    return ports
+
+
+def prepare_run_dir(run_dir=None) -> Path:
+    """The run folder, created private (0700) with its logs/ and tmp/."""
+    run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "tmp").mkdir(exist_ok=True)
+    return run_dir
+
+
+def pid_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "tmp" / ".model_server.pid"
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """The pid of this run folder's TorchServe if it is alive (a stale pid file is removed)."""
+    import psutil
+
+    path = pid_file(run_dir)
+    try:
+        pid = int(path.read_text().strip())
+        if SERVER_CLASS in psutil.Process(pid).cmdline():
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    path.unlink(missing_ok=True)
+    return None
+
+
+def check_ports_free(host: str, ports: dict) -> None:
+    for api, number in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, number))
+            except OSError as e:
+                raise ServeError(f"cannot listen on {host}:{number} for the {api} API "
+                                 f"({e.strerror}); set {PORTS[api][0]} to a free port") from None
+
+
+def collect_models(store: Path, log=print) -> dict[str, tuple[str, str, str]]:
+    """Build missing or stale archives, then {model name: (archive, version, task)} for the store.
+
+    TorchServe names a model by the archive's manifest, not by its file name."""
+    from export.archive import build_missing_archives, read_archive_json
+
+    build_missing_archives(store, log=log)
+    models = {}
+    for mar in sorted(store.glob("*.mar")):
+        manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json")
+        if manifest is None:
+            raise ServeError(f"{mar}: not a TorchServe archive (no MAR-INF/MANIFEST.json)")
+        name = manifest.get("model", {}).get("modelName", mar.stem)
+        version = manifest.get("model", {}).get("modelVersion", "1.0")
+        if name in models:
+            raise ServeError(f"{mar.name} and {models[name][0]} both hold a model named {name!r}")
+        task = (read_archive_json(mar, "config.json") or {}).get("task", "classify")
+        models[name] = (mar.name, version, task)
+    return models
+
+
+def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
+                  token_expiration_min: float | None = None) -> Path:
+    """Fill serving/config.properties in for this run; values are escaped for Java properties."""
+    per_model = {name: {version: {"defaultVersion": True, "marName": mar,
+                                  "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120,
+                                  **BATCHING.get(task, BATCHING["classify"])}}
+                 for name, (mar, version, task) in models.items()}
+    values = {
+        "host": host, "address": bracketed(host),
+        **{f"{api}_port": number for api, number in ports.items()},
+        "token_expiration_min": token_expiration_min
+        or os.environ.get("PIXTOK_TOKEN_EXPIRATION_MIN", "60"),
+        "model_store": str(store),
+        "allowed_urls": f"file://{re.escape(str(store))}/.*",
+        "load_models": ",".join(mar for mar, _, _ in models.values()),
+        "models": json.dumps(per_model),
+        "max_request_size": MAX_REQUEST_BYTES, "max_response_size": MAX_RESPONSE_BYTES,
+    }
+    # a .properties value treats a backslash as an escape: double them (allowed_urls has some)
+    escaped = {k: str(v).replace("\\", "\\\\") for k, v in values.items()}
+    path = run_dir / "config.properties"
+    path.write_text(Template(TEMPLATE.read_text()).substitute(escaped))
+    os.chmod(path, 0o600)
+    return path
+
+
+def torchserve_env(run_dir: Path) -> dict:
+    """The environment TorchServe and its workers run in: no PYTHONPATH, so an archive that is
+    not self-contained fails here instead of on a user's server; temp files in the run folder."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
+    tmp = str(run_dir / "tmp")
+    env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=str(run_dir / "logs"),
+               METRICS_LOCATION=str(run_dir / "logs"))
+    return env
+
+
+def log_tail(run_dir: Path, lines: int = 5) -> str:
+    path = run_dir / "logs" / "model_log.log"
+    if not path.is_file():
+        path = run_dir / "logs" / "torchserve.out"
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def wait_ready(server: Server, timeout: float) -> None:
+    """Until every model has a READY worker (the management API; /ping is not enough)."""
+    client = server.client(timeout=10)
+    deadline = time.monotonic() + timeout
+    waiting = list(server.models)
+    while waiting:
+        if running_pid(server.run_dir) is None:
+            raise ServeError(f"TorchServe exited while starting; see {server.run_dir / 'logs'} "
+                             f"({log_tail(server.run_dir)})")
+        try:
+            waiting = [m for m in waiting if not client.is_ready(m)]
+        except UserError:
+            pass    # the management API is not listening yet
+        if waiting and time.monotonic() > deadline:
+            stop(server.run_dir, log=lambda *_: None)
+            raise ServeError(f"model(s) {', '.join(waiting)} not ready after {timeout:.0f} s; "
+                             f"see {server.run_dir / 'logs' / 'model_log.log'} "
+                             f"({log_tail(server.run_dir)})")
+        if waiting:
+            time.sleep(0.25)
+
+
+def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
+          log=print, ports: dict | None = None,
+          token_expiration_min: float | None = None) -> Server:
+    """Build missing archives, start TorchServe, return once every model answers.
+
+    ports ({api: port}) and token_expiration_min default to the PIXTOK_* environment variables.
+    """
+    run_dir = prepare_run_dir(run_dir)
+    pid = running_pid(run_dir)
+    if pid is not None:
+        raise ServeError(f"already running (pid {pid}, run folder {run_dir}); stop it with "
+                         "`pixtok serve --stop`")
+    store = Path(model_store or os.environ.get("PIXTOK_MODEL_STORE") or ROOT / "model_store")
+    store = store.expanduser().resolve()
+    if not store.is_dir():
+        raise ServeError(f"{store}: no such model store folder")
+    if importlib.util.find_spec("ts") is None:
+        raise ServeError("TorchServe is not installed (pip install -c constraints.txt "
+                         "torchserve==0.12.0 torch-model-archiver==0.12.0 pyyaml)")
+    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        raise ServeError("TorchServe needs Java 11 or newer: no java on PATH and no JAVA_HOME")
+    ports = {**ports_from_env(), **(ports or {})}
+    check_ports_free(host, ports)
+    models = collect_models(store, log=log)
+    if not models:
+        raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
+                         f"(pixtok export CKPT --out {store})")
+    config = render_config(run_dir, store, host, ports, models, token_expiration_min)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", "from ts.model_server import start; start()", "--start",
+           "--ts-config", str(config), "--model-store", str(store), "--ncs"]
+    with open(run_dir / "logs" / "torchserve.out", "ab") as out:
+        done = subprocess.run(cmd, cwd=run_dir, env=torchserve_env(run_dir), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=120)
+    if done.returncode:
+        raise ServeError(f"torchserve did not start; see {run_dir / 'logs' / 'torchserve.out'}")
+    deadline = time.monotonic() + 30
+    while (pid := running_pid(run_dir)) is None:
+        if time.monotonic() > deadline:
+            raise ServeError(f"torchserve did not start; see {run_dir / 'logs'}")
+        time.sleep(0.1)
+    server = Server(run_dir, pid, host, ports, list(models))
+    wait_ready(server, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180)))
+    key_file = run_dir / "key_file.json"
+    if key_file.exists():
+        os.chmod(key_file, 0o600)
+    return server
+
+
+def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
+    """Stop this run folder's TorchServe and every worker it started. False if none was running."""
+    import psutil
+
+    run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
+    pid = running_pid(run_dir)
+    if pid is None:
+        log(f"pixtok serve: not running (run folder {run_dir})")
+        return False
+    server = psutil.Process(pid)
+    workers = server.children(recursive=True)
+    server.terminate()        # TorchServe's shutdown hook stops its workers
+    _, alive = psutil.wait_procs([server, *workers], timeout=timeout)
+    for proc in alive:
+        proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    pid_file(run_dir).unlink(missing_ok=True)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tmp" / "models", ignore_errors=True)   # unpacked archives
+    log(f"pixtok serve: stopped (pid {pid})")
+    return True
+
+
+def run_cli(args) -> int:
+    if getattr(args, "stop", False):
+        stop()
+        return 0
+    if not getattr(args, "no_ui", False):
+        print("pixtok serve: the Gradio front end is not available yet; serving the REST API "
+              "only (--no-ui)", file=sys.stderr)
+    t0 = time.monotonic()
+    server = start(getattr(args, "model_store", None), getattr(args, "host", "127.0.0.1"))
+    rd = server.run_dir
+    print(f"pixtok serve: TorchServe up in {time.monotonic() - t0:.1f} s (pid {server.pid})")
+    print(f"  inference   {server.inference_url}/predictions/<model>   "
+          f"models: {', '.join(server.models)}")
+    print(f"  management  {server.management_url}")
+    print(f"  metrics     {server.metrics_url}")
+    print(f"  key file    {rd / 'key_file.json'} (header: Authorization: Bearer <inference key>)")
+    print(f"  logs        {rd / 'logs'}")
+    print("  stop with   pixtok serve --stop")
+    return 0
