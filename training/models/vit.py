@@ -224,7 +224,8 @@ class ViT(nn.Module):
         else:
             self.pos_embed = None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.pool == "cls" else None
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()   # deeper blocks drop more
+        # drop path grows linearly with depth (no torch op here, so the model builds on "meta")
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else nn.Identity()

@@ -1,0 +1,34 @@
+"""Our FLOP counter against by-hand formulas and against a real (non-meta) CPU forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.flops import FlopCounter, count_forward_flops
+from training.models.vit import ViT, flops_per_image, vit_config
+
+
+@pytest.mark.parametrize("name, side, pool", [("ViT-T/1", 32, "cls"), ("ViT-S/2", 32, "mean"),
+                                              ("ViT-B/1", 28, "cls")])
+def test_counter_matches_the_vit_formula_on_paper_sizes(name, side, pool):
+    cfg = vit_config(name, image_size=(side, side), num_classes=100, pool=pool)
+    counted = count_forward_flops(lambda: ViT(cfg), (lambda: torch.rand(1, 3, side, side),))
+    assert counted == flops_per_image(cfg)
+
+
+def test_counter_on_a_real_forward_with_the_cpu_attention_kernel():
+    cfg = vit_config("ViT-F/1", image_size=(8, 8), num_classes=10)
+    model = ViT(cfg)
+    with FlopCounter() as fc, torch.no_grad():
+        model(torch.rand(3, 3, 8, 8))
+    assert fc.total == 3 * flops_per_image(cfg)
+    assert any("attention" in op for op in fc.by_op)          # SDPA counted, not skipped
+
+
+def test_counter_on_convolutions_by_hand():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)               # 16x16 -> 8x8
+    up = nn.ConvTranspose2d(8, 4, 2, stride=2)                   # 8x8 -> 16x16
+    with FlopCounter() as fc, torch.no_grad():
+        up(conv(torch.rand(2, 3, 16, 16)))
+    assert fc.total == 2 * 2 * 8 * 8 * 8 * 3 * 9 + 2 * 2 * 8 * 8 * 8 * 4 * 4
