@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 EXTRAS ?= test
 STAMP := $(VENV)/.installed-$(EXTRAS)
+# a pip index for torch alone, e.g. PyTorch's CPU wheels for a CPU container (empty: the default)
+TORCH_INDEX ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests and the default models need, by the command or path that shows them
 APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java
@@ -17,7 +19,7 @@ install: $(STAMP)
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PIP) -e '.[$(EXTRAS)]'
 	$(PIP) --no-deps taming-transformers-rom1504==0.0.6
 	@touch $@
@@ -31,6 +33,7 @@ system-deps:
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 test: install system-deps lint
 	$(BIN)/pytest

@@ -1,14 +1,28 @@
-"""`pixtok export CKPT [--out model_store] [--name N] [--onnx]` -> NAME.mar (+ NAME.onnx)."""
+"""`pixtok export CKPT [--out model_store] [--name N] [--onnx]` -> NAME.mar (+ NAME.onnx).
+
+CKPT may also be a model store (a folder of checkpoint folders): every checkpoint in it that
+has no archive, or an older one, is exported (what `pixtok serve` and the container build do).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from export.archive import ExportError, export_archive
+from export.archive import ExportError, build_missing_archives, export_archive
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "model_index.json").is_file()
 
 
 def run_cli(args) -> int:
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
         raise ExportError(f"{ckpt}: no such checkpoint folder")
+    if not is_checkpoint(ckpt) and any(is_checkpoint(p) for p in ckpt.iterdir() if p.is_dir()):
+        if args.name or args.onnx or Path(args.out).resolve() != ckpt.resolve():
+            raise ExportError(f"{ckpt} is a model store: it is exported in place, without "
+                              "--name, --onnx or another --out")
+        build_missing_archives(ckpt)
+        return 0
     export_archive(ckpt, args.out, name=args.name, onnx=args.onnx)
     return 0

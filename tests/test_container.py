@@ -1,0 +1,51 @@
+"""What the container build and its HEALTHCHECK run, run here (no Docker engine on this machine)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).with_name("hadolint")
+    res = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_runs_the_make_install_steps():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "make install" in text and "pixtok export model_store" in text
+    assert "USER 10001" in text and "HEALTHCHECK" in text and "serving.healthcheck" in text
+    for port in (8080, 8081, 8082, 7860):
+        assert str(port) in text.split("EXPOSE", 1)[1].splitlines()[0]
+
+
+def test_export_a_whole_model_store(tmp_path):
+    store = tmp_path / "model_store"
+    make_classifier(store / "tiny-a")
+    make_classifier(store / "tiny-b", seed=1)
+    res = subprocess.run([sys.executable, "-m", "pixtok", "export", str(store), "--out",
+                          str(store)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in store.glob("*.mar")) == ["tiny-a.mar", "tiny-b.mar"]
+    res = subprocess.run([sys.executable, "-m", "pixtok", "export", str(store), "--onnx"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "model store" in res.stderr
+
+
+def test_healthcheck_asks_for_a_real_prediction(server):
+    env = {**os.environ, "PIXTOK_RUN_DIR": str(server.run_dir), "PIXTOK_CLASSIFIER": "tiny-cls",
+           "PIXTOK_INFERENCE_PORT": str(server.ports["inference"]),
+           "PIXTOK_MANAGEMENT_PORT": str(server.ports["management"])}
+    res = subprocess.run([sys.executable, "-m", "serving.healthcheck"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and "healthy" in res.stdout, res.stderr
+    env["PIXTOK_CLASSIFIER"] = "no-such-model"
+    res = subprocess.run([sys.executable, "-m", "serving.healthcheck"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 1 and "unhealthy" in res.stderr
