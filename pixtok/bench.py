@@ -1,8 +1,9 @@
 """`pixtok bench SUITE`: speed and memory measured side by side in one run, printed as JSON.
 
-infer: ViT/p forward throughput beside this machine's fp32 GEMM rate (the same run's 2048^2
-matmul), so `fraction_of_gemm` says how close the model gets to the hardware; and the peak
-memory of a forward pass as the token count grows, SDPA beside textbook softmax(QK^T)V.
+infer: ViT/p forward throughput (classifiers, and a dense depth model at 48x64) beside this
+machine's fp32 GEMM rate (the same run's 2048^2 matmul), so `fraction_of_gemm` says how close the
+model gets to the hardware; and the peak memory of a forward pass as the token count grows, SDPA
+beside textbook softmax(QK^T)V.
 """
 from __future__ import annotations
 
@@ -50,6 +51,22 @@ def vit_throughput(name: str, image_size: int, batch: int, min_time: float = 2.0
             "images_per_s": batch / seconds, "flops_per_image": flops_per_image(cfg)}
 
 
+def depth_throughput(name: str, image_size: tuple[int, int], batch: int,
+                     min_time: float = 2.0) -> dict:
+    """DepthViT forward throughput: every token of the image (no [cls]) feeds the dense head."""
+    from training.models.depth import DepthViT
+    from training.models.vit import flops_per_image, vit_config
+
+    cfg = vit_config(name, image_size=image_size, pool="mean")
+    model = DepthViT(cfg).eval()
+    x = torch.rand(batch, cfg.in_channels, *image_size)
+    with torch.inference_mode():
+        seconds = _timeit(lambda: model(x), min_time)
+    head = 2 * cfg.num_tokens * cfg.width * cfg.patch_size ** 2     # one linear layer per token
+    return {"model": f"Depth{name}", "image_size": list(image_size), "batch": batch,
+            "images_per_s": batch / seconds, "flops_per_image": flops_per_image(cfg) + head}
+
+
 def _peak_memory_child(name: str, side: int, impl: str, depth: int, queue) -> None:
     from training.models.vit import ViT, vit_config
 
@@ -89,12 +106,12 @@ def bench_infer(quick: bool = False) -> dict:
     if not quick:
         cases += [("ViT-T/2", 32, 8), ("ViT-T/4", 32, 8), ("ViT-S/1", 32, 8), ("ViT-T/1", 28, 8),
                   ("ViT-P/1", 28, 128)]
-    results = []
-    for name, size, batch in cases:
-        r = vit_throughput(name, size, batch, min_time)
+    results = [vit_throughput(name, size, batch, min_time) for name, size, batch in cases]
+    if not quick:   # the paper's depth input, 48x64 = 3072 tokens: 120 GFLOPs an image
+        results.append(depth_throughput("ViT-T/1", (48, 64), 8, min_time))
+    for r in results:
         r["gemm_flops_per_s"] = gemm
         r["fraction_of_gemm"] = r["images_per_s"] * r["flops_per_image"] / gemm
-        results.append(r)
     sides = [32, 64] if quick else [32, 64, 128]         # 1024, 4096, 16384 tokens
     depth = 1 if quick else 12
     memory = [{"tokens": s * s, "attention": impl, "peak_mb": peak_forward_mb("ViT-T/1", s, impl,

@@ -17,7 +17,7 @@ class Recipe:
     """A training run. Field names are the keys accepted in recipe files and as CLI overrides."""
     name: str = ""
     source: str = ""              # where the numbers come from (paper section, table)
-    task: str = "classify"        # classify | depth | mae
+    task: str = "classify"        # classify | depth | mae | vqgan | dit
     # model
     model: str = "ViT-P/1"        # a registry name; width/depth/heads > 0 override the size
     width: int = 0
@@ -48,6 +48,7 @@ class Recipe:
     lr: float = 1e-3              # peak learning rate
     min_lr: float = 1e-6          # cosine floor
     warmup_epochs: float = 1.0
+    schedule: str = "cosine"      # after the warm-up: cosine (to min_lr) | constant
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -63,12 +64,34 @@ class Recipe:
     eval_batch_size: int = 256
     # depth
     depth_loss: str = "silog"     # l1 | silog
+    n_train: int = 0              # scenes: how many to render per split; 0 -> 2000 train, 500 test
+    n_test: int = 0
+    splits: str = ""              # nyu: split file (splits.mat, .txt, .npy); "" -> beside the data
     # MAE
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
     decoder_width: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
+    # VQGAN (task vqgan; model is a size name such as f4-small)
+    pad_to: int = 0               # zero-pad images, centred, to this size (28 -> 32); 0 = off
+    vq_width: int = 0             # base channels of the VQGAN; 0 -> the size's
+    codebook_size: int = 0        # number of codes; 0 -> the size's
+    recon_loss: str = "l1"        # l1 | l2
+    commit_beta: float = 0.25     # commitment loss weight
+    restart_every: int = 100      # steps between restarts of codes unused meanwhile; 0 = off
+    gan_weight: float = 0.0       # PatchGAN hinge loss weight (x adaptive weight); 0 = off
+    gan_start: int = 0            # step at which the discriminator switches on
+    disc_lr: float = 0.0          # discriminator learning rate; 0 -> lr
+    perceptual_weights: str = ""  # LPIPS-VGG weight file(s) on disk, comma-separated; "" = no LPIPS
+    perceptual_weight: float = 1.0
+    # DiT (task dit; model is a DiT name such as DiT-P/1)
+    vqgan: str = ""               # VQGAN checkpoint (or diffusers VQModel) folder
+    latent_dir: str = ""          # latent cache folder; "" -> <vqgan>/latents
+    latent_scale: float = 0.0     # latents are multiplied by this; 0 -> 1 / their std
+    class_dropout: float = 0.1    # label dropout, for classifier-free guidance
+    classifier: str = ""          # classifier checkpoint for fid_proxy / class_agreement
+    eval_samples: int = 0         # generated samples per evaluation for fid_proxy; 0 = none
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,12 +170,14 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
     merged = {**values, **(overrides or {})}
     _check_keys(merged, "recipe")
     recipe = Recipe(**merged)
-    for key in ("data_dir", "cache_dir", "init_from"):          # "~/data/..." in recipes
+    for key in ("data_dir", "cache_dir", "init_from", "splits", "vqgan", "latent_dir",
+                "classifier", "perceptual_weights"):                   # "~/data/..." in recipes
         setattr(recipe, key, os.path.expanduser(getattr(recipe, key)))
     if isinstance(recipe.image_size, int):
         recipe.image_size = [recipe.image_size, recipe.image_size]
     for key, allowed in (("amp", ("auto", "bf16", "off")), ("resize", ("bicubic", "nearest")),
-                         ("task", ("classify", "depth", "mae")),
+                         ("task", ("classify", "depth", "mae", "vqgan", "dit")),
+                         ("schedule", ("cosine", "constant")), ("recon_loss", ("l1", "l2")),
                          ("depth_loss", ("l1", "silog"))):
         if getattr(recipe, key) not in allowed:
             raise UserError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(allowed)}")

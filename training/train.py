@@ -45,15 +45,24 @@ def build_task(recipe: Recipe, dist):
     if recipe.task == "mae":
         from training.tasks.mae import MAETask
         return MAETask(recipe, dist)
+    if recipe.task == "vqgan":
+        from training.tasks.vqgan import VQGANTask
+        return VQGANTask(recipe, dist)
+    if recipe.task == "dit":
+        from training.tasks.dit import DiTTask
+        return DiTTask(recipe, dist)
     raise UserError(f"unknown task {recipe.task!r}")
 
 
 def lr_at(step: int, recipe: Recipe, steps_per_epoch: int) -> float:
-    """Linear warm-up to the peak, then cosine to min_lr over the whole run."""
+    """Linear warm-up to the peak, then cosine to min_lr over the whole run (or, with
+    schedule="constant", the peak until the end, as DiT trains)."""
     warmup = recipe.warmup_epochs * steps_per_epoch
     total = recipe.epochs * steps_per_epoch
     if step < warmup:
         return recipe.lr * (step + 1) / warmup
+    if recipe.schedule == "constant":
+        return recipe.lr
     progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
     return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -136,9 +145,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
         recipe = from_dict(read_config(out)["recipe"], overrides)  # stored recipe + new overrides
     if recipe.threads > 0:
         torch.set_num_threads(recipe.threads)
-    torch.manual_seed(recipe.seed + dist.rank)
+    torch.manual_seed(recipe.seed)              # every rank builds the same initial weights
     task = build_task(recipe, dist)
     model = task.model.to(dist.device)
+    torch.manual_seed(recipe.seed + dist.rank)  # then each rank its own drop path / masks
     if recipe.init_from and state is None:
         task.init_from(recipe.init_from)
 
@@ -164,6 +174,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
         set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)], dist.device)
+        if state.get("task") is not None:            # a task's own state (a discriminator ...)
+            task.load_state_dict(state["task"])
         step = state["step"]
         if dist.main:
             trim_metrics(out / "metrics.jsonl", step)
@@ -180,14 +192,18 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             rngs = [rng_state(dist.device)]
         if not dist.main:
             return
-        export = (ema.model if ema else model).state_dict()
-        save_weights(out / "model.safetensors", export)
+        export = ema.model if ema else model
+        if hasattr(task, "on_checkpoint"):    # the task writes the exported model (DiT: pipeline)
+            task.on_checkpoint(out, export)
+        else:
+            save_weights(out / "model.safetensors", export.state_dict())
         write_json(out / "config.json", {**config, "step": step, "epoch": step / steps_per_epoch,
                                          "created": datetime.now(UTC).isoformat(timespec="seconds"),
                                          **({"metrics": metrics} if metrics else {})})
         save_train_state(out / "train_state.pt", {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
             "ema": ema.model.state_dict() if ema else None, "rng": rngs,
+            "task": task.state_dict() if hasattr(task, "state_dict") else None,
             "data_position": {"epoch": step // steps_per_epoch,
                               "batch": step % steps_per_epoch}})
 

@@ -68,6 +68,11 @@ class ClassifyTask:
                           "resize": self.recipe.resize},
                 "data": self.data}
 
+    def init_from(self, path) -> None:
+        """Start from an MAE checkpoint's encoder (fine-tuning); the head keeps its init."""
+        from training.tasks.mae import load_mae_encoder
+        load_mae_encoder(path, self.model)
+
     def batches(self, index_lists, aug_seeds):
         """Yield (images float [0, 1], labels) for the given index lists of this process.
 

@@ -1,0 +1,158 @@
+"""Monocular depth with a dense ViT/p (DepthViT): data, loss and Eigen-style evaluation.
+
+Every evaluation also scores the trivial model that predicts the training set's mean depth
+everywhere: a depth model is only worth something where it beats that constant. The mean is
+stored in config.json, so `pixtok eval` reports the baseline without reloading the training set.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from pixtok.errors import UserError
+from training.data.augment import CropFlip
+from training.data.depth import build_depth_dataset
+from training.distributed import Dist
+from training.loader import channel_stats, fetch_batches
+from training.metrics.depth import DepthMetrics, mean_depth_baseline
+from training.models import build_model
+from training.models.depth import DepthHeadConfig, depth_loss
+from training.models.vit import vit_config
+from training.recipe import Recipe
+
+DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
+
+
+def data_spec(recipe: Recipe) -> dict:
+    """The config.json "data" entry: enough to rebuild either split."""
+    spec = {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
+            "image_size": list(recipe.image_size or DEFAULT_SIZE)}
+    if recipe.dataset == "scenes":
+        spec.update(n_train=recipe.n_train or None, n_test=recipe.n_test or None)
+    if recipe.dataset == "nyu":
+        spec["splits"] = recipe.splits or None
+    return spec
+
+
+def load_split(data: dict, split: str):
+    """A split of the depth data set a recipe or a checkpoint names."""
+    options = {}
+    if data.get(f"n_{split}"):
+        options["n"] = data[f"n_{split}"]
+    if data.get("splits"):
+        options["splits"] = data["splits"]
+    return build_depth_dataset(data["dataset"], data.get("data_dir"), split=split,
+                               image_size=tuple(data["image_size"]), **options)
+
+
+def model_spec(recipe: Recipe, dataset, init_depth: float) -> dict:
+    """The config.json "model" entry: a DepthViT of the recipe's size whose untrained head
+    predicts init_depth everywhere."""
+    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
+    mean, std = channel_stats(dataset)
+    try:
+        cfg = vit_config(recipe.model, image_size=tuple(dataset.image_size),
+                         in_channels=dataset.in_channels, mean=mean, std=std, num_classes=0,
+                         embed=recipe.embed, dict_dim=recipe.dict_dim, pos_embed=recipe.pos_embed,
+                         pool=recipe.pool, drop_path=recipe.drop_path, **sizes)
+        head = DepthHeadConfig(init_depth=init_depth)
+    except ValueError as e:            # the model code raises ValueError: a bad recipe
+        raise UserError(str(e)) from None
+    return {"arch": "vit-depth", "name": recipe.model,
+            "args": {**cfg.to_dict(), "head": asdict(head)}}
+
+
+class DepthTask:
+    """What the training loop needs to train and evaluate a depth regressor."""
+
+    name = "depth"
+
+    def __init__(self, recipe: Recipe, dist: Dist):
+        self.recipe, self.dist = recipe, dist
+        self.data = data_spec(recipe)
+        self.train_set = load_split(self.data, "train")
+        self.test_set = load_split(self.data, "test")
+        try:
+            self.train_mean_depth = mean_depth_baseline(self.train_set.depths)
+        except ValueError as e:
+            raise UserError(f"{recipe.dataset} {self.data['data_dir'] or ''}: {e}") from None
+        self.spec = model_spec(recipe, self.train_set, self.train_mean_depth)
+        self.model = build_model(self.spec)
+        # padding is zero depth, which every loss and metric treats as "not measured"
+        self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)
+
+    def config(self) -> dict:
+        """Task-specific part of config.json."""
+        ds = self.train_set
+        return {"task": self.name, "model": self.spec, "unit": "m",
+                "train_mean_depth": self.train_mean_depth,
+                "input": {"image_size": list(ds.image_size), "channels": ds.in_channels,
+                          "resize": "bicubic"},
+                "data": self.data}
+
+    def init_from(self, path) -> None:
+        """Start the encoder from an MAE checkpoint's encoder."""
+        from training.tasks.mae import load_mae_encoder
+        load_mae_encoder(path, self.model.encoder)
+
+    def batches(self, index_lists, aug_seeds):
+        """Yield (images float [0, 1] (n, 3, H, W), depths (n, 1, H, W) in metres), cropped and
+        flipped together; each process applies its slice of the global batch's parameters, so
+        1 and N processes augment identically."""
+        r, w = self.dist.rank, self.dist.world
+        for (x, d), seed in zip(fetch_batches(self.train_set, index_lists, self.recipe.num_workers),
+                                aug_seeds):
+            n_local = x.shape[0]
+            gen = torch.Generator().manual_seed(seed)
+            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
+            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
+            yield self.crop_flip.apply(x, params).float().div_(255), self.crop_flip.apply(d, params)
+
+    def loss(self, model, batch, step_seed: int) -> torch.Tensor:
+        x, d = (t.to(self.dist.device, non_blocking=True) for t in batch)
+        return depth_loss(model(x).float(), d, kind=self.recipe.depth_loss)
+
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 256) -> dict:
+        return evaluate_depth(model, self.test_set, self.dist, self.train_mean_depth, batch_size)
+
+
+def pooled(metrics: DepthMetrics, dist: Dist) -> dict:
+    """Metrics over the pixels of every process."""
+    keys = list(metrics.sums)
+    *sums, n = dist.sum([metrics.sums[k] for k in keys] + [float(metrics.n)])
+    metrics.sums, metrics.n = dict(zip(keys, sums)), int(n)
+    return metrics.compute()
+
+
+@torch.no_grad()
+def evaluate_depth(model, dataset, dist: Dist, train_mean_depth: float,
+                   batch_size: int = 256) -> dict:
+    """rmse, rel, delta1-3, log10 and n (valid pixels) over a data set, beside the same metrics
+    of a constant prediction of the training set's mean depth (baseline_*)."""
+    model.eval()
+    idx = list(range(dist.rank, len(dataset), dist.world))
+    lists = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    ours, baseline = DepthMetrics(), DepthMetrics()
+    for x, d in fetch_batches(dataset, lists, 0):
+        x, d = x.to(dist.device).float().div_(255), d.to(dist.device)
+        ours.update(model(x), d)
+        baseline.update(torch.full_like(d, train_mean_depth), d)
+    trivial = pooled(baseline, dist)
+    return {**pooled(ours, dist),
+            **{f"baseline_{k}": trivial[k] for k in ("rmse", "rel", "delta1")}}
+
+
+def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+    """`pixtok eval` for a depth model: metrics on a split of its data set (or --data), beside
+    the mean-depth baseline."""
+    from training.checkpoint import CheckpointError, load_model
+
+    if "train_mean_depth" not in config:
+        raise CheckpointError(f"{ckpt}/config.json: no train_mean_depth (not written by "
+                              f"pixtok train for a depth recipe)")
+    model, config = load_model(ckpt)
+    data = dict(config["data"], **({"data_dir": args.data} if args.data else {}))
+    dataset = load_split(data, args.split)       # resized to the checkpoint's input size
+    return evaluate_depth(model, dataset, Dist(), config["train_mean_depth"], args.batch_size)

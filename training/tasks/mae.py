@@ -1,0 +1,157 @@
+"""Masked-autoencoder pre-training of a ViT/p encoder, and loading its encoder for fine-tuning.
+
+The masks of training come from torch's global RNG, which the training loop saves with every
+checkpoint, so a resumed run masks exactly as an uninterrupted one. Evaluation draws its masks
+from a generator of its own with a fixed seed: every evaluation hides the same pixels of the same
+test images, so its losses are comparable over a run, and training's RNG is left untouched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pixtok.errors import UserError
+from training.checkpoint import CheckpointError, load_model, read_config
+from training.data.augment import CropFlip
+from training.distributed import Dist
+from training.loader import channel_stats, fetch_batches
+from training.models import build_model
+from training.models.mae import MAEConfig, encoder_state_dict, mae_grid
+from training.models.vit import ViT, vit_config
+from training.recipe import Recipe
+from training.tasks.classify import data_spec, load_split
+
+EVAL_SEED = 0
+# ViTConfig fields that must agree for an MAE encoder's weights to fit another ViT ([cls] may
+# differ: a mean-pooled model drops it, a [cls] model without one keeps its own initial token)
+ARCH_FIELDS = ("image_size", "in_channels", "patch_size", "width", "depth", "heads",
+               "mlp_ratio", "embed", "dict_dim", "pos_embed")
+
+
+def mae_spec(recipe: Recipe, dataset) -> dict:
+    """The config.json "model" entry: an MAE over the recipe's ViT, sized for the data."""
+    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
+    mean, std = channel_stats(dataset)
+    try:
+        encoder = vit_config(recipe.model, image_size=tuple(dataset.image_size),
+                             in_channels=dataset.in_channels, mean=mean, std=std, num_classes=0,
+                             embed=recipe.embed, dict_dim=recipe.dict_dim,
+                             pos_embed=recipe.pos_embed, pool=recipe.pool,
+                             drop_path=recipe.drop_path, **sizes)
+        cfg = MAEConfig(encoder, decoder_width=recipe.decoder_width,
+                        decoder_depth=recipe.decoder_depth, decoder_heads=recipe.decoder_heads,
+                        mask_ratio=recipe.mask_ratio, norm_pix_loss=recipe.norm_pix_loss)
+    except ValueError as e:            # the model code raises ValueError: a bad recipe
+        raise UserError(str(e)) from None
+    return {"arch": "mae", "name": f"MAE-{recipe.model}", "args": cfg.to_dict()}
+
+
+class MAETask:
+    """What the training loop needs to pre-train a masked autoencoder on an image data set."""
+
+    name = "mae"
+
+    def __init__(self, recipe: Recipe, dist: Dist):
+        self.recipe, self.dist = recipe, dist
+        self.data = data_spec(recipe)
+        self.train_set = load_split(self.data, "train", recipe.cache_dir)
+        self.test_set = load_split(self.data, "test", recipe.cache_dir)
+        self.spec = mae_spec(recipe, self.train_set)
+        self.model = build_model(self.spec)
+        self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)
+
+    def config(self) -> dict:
+        """Task-specific part of config.json."""
+        ds = self.train_set
+        return {"task": self.name, "model": self.spec,
+                "input": {"image_size": list(ds.image_size), "channels": ds.in_channels,
+                          "resize": self.recipe.resize},
+                "data": self.data}
+
+    def batches(self, index_lists, aug_seeds):
+        """Yield images float [0, 1] (n, C, H, W), cropped and flipped as in ClassifyTask: each
+        process applies its slice of the global batch's parameters (labels are not needed)."""
+        r, w = self.dist.rank, self.dist.world
+        for (x, _), seed in zip(fetch_batches(self.train_set, index_lists, self.recipe.num_workers),
+                                aug_seeds):
+            n_local = x.shape[0]
+            gen = torch.Generator().manual_seed(seed)
+            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
+            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
+            yield self.crop_flip.apply(x, params).float().div_(255)
+
+    def loss(self, model, batch, step_seed: int) -> torch.Tensor:
+        # no generator: the masks come from torch's RNG, saved and restored with the checkpoint
+        loss, _, _ = model(batch.to(self.dist.device, non_blocking=True))
+        return loss.float()
+
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 256) -> dict:
+        return evaluate_mae(model, self.test_set, self.dist, batch_size)
+
+
+@torch.no_grad()
+def evaluate_mae(model, dataset, dist: Dist, batch_size: int = 256) -> dict:
+    """Mean reconstruction loss (MSE over masked pixels) with masks from a fixed seed.
+
+    Each process takes every world-th item and seeds its own generator, so the masks depend on
+    the number of processes (not on the step): evaluations of one run compare exactly.
+    """
+    model.eval()
+    gen = torch.Generator(device=dist.device).manual_seed(EVAL_SEED * 1009 + dist.rank)
+    idx = list(range(dist.rank, len(dataset), dist.world))
+    lists = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    total = 0.0
+    for x, _ in fetch_batches(dataset, lists, 0):
+        x = x.to(dist.device).float().div_(255)
+        loss, _, _ = model(x, generator=gen)
+        total += loss.item() * len(x)      # every image hides the same number of pixels
+    total, n = dist.sum([total, float(len(idx))])
+    return {"loss": total / n, "n": int(n)}
+
+
+def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+    """`pixtok eval` for an MAE: the reconstruction loss on a split, and a PNG grid of input,
+    masked input and reconstruction (--out, default CKPT/reconstruction.png)."""
+    model, config = load_model(ckpt)
+    data = dict(config["data"], **({"data_dir": args.data} if args.data else {}))
+    dataset = load_split(data, args.split)
+    metrics = evaluate_mae(model, dataset, Dist(), args.batch_size)
+    count = min(len(dataset), getattr(args, "num_samples", None) or 8)
+    images, _ = next(fetch_batches(dataset, [list(range(count))]))     # the split's first images
+    out = Path(getattr(args, "out", None) or Path(ckpt) / "reconstruction.png")
+    grid = mae_grid(model, images.float().div_(255), out, seed=EVAL_SEED)
+    return {**metrics, "grid": str(grid)}
+
+
+def load_mae_encoder(path, vit: ViT) -> None:
+    """Load the encoder of the MAE checkpoint folder `path` into `vit` (in place).
+
+    Raises UserError when `path` is not an MAE checkpoint or its encoder's architecture differs.
+    Normalisation stays this model's own (from its training set), so a resumed fine-tuning run,
+    which does not load the MAE again, builds exactly the same model.
+    """
+    try:
+        config = read_config(path)
+    except CheckpointError as e:
+        raise UserError(f"init_from: {e}") from None
+    model_spec = config.get("model", {})
+    if config.get("task") != "mae" or model_spec.get("arch") != "mae":
+        raise UserError(f"init_from={path}: not an MAE checkpoint (task {config.get('task')!r}, "
+                        f"arch {model_spec.get('arch')!r}); give a folder written by a "
+                        f"task = \"mae\" recipe")
+    theirs = MAEConfig(**model_spec["args"]).encoder.to_dict()
+    ours = vit.cfg.to_dict()
+    differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ARCH_FIELDS if theirs[k] != ours[k]]
+    if differ:
+        raise UserError(f"init_from={path}: its encoder does not match this model "
+                        f"({'; '.join(differ)}); use the same model size and image size")
+    mae, _ = load_model(path)
+    result = vit.load_state_dict(encoder_state_dict(mae), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head.") and k != "cls_token"]
+    unexpected = [k for k in result.unexpected_keys if k != "cls_token"]
+    if missing or unexpected:
+        raise UserError(f"init_from={path}: encoder weights do not fit (missing "
+                        f"{', '.join(missing) or 'none'}; unexpected "
+                        f"{', '.join(unexpected) or 'none'})")
