@@ -10,7 +10,9 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 TORCH_INDEX ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests and the default models need, by the command or path that shows them
-APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java
+# (chromium: the browser tests drive Debian's build; playwright's own browser download is not used)
+APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java \
+	chromium:chromium
 
 .PHONY: install system-deps test lint clean
 

@@ -196,7 +196,10 @@ class Client:
         return self.predict(model, image_bytes, content_type)
 
     def generate(self, label, model: str = DEFAULT_MODELS["generate"], **opts) -> dict:
-        """label (name or index), seed, steps, sampler, guidance, num_images -> {"images", ...}"""
+        """label (name or index), seed, steps, sampler, guidance, num_images -> {"images", ...}
+
+        An option left at None is left out, so the server's default applies."""
+        opts = {k: v for k, v in opts.items() if v is not None}
         body = json.dumps({"label": label, **opts}).encode()
         return self.predict(model, body, "application/json")
 

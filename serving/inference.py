@@ -111,10 +111,9 @@ class ImageClassifier:
         return {**top[0], "top_k": top}
 
 
-def load_classifier(model_dir, build_model: Callable[[dict], torch.nn.Module],
-                    resize_image: Callable, device: torch.device | str = "cpu",
-                    prefer_onnx: bool = True) -> ImageClassifier:
-    """A folder with config.json and model.safetensors (and maybe model.onnx) -> ImageClassifier.
+def load_backend(model_dir, build_model: Callable[[dict], torch.nn.Module],
+                 device: torch.device | str = "cpu", prefer_onnx: bool = True):
+    """A folder with config.json and model.safetensors (and maybe model.onnx) -> (backend, config).
 
     ONNX Runtime runs the model when the folder has model.onnx and onnxruntime imports;
     otherwise PyTorch does, with the weights from model.safetensors (never a pickle).
@@ -125,9 +124,15 @@ def load_classifier(model_dir, build_model: Callable[[dict], torch.nn.Module],
     config = json.loads((model_dir / "config.json").read_text())
     onnx_path = model_dir / "model.onnx"
     if prefer_onnx and onnx_path.is_file() and onnx_runtime_available():
-        backend = OnnxBackend(onnx_path, device)
-    else:
-        model = build_model(config["model"])
-        model.load_state_dict(load_file(model_dir / "model.safetensors"))
-        backend = TorchBackend(model, device)
+        return OnnxBackend(onnx_path, device), config
+    model = build_model(config["model"])
+    model.load_state_dict(load_file(model_dir / "model.safetensors"))
+    return TorchBackend(model, device), config
+
+
+def load_classifier(model_dir, build_model: Callable[[dict], torch.nn.Module],
+                    resize_image: Callable, device: torch.device | str = "cpu",
+                    prefer_onnx: bool = True) -> ImageClassifier:
+    """A classifier's model folder -> ImageClassifier (ONNX Runtime or PyTorch: load_backend)."""
+    backend, config = load_backend(model_dir, build_model, device, prefer_onnx)
     return ImageClassifier(backend, config, resize_image)

@@ -5,6 +5,9 @@ server writes: config.properties, key_file.json (TorchServe writes it into its w
 which is this folder), logs/, and tmp/ with TorchServe's pid file, worker sockets and unpacked
 archives. TorchServe's own "one server per machine" pid file lives in $TMPDIR, so pointing
 TMPDIR at tmp/ lets two run folders (a user's server and a test's) run side by side.
+
+Unless --no-ui, the Gradio front end (serving/gradio_app.py, a REST client) then starts as a
+process of its own: pid file gradio.pid, output logs/gradio.out, Gradio's temp files tmp/gradio/.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 from string import Template
 
 from pixtok.errors import UserError
-from serving.client import PORTS, Client, default_run_dir
+from serving.client import PORTS, Client, default_run_dir, local_url
 from serving.validate import MAX_BODY_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +33,16 @@ TEMPLATE = Path(__file__).with_name("config.properties")
 BATCHING = {   # task -> TorchServe batching; a generator batches inside one request instead
     "classify": {"batchSize": 16, "maxBatchDelay": 10},
     "depth": {"batchSize": 4, "maxBatchDelay": 10},
-    "generate": {"batchSize": 1, "maxBatchDelay": 0},
+    # 16 images x 1000 steps on a CPU worker takes minutes, not TorchServe's default 120 s
+    "generate": {"batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 600},
 }
 # TorchServe answers a body over max_request_size with a bare 413 (no JSON) and a reset
 # connection; set above the handler's own limit, bodies up to twice it get the handler's JSON 413.
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES
 MAX_RESPONSE_BYTES = 64 * 2**20       # 16 generated images as base64 PNGs fit with room
 SERVER_CLASS = "org.pytorch.serve.ModelServer"
+UI_MODULE = "serving.gradio_app"
+UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generate": "--generator"}
 
 
 class ServeError(UserError):
@@ -300,22 +306,173 @@ def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
     return True
 
 
+# --- the Gradio front end ----------------------------------------------------------------------
+@dataclass
+class FrontEnd:
+    """A running Gradio front end of a run folder."""
+    run_dir: Path
+    pid: int
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{url_host(self.host)}:{self.port}/"
+
+
+def ui_pid_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "gradio.pid"
+
+
+def running_ui_pid(run_dir: Path) -> int | None:
+    """The pid of this run folder's Gradio front end if alive (a stale pid file is removed)."""
+    import psutil
+
+    path = ui_pid_file(run_dir)
+    try:
+        pid = int(path.read_text().strip())
+        if UI_MODULE in psutil.Process(pid).cmdline():
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    path.unlink(missing_ok=True)
+    return None
+
+
+def ui_port_from_env() -> int:
+    from serving.gradio_app import ui_port
+
+    try:
+        return ui_port()
+    except UserError as e:
+        raise ServeError(str(e)) from None
+
+
+def check_ui_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port} for the Gradio front end "
+                             f"({e.strerror}); set PIXTOK_UI_PORT to a free port, or serve "
+                             "without it (--no-ui)") from None
+
+
+def ui_env(run_dir: Path, env: dict | None) -> dict:
+    """The front end's environment: this repository importable, Gradio's files in the run folder."""
+    merged = {**os.environ, **(env or {})}
+    merged["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), merged.get("PYTHONPATH")) if p)
+    merged.setdefault("GRADIO_TEMP_DIR", str(run_dir / "tmp" / "gradio"))
+    merged["GRADIO_ANALYTICS_ENABLED"] = "False"
+    return merged
+
+
+def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
+             models: dict | None = None, env: dict | None = None, timeout: float | None = None,
+             log=print) -> FrontEnd:
+    """Start the Gradio front end for the server of `run_dir`; return once its page answers.
+
+    models ({task: name}) and env (extra environment variables) override the defaults."""
+    import urllib.error
+    import urllib.request
+
+    run_dir = prepare_run_dir(run_dir)
+    pid = running_ui_pid(run_dir)
+    if pid is not None:
+        raise ServeError(f"the Gradio front end is already running (pid {pid}, run folder "
+                         f"{run_dir}); stop it with `pixtok serve --stop`")
+    port = port or ui_port_from_env()
+    check_ui_port_free(host, port)
+    # written here, where torch is loaded already: the front end then never imports it
+    from serving.gradio_app import examples_dir, write_examples
+
+    write_examples(examples_dir(run_dir))
+    cmd = [sys.executable, "-m", UI_MODULE, "--host", host, "--port", str(port),
+           "--run-dir", str(run_dir)]
+    for task, name in (models or {}).items():
+        cmd += [UI_MODEL_FLAGS[task], name]
+    out_path = run_dir / "logs" / "gradio.out"
+    with open(out_path, "ab") as out:
+        # a session of its own: the front end outlives `pixtok serve` and its terminal's Ctrl-C
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=ui_env(run_dir, env), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    ui_pid_file(run_dir).write_text(f"{proc.pid}\n")
+    ui = FrontEnd(run_dir, proc.pid, host, port)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    timeout = timeout or float(os.environ.get("PIXTOK_UI_TIMEOUT", 120))
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            ui_pid_file(run_dir).unlink(missing_ok=True)
+            tail = " | ".join(out_path.read_text(errors="replace").strip().splitlines()[-3:])
+            raise ServeError(f"the Gradio front end exited (code {proc.returncode}); see "
+                             f"{out_path} ({tail})")
+        try:
+            with opener.open(local_url(ui.url) + "/config", timeout=5) as r:
+                if r.status == 200:
+                    return ui
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            stop_ui(run_dir, log=lambda *_: None)
+            raise ServeError(f"the Gradio front end did not answer on {ui.url} within "
+                             f"{timeout:.0f} s; see {out_path}")
+        time.sleep(0.25)
+
+
+def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
+    """Stop this run folder's Gradio front end. False if none was running."""
+    import psutil
+
+    run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
+    pid = running_ui_pid(run_dir)
+    if pid is None:
+        return False
+    proc = psutil.Process(pid)
+    proc.terminate()
+    _, alive = psutil.wait_procs([proc], timeout=timeout)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    ui_pid_file(run_dir).unlink(missing_ok=True)
+    log(f"pixtok serve: Gradio front end stopped (pid {pid})")
+    return True
+
+
 def run_cli(args) -> int:
     if getattr(args, "stop", False):
+        stop_ui()
         stop()
         return 0
-    if not getattr(args, "no_ui", False):
-        print("pixtok serve: the Gradio front end is not available yet; serving the REST API "
-              "only (--no-ui)", file=sys.stderr)
+    host = getattr(args, "host", "127.0.0.1")
+    with_ui = not getattr(args, "no_ui", False)
+    if with_ui:   # fail before TorchServe starts, not after
+        pid = running_ui_pid(prepare_run_dir())
+        if pid is not None:
+            raise ServeError(f"the Gradio front end is already running (pid {pid}); stop it "
+                             "with `pixtok serve --stop`")
+        check_ui_port_free(host, ui_port_from_env())
     t0 = time.monotonic()
-    server = start(getattr(args, "model_store", None), getattr(args, "host", "127.0.0.1"))
+    server = start(getattr(args, "model_store", None), host)
     rd = server.run_dir
     print(f"pixtok serve: TorchServe up in {time.monotonic() - t0:.1f} s (pid {server.pid})")
+    ui = None
+    if with_ui:
+        try:
+            ui = start_ui(rd, host)
+        except ServeError:
+            stop(rd, log=lambda *_: None)
+            raise
+        print(f"pixtok serve: Gradio front end up (pid {ui.pid})")
     print(f"  inference   {server.inference_url}/predictions/<model>   "
           f"models: {', '.join(server.models)}")
     print(f"  management  {server.management_url}")
     print(f"  metrics     {server.metrics_url}")
     print(f"  key file    {rd / 'key_file.json'} (header: Authorization: Bearer <inference key>)")
     print(f"  logs        {rd / 'logs'}")
+    if ui:
+        print(f"  ui          {ui.url}   (Gradio; API names /generate /classify /depth)")
     print("  stop with   pixtok serve --stop")
     return 0

@@ -10,12 +10,15 @@ import json
 import math
 import os
 
+from training.sampling_defaults import SAMPLING_DEFAULTS  # an archive ships its own copy
+
 MAX_BODY_BYTES = int(os.environ.get("PIXTOK_MAX_BODY_BYTES", 10 * 2**20))    # 10 MB
 MAX_STEPS = 1000
 MAX_IMAGES = 16
 SAMPLERS = ("ddpm", "ddim", "dpm")
-# what an omitted generator field means; the Gradio page starts from the same values
-GENERATE_DEFAULTS = {"seed": 0, "steps": 50, "sampler": "ddim", "guidance": 4.0, "num_images": 1}
+# what an omitted generator field means: the sampler, steps and guidance of `pixtok sample` and
+# the Gradio page (one constant, training/sampling_defaults.py), seed 0 and one image
+GENERATE_DEFAULTS = {"seed": 0, **SAMPLING_DEFAULTS, "num_images": 1}
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
 
 
@@ -81,11 +84,14 @@ def _label_index(label, labels: list[str]) -> int:
 
 
 def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
-                           max_images: int = MAX_IMAGES) -> dict:
+                           max_images: int = MAX_IMAGES,
+                           sampler_steps: dict[str, int] | None = None) -> dict:
     """A generator request (JSON bytes/str or an already decoded dict) -> a complete dict.
 
     Returns {"label": name, "index": int, "seed", "steps", "sampler", "guidance", "num_images"}
-    with omitted fields taken from GENERATE_DEFAULTS.
+    with omitted fields taken from GENERATE_DEFAULTS, except that a sampler other than the
+    default, given without steps, takes its own step count from sampler_steps (as `pixtok
+    sample` does; the pipeline's DEFAULT_STEPS).
     """
     if isinstance(body, (bytes, bytearray, str)):
         if len(body) == 0:
@@ -110,6 +116,8 @@ def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
     if sampler not in SAMPLERS:
         raise RequestError(400, "bad_field",
                            f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if "steps" not in body and sampler != GENERATE_DEFAULTS["sampler"] and sampler_steps:
+        request["steps"] = min(sampler_steps.get(sampler, request["steps"]), max_steps)
     guidance = request["guidance"]
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
         raise RequestError(400, "bad_field", f"guidance must be a number, got {guidance!r}")

@@ -35,24 +35,99 @@ def make_classifier(folder: Path, image_size=(8, 8), channels: int = 1, seed: in
     return folder
 
 
+def make_depth(folder: Path, image_size=(12, 16), seed: int = 0) -> Path:
+    """A random-weight ViT-F/1 depth checkpoint folder (RGB in), as the depth task lays it out.
+    The head's last layer is random, not zero, so depth varies over the image (about 1-10 m)."""
+    from training.models.depth import DepthViT
+
+    torch.manual_seed(seed)
+    cfg = vit_config("ViT-F/1", image_size=image_size, in_channels=3, num_classes=0)
+    model = DepthViT(cfg)
+    with torch.no_grad():
+        model.head.mlp[-1].weight.normal_(0, 0.08)
+    write_json(folder / "config.json", {
+        "format": "pixtok-checkpoint/1", "task": "depth",
+        "model": {"arch": "vit-depth", "name": "ViT-F/1", "args": model.args()},
+        "unit": "m", "input": {"image_size": list(image_size), "channels": 3,
+                               "resize": "bicubic"},
+        "data": {"name": "generated"}, "recipe": {}, "git_commit": None, "step": 0})
+    save_weights(folder / "model.safetensors", model.state_dict())
+    return folder
+
+
+def make_generator(folder: Path, seed: int = 0, sampler: str = "ddpm") -> Path:
+    """A random-weight DiT-F/1 pipeline folder: 4x4x4 latents, a tiny f4 VQGAN (16x16 grey).
+    The DiT's weights are perturbed (a fresh one predicts zeros), so labels and seeds matter."""
+    from training.models.dit import PixelDiT, dit_config
+    from training.models.vqgan import build_vqgan
+    from training.pipeline import PixelDiTPipeline, make_scheduler
+
+    torch.manual_seed(seed)
+    dit = PixelDiT(**dit_config("DiT-F/1", sample_size=4, in_channels=4,
+                                num_classes=len(LABELS)))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    vae = build_vqgan("f4-small", block_out_channels=[8, 16, 16], norm_num_groups=8,
+                      num_vq_embeddings=32, sample_size=16)
+    pipe = PixelDiTPipeline(dit.eval(), vae.eval(), make_scheduler(sampler), labels=LABELS)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     return make_classifier(tmp_path_factory.mktemp("ckpt") / "tiny-cls")
 
 
 @pytest.fixture(scope="session")
+def tiny_depth(tmp_path_factory) -> Path:
+    return make_depth(tmp_path_factory.mktemp("ckpt") / "tiny-depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory) -> Path:
+    return make_generator(tmp_path_factory.mktemp("ckpt") / "tiny-gen")
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A running TorchServe with tiny-cls (PyTorch, built by the launcher from its checkpoint
-    folder) and tiny-cls-onnx (the same weights through ONNX Runtime)."""
+    folder), tiny-cls-onnx (the same weights through ONNX Runtime), tiny-depth (a depth
+    checkpoint folder) and tiny-gen (a generator's pipeline folder), the last two also built by
+    the launcher. srv.checkpoint, srv.depth_checkpoint and srv.generator_checkpoint are the
+    folders."""
     from export.archive import export_archive
     from serving import launcher
 
     store = tmp_path_factory.mktemp("model_store")
     ckpt = make_classifier(store / "tiny-cls")
     export_archive(ckpt, store, name="tiny-cls-onnx", onnx=True, log=lambda *_: None)
+    depth, generator = make_depth(store / "tiny-depth"), make_generator(store / "tiny-gen")
     run_dir = tmp_path_factory.mktemp("run")
     srv = launcher.start(store, run_dir=run_dir, timeout=120, log=lambda *_: None,
                          ports=launcher.free_ports(), token_expiration_min=0.1)
-    srv.checkpoint = ckpt
+    srv.checkpoint, srv.depth_checkpoint, srv.generator_checkpoint = ckpt, depth, generator
     yield srv
     launcher.stop(run_dir, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def ui(server, tmp_path_factory):
+    """The Gradio front end over `server`, started the way `pixtok serve` starts it, on a free
+    port; it uses the first served model of each task (.models: {task: name})."""
+    import socket
+
+    from serving import launcher
+    from serving.gradio_app import served_models
+
+    models = {task: names[0] for task, names in served_models(server.run_dir).items()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    front = launcher.start_ui(server.run_dir, port=port, models=models, env=env, timeout=120,
+                              log=lambda *_: None)
+    front.models = models
+    yield front
+    launcher.stop_ui(server.run_dir, log=lambda *_: None)

@@ -1,0 +1,103 @@
+"""The Gradio page in a real browser (headless Chromium from Debian's `chromium` package, driven by
+playwright without a browser download): generate, a bad upload, and the page working after it."""
+from __future__ import annotations
+
+import io
+import re
+import shutil
+
+import numpy as np
+import pytest
+from conftest import LABELS
+from PIL import Image
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")
+# headless, and nothing that reaches out: no GPU, sync, updates, background or QUIC traffic
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-quic", "--no-first-run",
+                 "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def browser_page(ui, tmp_path_factory):
+    """(page, [every URL it requested]) on the front end, in a fresh Chromium profile."""
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
+            headless=True, args=CHROMIUM_ARGS, viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        requested = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(ui.url, wait_until="networkidle")
+        yield page, requested
+        context.close()
+
+
+def shown_image(page, img) -> np.ndarray:
+    """The pixels of an <img> on the page, fetched from its src the way the browser got them."""
+    answer = page.request.get(img.get_attribute("src"))
+    assert answer.ok, answer.status
+    return np.asarray(Image.open(io.BytesIO(answer.body())).convert("RGB"))
+
+
+def test_the_page_loads_and_asks_only_its_own_server(ui, browser_page):
+    page, requested = browser_page
+    assert page.title() == "pixtok"
+    for tab in ("Generate", "Classify", "Depth"):
+        assert page.get_by_role("tab", name=tab).is_visible()
+    origin = ui.url.rstrip("/")
+    strangers = {u for u in requested if not u.startswith((origin, "data:", "blob:"))}
+    assert not strangers     # no analytics, fonts or scripts from elsewhere
+
+
+def test_generate_shows_a_non_blank_image(ui, browser_page, tmp_path_factory):
+    if "generate" not in ui.models:
+        pytest.skip("the session server has no generate model yet (tests/conftest.py `server`)")
+    page, _ = browser_page
+    page.get_by_role("tab", name="Generate").click()
+    page.fill("#generate-steps input[type=number]", "2")   # a tiny model: 2 steps suffice
+    page.press("#generate-steps input[type=number]", "Tab")
+    page.click("#generate-btn")
+    img = page.locator("#generate-gallery img").first
+    img.wait_for(state="visible")
+    pixels = shown_image(page, img)
+    shot = tmp_path_factory.mktemp("screenshots") / "generate.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 8
+    assert pixels.std() > 1.0, "the generated image is blank"
+
+
+def test_a_bad_upload_shows_the_servers_message_and_the_page_keeps_working(
+        server, ui, browser_page, tmp_path):
+    page, _ = browser_page
+    page.get_by_role("tab", name="Classify").click()
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"these are notes, not pixels\n" * 4)
+    page.locator("#classify-input input[type=file]").set_input_files(str(bad))
+    page.click("#classify-btn")
+    toast = page.locator(".toast-body").first
+    sync_api.expect(toast).to_contain_text("not a PNG, JPEG, WebP, BMP or GIF image")
+    assert "Traceback" not in page.content()
+    # a second action on the same page succeeds: an example (real Fashion-MNIST when installed)
+    shown = page.locator("#classify-input img")
+    if list((ui.run_dir / "ui" / "examples").glob("fashion-test-*.png")):
+        page.locator("button.gallery-item:visible").first.click()
+        sync_api.expect(shown).to_have_attribute("src", re.compile(r"/fashion-test-[^/]+$"))
+        good = ui.run_dir / "ui" / "examples" / shown.get_attribute("src").rsplit("/", 1)[1]
+    else:
+        good = tmp_path / "noise.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), np.uint8)).save(good)
+        page.locator("#classify-input input[type=file]").set_input_files(str(good))
+        sync_api.expect(shown).to_have_attribute("src", re.compile(r"/noise\.png$"))
+    page.click("#classify-btn")
+    want = server.client().classify(good.read_bytes(), model=ui.models["classify"])
+    assert want["label"] in LABELS
+    output = page.locator("#classify-output")
+    sync_api.expect(output.get_by_test_id("label-output-value")).to_have_text(want["label"])
+    for top in want["top_k"]:     # one bar per class of the server's top k
+        sync_api.expect(output.get_by_test_id(f"{top['label']}-confidence-set")).to_be_visible()

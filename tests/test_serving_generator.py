@@ -1,0 +1,196 @@
+"""The generator over the REST API of the session's TorchServe, and its archive."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from export.archive import ExportError, check_self_contained, copy_module, export_archive
+from export.generator import DECODER_PREFIXES
+from serving.image_generator import load_generator
+from serving.validate import GENERATE_DEFAULTS, MAX_STEPS, SAMPLERS, parse_generate_request
+from training.models.dit import PixelDiT
+from training.pipeline import DEFAULT_STEPS, PixelDiTPipeline, make_scheduler
+from training.sampling_defaults import SAMPLING_DEFAULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pixels(answer: dict) -> list[np.ndarray]:
+    """The answer's images decoded: 16x16 grey PNGs (the tiny VQGAN's output) as uint8 arrays."""
+    out = []
+    for b64 in answer["images"]:
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert (img.format, img.mode, img.size) == ("PNG", "L", (16, 16))
+        out.append(np.asarray(img))
+    return out
+
+
+def pipeline_pixels(folder: Path, index: int, n: int, seed: int, steps: int, sampler: str,
+                    guidance: float) -> np.ndarray:
+    """What PixelDiTPipeline (the `pixtok sample` path) draws for the same request."""
+    pipe = PixelDiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    images = pipe([index] * n, guidance_scale=guidance, num_inference_steps=steps,
+                  generator=torch.Generator().manual_seed(seed), output_type="np").images
+    return (images[..., 0] * 255).round().astype(np.uint8)          # (n, H, W)
+
+
+def test_generator_answers_per_contract(server):
+    client = server.client()
+    got = client.generate("coat", model="tiny-gen", seed=3, steps=4, sampler="ddpm",
+                          guidance=2.5, num_images=2)
+    assert set(got) == {"images", "label", "seed", "steps", "sampler", "guidance"}
+    assert {k: v for k, v in got.items() if k != "images"} == {
+        "label": "coat", "seed": 3, "steps": 4, "sampler": "ddpm", "guidance": 2.5}
+    images = pixels(got)
+    assert len(images) == 2 and not np.array_equal(*images)
+    want = pipeline_pixels(server.generator_checkpoint, 4, 2, 3, 4, "ddpm", 2.5)
+    for a, b in zip(images, want):    # another process, maybe another thread count: +-1 level
+        assert np.abs(a.astype(int) - b).max() <= 1
+    log = (server.run_dir / "logs" / "model_log.log").read_text()
+    assert "pixtok: tiny-gen ready" in log and "not self-contained" not in log
+    # the launcher built the archive from the pipeline folder and gave it the generator's settings
+    props = (server.run_dir / "config.properties").read_text().splitlines()
+    models = json.loads(next(line for line in props if line.startswith("models="))[7:])
+    assert models["tiny-gen"]["1.0"] == {**models["tiny-gen"]["1.0"], "batchSize": 1,
+                                         "responseTimeout": 600}
+    assert models["tiny-depth"]["1.0"]["batchSize"] == 4
+
+
+def test_same_seed_same_bytes_and_defaults(server):
+    client = server.client()
+    first = client.generate(4, model="tiny-gen", seed=11, steps=None)   # None: the default
+    again = client.generate("coat", model="tiny-gen", seed=11)
+    other = client.generate("4", model="tiny-gen", seed=12)
+    assert first == again             # the same request by index or by name: the same bytes
+    assert first["images"] != other["images"]
+    assert {k: first[k] for k in ("sampler", "steps", "guidance")} == SAMPLING_DEFAULTS
+    assert first["label"] == other["label"] == "coat" and len(first["images"]) == 1
+    guided = client.generate("coat", model="tiny-gen", seed=11, guidance=1.0)
+    assert guided["images"] != first["images"]
+    # another sampler without steps: its own step count, as `pixtok sample` does
+    assert client.generate(0, model="tiny-gen", sampler="ddim")["steps"] == DEFAULT_STEPS["ddim"]
+
+
+def test_a_sampler_without_steps_takes_its_own_step_count():
+    def steps(body, **kw):
+        return parse_generate_request(body, ["a", "b"], sampler_steps=DEFAULT_STEPS, **kw)["steps"]
+    assert steps({"label": 1}) == SAMPLING_DEFAULTS["steps"]
+    assert steps({"label": 1, "sampler": "ddpm"}) == DEFAULT_STEPS["ddpm"] == 250
+    assert steps({"label": 1, "sampler": "ddpm", "steps": 7}) == 7
+    assert steps({"label": 1, "sampler": "ddpm"}, max_steps=100) == 100
+    default = SAMPLING_DEFAULTS["sampler"]
+    assert steps({"label": 1, "sampler": default}) == SAMPLING_DEFAULTS["steps"]
+
+
+BAD_REQUESTS = [   # (body, content type, error type, words in the message)
+    (b'{"label": 10}', "application/json", "unknown_label", "out of range 0..9"),
+    (b'{"label": "cat"}', "application/json", "unknown_label", "'cat'"),
+    (b'{"label": 1, "steps": 0}', "application/json", "bad_field", "steps must be in 1..1000"),
+    (b'{"label": 1, "steps": 1001}', "application/json", "bad_field", "1..1000"),
+    (b'{"label": 1, "steps": "20"}', "application/json", "bad_field", "steps must be an integer"),
+    (b'{"label": 1, "guidance": NaN}', "application/json", "bad_field", "guidance"),
+    (b'{"label": 1, "num_images": 17}', "application/json", "bad_field", "num_images"),
+    (b'{"label": 1, "sampler": "euler"}', "application/json", "bad_field", "sampler"),
+    (b'{"label": ', "application/json", "bad_json", "not valid JSON"),
+    (b"label=1", "text/plain", "bad_json", "not valid JSON"),
+    (b"[1, 2]", "application/json", "bad_json", "JSON object"),
+    (b"", "application/json", "empty_body", "empty"),
+]
+
+
+def test_bad_requests_get_a_4xx_json_and_a_good_one_follows(server):
+    client = server.client()
+    pids = [w["pid"] for w in client.describe("tiny-gen")["workers"]]
+    url = f"{client.base_url}/predictions/tiny-gen"
+    for body, ctype, kind, words in BAD_REQUESTS:
+        r = client.request("POST", url, body, {"Content-Type": ctype})
+        assert r.status == 400, (body, r.status, r.body[:200])
+        payload = r.json()
+        assert payload == {"code": 400, "type": kind, "message": payload["message"]}, body
+        assert words in payload["message"], (body, payload)
+        ok = client.request("POST", url, b'{"label": 0, "steps": 2}',
+                            {"Content-Type": "application/json"})
+        assert ok.status == 200 and len(ok.json()["images"]) == 1, f"good request after {body}"
+    assert [w["pid"] for w in client.describe("tiny-gen")["workers"]] == pids
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_generator, tmp_path_factory) -> Path:
+    """`pixtok export` of the pipeline folder, unpacked."""
+    store = tmp_path_factory.mktemp("gen-store")
+    done = subprocess.run([sys.executable, "-m", "pixtok", "export", str(tiny_generator),
+                           "--out", str(store)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    unpacked = store / "unpacked"
+    zipfile.ZipFile(store / "tiny-gen.mar").extractall(unpacked)
+    return unpacked
+
+
+def test_the_archive_holds_the_dit_and_only_the_vqgan_decoder(archive, tiny_generator):
+    names = {str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file()}
+    weights = {n for n in names if n.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))}
+    assert weights == {"transformer.safetensors", "vq_decoder.safetensors"}
+    decoder = load_safetensors((archive / "vq_decoder.safetensors").read_bytes())
+    assert decoder and all(k.startswith(DECODER_PREFIXES) for k in decoder)
+    assert not [k for k in decoder if k.startswith(("encoder.", "quant_conv."))]
+    vae = load_file(tiny_generator / "vae" / "diffusion_pytorch_model.safetensors")
+    assert [k for k in vae if k.startswith("encoder.")]     # the source had an encoder
+    for key, tensor in decoder.items():
+        assert torch.equal(tensor, vae[key]), key
+    config = json.loads((archive / "config.json").read_text())
+    assert config["task"] == "generate" and config["labels"][4] == "coat"
+    assert config["schedule"]["num_train_timesteps"] == 1000
+    assert "diffusers" in (archive / "requirements.txt").read_text().split()
+    package = archive / "pixtok_model"
+    assert "from .dit import PixelDiT" in (package / "pipeline.py").read_text()
+    assert ((package / "sampling_defaults.py").read_bytes()
+            == (ROOT / "training" / "sampling_defaults.py").read_bytes())
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_the_archive_samples_what_the_pipeline_samples(archive, tiny_generator, sampler):
+    core = load_generator(archive, PixelDiT.from_config, make_scheduler)
+    for guidance in (1.0, 4.0):
+        got = core.sample(index=7, n=2, seed=5, steps=3, sampler=sampler, guidance=guidance)
+        want = pipeline_pixels(tiny_generator, 7, 2, 5, 3, sampler, guidance)
+        np.testing.assert_array_equal(got[..., 0], want)
+
+
+def test_rest_defaults_are_the_shared_sampling_defaults():
+    assert GENERATE_DEFAULTS == {"seed": 0, **SAMPLING_DEFAULTS, "num_images": 1}
+    assert GENERATE_DEFAULTS["sampler"] in SAMPLERS and 1 <= GENERATE_DEFAULTS["steps"] <= MAX_STEPS
+
+
+def test_onnx_of_a_generator_is_refused(tiny_generator, tmp_path):
+    with pytest.raises(ExportError, match="--onnx is for image models"):
+        export_archive(tiny_generator, tmp_path, onnx=True, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_archive_module_that_reaches_into_the_repository_fails_the_export(tmp_path):
+    package = tmp_path / "pixtok_model"
+    package.mkdir()
+    source = tmp_path / "core.py"
+    source.write_text("from training.models.vit import ViT\n")
+    copy_module(source, package)
+    assert (package / "core.py").read_text() == "from .vit import ViT\n"
+    with pytest.raises(ExportError, match="core.py imports code the archive does not ship: vit"):
+        check_self_contained(package)          # vit.py is not shipped
+    (package / "vit.py").write_text("import training.models\n")
+    with pytest.raises(ExportError, match="vit.py .* import training"):
+        check_self_contained(package)
