@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("-n", "--num-samples", type=int, help="generators: how many samples")
     p.add_argument("--out", help="where to write an image (MAE grid)")
+    p.add_argument("--classifier", help="generators: classifier checkpoint for fid_proxy")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "euler"],
+                   help="generators: sampler (default: the shared sampling defaults)")
+    p.add_argument("--steps", type=int, help="generators: sampling steps")
+    p.add_argument("--guidance", type=float, help="generators: classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="generators: sampling seed")
 
     p = sub.add_parser("sample", help="draw class-conditional samples from a generator")
     p.add_argument("ckpt")

@@ -97,9 +97,12 @@ def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
     assert strip == strip_b
 
 
-def test_torchrun_two_processes_match_one(fashion, tmp_path):
-    """DDP over gloo: 2 processes x 16 images = 1 process x 32 images, step for step."""
-    args = [f"data_dir={fashion}", *TINY, "epochs=1", "max_steps=6", "eval_every=1"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(fashion, tmp_path, mode):
+    """DDP (or FSDP2) over gloo: 2 processes x 16 images = 1 process x 32 images, step for step,
+    EMA and evaluation included."""
+    args = [f"data_dir={fashion}", *TINY, "epochs=1", "max_steps=6", "eval_every=0.25",
+            "ema=0.5", f"fsdp={mode == 'fsdp'}"]
     pixtok("train", "vit1-fashion", "--out", str(tmp_path / "one"), *args)
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "pixtok",
@@ -109,9 +112,12 @@ def test_torchrun_two_processes_match_one(fashion, tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=k)
-    # and the 2-process run really trained (weights moved from their initialisation)
-    init = torch.load(tmp_path / "two" / "train_state.pt", weights_only=True)["step"]
-    assert init == 6
+    state = torch.load(tmp_path / "two" / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["model"].keys() == state["ema"].keys()
+    metrics = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("one", "two")]
+    for a, b in zip(*metrics):              # same evaluations (pooled over both processes)
+        a, b = json.loads(a), json.loads(b)
+        assert a["acc1"] == b["acc1"] and abs(a["loss"] - b["loss"]) < 1e-4
 
 
 @pytest.mark.parametrize("args, message", [

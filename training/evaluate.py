@@ -14,6 +14,7 @@ EVALUATORS = {
     "depth": "training.tasks.depth",
     "mae": "training.tasks.mae",
     "generate": "training.tasks.generate",
+    "vqgan": "training.tasks.vqgan",
 }
 
 

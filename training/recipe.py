@@ -56,6 +56,7 @@ class Recipe:
     grad_clip: float = 0.0        # max gradient norm; 0 = off
     ema: float = 0.0              # EMA decay of the weights; 0 = off
     amp: str = "auto"             # auto (bf16 on GPU) | bf16 | off
+    fsdp: bool = False            # shard weights/grads/optimizer over processes (FSDP2)
     seed: int = 0
     threads: int = 0              # torch threads per process; 0 = torch's default
     # bookkeeping

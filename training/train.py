@@ -32,6 +32,7 @@ from training.checkpoint import (
     save_weights,
     write_json,
 )
+from training.fsdp import full_model_state, full_optim_state, load_optim_state, shard
 from training.recipe import Recipe, from_dict, load_recipe
 
 
@@ -164,22 +165,38 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
         total = min(total, recipe.max_steps)
     eval_every = max(1, round(recipe.eval_every * steps_per_epoch))
 
-    opt = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr,
-                            betas=(recipe.beta1, recipe.beta2))
     ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
-    step = 0
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
+    sharded = recipe.fsdp and dist.world > 1
+    template = None
+    if sharded:     # an unsharded copy to evaluate and export the gathered weights with
+        template = copy.deepcopy(ema.model if ema else model)
+        shard(model)
+        if ema is not None:
+            shard(ema.model)
+    opt = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr,
+                            betas=(recipe.beta1, recipe.beta2))
+    step = 0
+    if state is not None:
+        load_optim_state(model, opt, state["optimizer"], sharded)
         set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)], dist.device)
         if state.get("task") is not None:            # a task's own state (a discriminator ...)
             task.load_state_dict(state["task"])
         step = state["step"]
         if dist.main:
             trim_metrics(out / "metrics.jsonl", step)
-    ddp = DistributedDataParallel(model) if dist.world > 1 else model
+    ddp = DistributedDataParallel(model) if dist.world > 1 and not sharded else model
+
+    def exported() -> nn.Module:
+        """The weights to evaluate and export (EMA where on), unsharded. A collective."""
+        source = ema.model if ema else model
+        if not sharded:
+            return source
+        template.load_state_dict(full_model_state(source, sharded, everywhere=True))
+        return template
 
     config = {"format": FORMAT, **task.config(), "recipe": recipe.to_dict(),
               "recipe_name": recipe.name, "git_commit": git_commit()}
@@ -190,9 +207,12 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             torch.distributed.all_gather_object(rngs, rng_state(dist.device))
         else:
             rngs = [rng_state(dist.device)]
+        export = exported()
+        raw = full_model_state(model, sharded)
+        ema_state = full_model_state(ema.model, sharded) if ema else None
+        opt_state = full_optim_state(model, opt, sharded)
         if not dist.main:
             return
-        export = ema.model if ema else model
         if hasattr(task, "on_checkpoint"):    # the task writes the exported model (DiT: pipeline)
             task.on_checkpoint(out, export)
         else:
@@ -201,14 +221,13 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
                                          "created": datetime.now(UTC).isoformat(timespec="seconds"),
                                          **({"metrics": metrics} if metrics else {})})
         save_train_state(out / "train_state.pt", {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "ema": ema.model.state_dict() if ema else None, "rng": rngs,
+            "model": raw, "optimizer": opt_state, "step": step, "ema": ema_state, "rng": rngs,
             "task": task.state_dict() if hasattr(task, "state_dict") else None,
             "data_position": {"epoch": step // steps_per_epoch,
                               "batch": step % steps_per_epoch}})
 
     def evaluate() -> dict:
-        metrics = task.evaluate(ema.model if ema else model, recipe.eval_batch_size)
+        metrics = task.evaluate(exported(), recipe.eval_batch_size)
         metrics = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
                    "time": round(time.time() - t_start, 1)}
         if dist.main:

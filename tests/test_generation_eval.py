@@ -1,0 +1,109 @@
+"""`pixtok eval` and `pixtok bench sample` on a tiny generator, measured by a tiny classifier that
+`pixtok train` trains in the test (subprocesses, as a user runs them)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datafiles import learnable_fashion
+
+from pixtok.cli import main
+from training.data.fashion_mnist import CLASSES
+from training.models.dit import PixelDiT, dit_config
+from training.models.vqgan import build_vqgan
+from training.pipeline import PixelDiTPipeline, make_scheduler
+from training.tasks.generate import Classifier, generation_metrics, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def pixtok(*args, env=ENV):
+    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """ViT-F/1 at 14x14 on the small Fashion-MNIST files, trained by `pixtok train`."""
+    root = tmp_path_factory.mktemp("cls")
+    data = learnable_fashion(root / "fashion")
+    out = root / "vit"
+    pixtok("train", "vit1-fashion", "--out", str(out), f"data_dir={data}", "model=ViT-F/1",
+           "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1", "amp=off",
+           "epochs=3", "lr=3e-3", "warmup_epochs=0.5")
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(classifier, tmp_path_factory):
+    """A random-weight DiT-F/1 over a tiny VQGAN as a pipeline folder, with the config.json
+    `pixtok train` writes beside it (the VQGAN's 2-pixel padding, the classifier to use)."""
+    torch.manual_seed(0)
+    dit = PixelDiT(**dit_config("DiT-F/1", sample_size=8, in_channels=4, num_classes=10))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    vae = build_vqgan("f4-small", block_out_channels=[8, 16, 16], norm_num_groups=8,
+                      num_vq_embeddings=32)
+    folder = tmp_path_factory.mktemp("gen") / "dit"
+    PixelDiTPipeline(dit, vae, make_scheduler("dpm"), labels=CLASSES).save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"input": {"pad": 2},
+                                                    "classifier": str(classifier)}))
+    return folder
+
+
+def test_eval_prints_fid_proxy_class_agreement_and_n(generator, classifier):
+    res = pixtok("eval", str(generator), "-n", "40", "--steps", "3")   # classifier: from config
+    metrics = json.loads(res.stdout)
+    assert metrics["n"] == 40 and metrics["n_real"] == 40
+    assert (metrics["sampler"], metrics["steps"], metrics["guidance"]) == ("dpm", 3, 4.0)
+    assert metrics["classifier"] == str(classifier)
+    assert 0 <= metrics["class_agreement"] <= 1
+    assert metrics["real_class_agreement"] > 0.3            # the classifier works on real images
+    # random weights are far from the data; two halves of the real test set are close
+    assert metrics["fid_proxy"] > 3 * metrics["fid_proxy_floor"] > 0
+    # the CLI's number is the library's: same samples, same features, same distance
+    pipe = load_pipeline(generator)
+    again = generation_metrics(pipe, Classifier(classifier), 40, pad=2, steps=3, batch_size=256)
+    assert again["fid_proxy"] == pytest.approx(metrics["fid_proxy"], rel=1e-6)
+    assert again["class_agreement"] == metrics["class_agreement"]
+
+
+def test_classifier_input_crops_the_padding_then_resizes(classifier):
+    clf = Classifier(classifier)
+    images = torch.zeros(2, 1, 32, 32)
+    images[:, :, 2:30, 2:30] = 1.0                          # a white 28x28 image, padded black
+    fitted = clf.fit(images, pad=2)
+    assert fitted.shape == (2, 1, 14, 14)
+    assert torch.allclose(fitted, torch.ones_like(fitted), atol=1e-5)
+
+
+def test_eval_errors_are_one_line(generator, tmp_path, capsys):
+    assert main(["eval", str(generator), "--classifier", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "classifier checkpoint not found" in err[0], err
+
+
+def test_bench_sample_on_any_generator(generator, classifier, tmp_path):
+    env = {**ENV, "PIXTOK_BENCH_GENERATOR": str(generator), "PIXTOK_BENCH_SAMPLES": "16",
+           "PIXTOK_BENCH_CLASSIFIER": str(classifier)}
+    res = pixtok("bench", "sample", "--quick", "--json", str(tmp_path / "b.json"), env=env)
+    result = json.loads(res.stdout)
+    assert result == json.loads((tmp_path / "b.json").read_text())
+    assert result["suite"] == "sample" and result["n"] == 16
+    rows = result["results"]
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
+        (s, k, g) for g in (1.0, 4.0)
+        for s, k in (("ddpm", 250), ("ddim", 50), ("dpm", 10), ("dpm", 20), ("dpm", 25))]
+    assert all(r["images_per_s"] > 0 and r["fid_proxy"] > 0 for r in rows)
+    ddpm, dpm10 = rows[0]["images_per_s"], rows[2]["images_per_s"]
+    assert dpm10 > 5 * ddpm                                  # 10 model calls against 250
+    assert result["fid_proxy_floor"] >= 0

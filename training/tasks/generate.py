@@ -1,0 +1,224 @@
+"""`pixtok eval` for generators: fid_proxy and class agreement measured by a classifier this
+project trained on the same data.
+
+fid_proxy is the Frechet distance between the classifier's features (its pooled tokens, before the
+head) of n generated images and of n real test images; class_agreement is the share of generated
+images the classifier puts in the class they were generated for. Beside them, the real-data floor:
+the same distance between two disjoint sets of n real test images, which is what a perfect
+generator would score at this n (the estimate is biased upwards for small n). Numbers are
+comparable between generators of the same data set measured with the same classifier, not with
+published FIDs (for those, see training.metrics.generation.InceptionFeatures).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pixtok.errors import UserError
+from training.metrics.generation import class_agreement, fid_from_features
+from training.sampling_defaults import SAMPLING_DEFAULTS
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CLASSIFIER = Path("model_store") / "fashion-vit1"
+DEFAULT_SAMPLES = 1000
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(ckpt, device: str | torch.device = "cpu"):
+    """A generator checkpoint folder -> PixelDiTPipeline (progress bar off)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from training.pipeline import PixelDiTPipeline
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "model_index.json").is_file():
+        raise UserError(f"{ckpt}: not a generator checkpoint (no model_index.json); expected "
+                        "a folder written by `pixtok train dit...`")
+    diffusers_logging.set_verbosity_error()                 # stderr: our one-line errors only
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = PixelDiTPipeline.from_pretrained(ckpt)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{ckpt}: cannot load the pipeline ({str(e).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generator_config(ckpt) -> dict:
+    """The config.json `pixtok train` writes beside the pipeline ({} for other folders)."""
+    try:
+        return json.loads((Path(ckpt) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def classifier_path(explicit=None, config: dict | None = None) -> Path | None:
+    """The classifier for fid_proxy: the one given, else the generator config's, else
+    model_store/fashion-vit1 (in the working directory or the project) when it exists."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if config and config.get("classifier"):
+        return Path(config["classifier"]).expanduser()
+    for path in (DEFAULT_CLASSIFIER, ROOT / DEFAULT_CLASSIFIER):
+        if (path / "config.json").is_file():
+            return path
+    return None
+
+
+class Classifier:
+    """A classifier checkpoint as a feature extractor: images (N, C, H, W) in [0, 1] ->
+    pooled tokens before the head (N, D), and logits."""
+
+    def __init__(self, path, device: str | torch.device = "cpu"):
+        from training.checkpoint import load_model
+
+        self.model, self.config = load_model(path, device)
+        if self.config.get("task") != "classify" or not hasattr(self.model, "forward_features"):
+            raise UserError(f"{path}: not a classifier checkpoint (task "
+                            f"{self.config.get('task')!r})")
+        self.path, self.device = Path(path), device
+        self.labels = list(self.config["labels"])
+        self.image_size = tuple(self.config["input"]["image_size"])
+        self.channels = self.config["input"]["channels"]
+
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor, batch_size: int = 256):
+        """(N, C, H, W) at the classifier's input size -> features (N, D), logits (N, K)."""
+        feats, logits = [], []
+        for batch in images.split(batch_size):
+            f = self.model.pool(self.model.forward_features(batch.to(self.device).float()))
+            feats.append(f.double().cpu())
+            logits.append(self.model.head(f).double().cpu())
+        return torch.cat(feats), torch.cat(logits)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+    def fit(self, images: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        """Generated images (N, C, H, W) -> the classifier's input: crop the padding the VQGAN
+        was trained with, match channels, resize (bicubic, antialiased) if sizes still differ."""
+        if pad:
+            images = images[..., pad:images.shape[-2] - pad, pad:images.shape[-1] - pad]
+        if images.shape[1] != self.channels:
+            if self.channels == 1:
+                images = images.mean(1, keepdim=True)
+            else:
+                images = images.expand(-1, self.channels, -1, -1)
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(images, size=self.image_size, mode="bicubic",
+                                   antialias=True, align_corners=False)
+        return images.clamp(0, 1)
+
+
+@torch.no_grad()
+def sample_images(pipe, labels: list[int], sampler: str, steps: int, guidance: float,
+                  seed: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, float]:
+    """Generate one image per label -> (images (N, C, H, W) in [0, 1] on the CPU, seconds).
+    One CPU generator seeded once runs through the batches: same arguments, same images."""
+    from training.pipeline import make_scheduler
+
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config,
+                                    pipe.transformer.config.learn_sigma)
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    start = time.perf_counter()
+    for i in range(0, len(labels), batch_size):
+        out = pipe(labels[i:i + batch_size], guidance_scale=guidance, num_inference_steps=steps,
+                   generator=gen, output_type="pt").images
+        images.append(out.float().cpu())
+    return torch.cat(images), time.perf_counter() - start
+
+
+def real_reference(classifier: Classifier, n: int, data_dir=None, split: str = "test") -> dict:
+    """Features of two disjoint sets of min(n, half the split) real images -> {"a", "b",
+    "a_logits", "a_labels", "n_real"}; fid_proxy compares with a, the floor is b vs a."""
+    from training.tasks.classify import load_split
+
+    data = dict(classifier.config["data"], **({"data_dir": str(data_dir)} if data_dir else {}))
+    dataset = load_split(data, split)
+    if list(dataset.classes) != classifier.labels:
+        raise UserError(f"{data.get('data_dir')}: its classes differ from the classifier's labels")
+    n_real = min(n, len(dataset) // 2)
+    if n_real < 2:
+        raise UserError(f"the {split} split has {len(dataset)} images; fid_proxy needs at least 4")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    a, b = order[:n_real], order[n_real:2 * n_real]
+    images = dataset.images.float().div(255)
+    fa, la = classifier.features_and_logits(classifier.fit(images[a]))
+    fb, _ = classifier.features_and_logits(classifier.fit(images[b]))
+    return {"a": fa, "b": fb, "a_logits": la, "a_labels": dataset.labels[a], "n_real": n_real}
+
+
+def score(classifier: Classifier, images: torch.Tensor, labels, reference: dict,
+          pad: int = 0) -> dict:
+    """fid_proxy and class_agreement of generated images against a real_reference."""
+    feats, logits = classifier.features_and_logits(classifier.fit(images, pad))
+    return {"fid_proxy": fid_from_features(reference["a"], feats),
+            "class_agreement": class_agreement(logits, torch.as_tensor(labels))}
+
+
+def check_labels(pipe, classifier: Classifier) -> None:
+    if pipe.labels is not None and list(pipe.labels) != classifier.labels:
+        raise UserError(f"{classifier.path}: its labels {classifier.labels} differ from the "
+                        f"generator's {list(pipe.labels)}")
+
+
+def generation_metrics(pipe, classifier, n: int = DEFAULT_SAMPLES, pad: int = 0,
+                       sampler: str | None = None, steps: int | None = None,
+                       guidance: float | None = None, seed: int = 0, batch_size: int = 64,
+                       data_dir=None, split: str = "test") -> dict:
+    """Sample n images (balanced over the classes) and score them -> the metrics dict."""
+    if n < 2:
+        raise UserError(f"-n {n}: fid_proxy needs at least 2 samples")
+    if not isinstance(classifier, Classifier):
+        classifier = Classifier(classifier, pipe.device)
+    check_labels(pipe, classifier)
+    sampler = sampler or SAMPLING_DEFAULTS["sampler"]
+    steps = steps or (SAMPLING_DEFAULTS["steps"] if sampler == SAMPLING_DEFAULTS["sampler"]
+                      else default_steps(sampler))
+    guidance = SAMPLING_DEFAULTS["guidance"] if guidance is None else guidance
+    reference = real_reference(classifier, n, data_dir, split)
+    k = pipe.transformer.config.num_classes
+    labels = [i % k for i in range(n)]
+    images, seconds = sample_images(pipe, labels, sampler, steps, guidance, seed, batch_size)
+    floor = fid_from_features(reference["a"], reference["b"])
+    return {**score(classifier, images, labels, reference, pad), "fid_proxy_floor": floor,
+            "real_class_agreement": class_agreement(reference["a_logits"], reference["a_labels"]),
+            "n": n, "n_real": reference["n_real"], "sampler": sampler, "steps": steps,
+            "guidance": guidance, "seed": seed, "images_per_s": n / seconds,
+            "classifier": str(classifier.path)}
+
+
+def default_steps(sampler: str) -> int:
+    from training.pipeline import DEFAULT_STEPS
+
+    if sampler not in DEFAULT_STEPS:
+        raise UserError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFAULT_STEPS)}")
+    return DEFAULT_STEPS[sampler]
+
+
+def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+    """`pixtok eval` for a generator: fid_proxy (with its real-data floor), class_agreement, n."""
+    dev = device()
+    pipe = load_pipeline(ckpt, dev)
+    gen_config = generator_config(ckpt)
+    path = classifier_path(getattr(args, "classifier", None), gen_config)
+    if path is None:
+        raise UserError(f"{ckpt}: no classifier to measure fid_proxy with; pass --classifier CKPT "
+                        f"(a classifier trained on the same data, e.g. `pixtok train "
+                        f"vit1-fashion`) or put one at {DEFAULT_CLASSIFIER}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: classifier checkpoint not found")
+    n = args.num_samples or DEFAULT_SAMPLES
+    pad = gen_config.get("input", {}).get("pad", 0)
+    return generation_metrics(pipe, Classifier(path, dev), n, pad,
+                              getattr(args, "sampler", None), getattr(args, "steps", None),
+                              getattr(args, "guidance", None), getattr(args, "seed", 0) or 0,
+                              min(args.batch_size, 256), args.data, args.split)
