@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java \
 	chromium:chromium
 
-.PHONY: install system-deps test lint clean
+.PHONY: install system-deps test lint serve stop clean
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ lint: install
 
 test: install system-deps lint
 	$(BIN)/pytest
+
+# the shipped default models behind TorchServe, and the Gradio page (archives built when missing)
+serve: install system-deps
+	$(BIN)/pixtok serve $(SERVE_ARGS)
+
+stop: install
+	$(BIN)/pixtok serve --stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
