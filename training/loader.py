@@ -47,3 +47,17 @@ def channel_stats(dataset) -> tuple[list[float], list[float]]:
     x = torch.as_tensor(np.asarray(held[0][::step])).double().div_(255)
     x = x.transpose(0, 1).flatten(1)                        # (C, N*H*W)
     return [round(v, 4) for v in x.mean(1).tolist()], [round(v, 4) for v in x.std(1).tolist()]
+
+
+def crop_flip_batches(dataset, index_lists, aug_seeds, crop_flip, dist, num_workers: int = 0):
+    """Yield (images uint8 cropped/flipped, targets, the crop/flip parameters used).
+
+    aug_seeds[i] seeds the parameters of global batch i and each process applies its slice of
+    them, so 1 and N processes augment identically (targets such as depth maps can be given the
+    same parameters with crop_flip.apply)."""
+    r, w = dist.rank, dist.world
+    for (x, targets), seed in zip(fetch_batches(dataset, index_lists, num_workers), aug_seeds):
+        n = x.shape[0]
+        params = crop_flip.params(torch.Generator().manual_seed(seed), n * w, *x.shape[-2:])
+        params = {k: v[r * n:(r + 1) * n] for k, v in params.items()}
+        yield crop_flip.apply(x, params), targets, params

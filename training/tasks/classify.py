@@ -8,7 +8,7 @@ from pixtok.errors import UserError
 from training.data import build_dataset
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
-from training.loader import channel_stats, fetch_batches
+from training.loader import channel_stats, crop_flip_batches, fetch_batches
 from training.models import build_model
 from training.models.vit import vit_config
 from training.recipe import Recipe
@@ -79,14 +79,8 @@ class ClassifyTask:
         aug_seeds[i] seeds the augmentation of global batch i; each process applies its slice
         of the global batch's parameters, so 1 and N processes augment identically.
         """
-        r, w = self.dist.rank, self.dist.world
-        for (x, y), seed in zip(fetch_batches(self.train_set, index_lists, self.recipe.num_workers),
-                                aug_seeds):
-            n_local = x.shape[0]
-            gen = torch.Generator().manual_seed(seed)
-            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
-            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
-            x = self.crop_flip.apply(x, params)
+        for x, y, _ in crop_flip_batches(self.train_set, index_lists, aug_seeds, self.crop_flip,
+                                         self.dist, self.recipe.num_workers):
             yield x.float().div_(255), y
 
     def loss(self, model, batch, step_seed: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pixtok.errors import UserError
 from training.data.augment import CropFlip
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
-from training.loader import channel_stats, fetch_batches
+from training.loader import channel_stats, crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.models import build_model
 from training.models.depth import DepthHeadConfig, depth_loss
@@ -100,14 +100,9 @@ class DepthTask:
         """Yield (images float [0, 1] (n, 3, H, W), depths (n, 1, H, W) in metres), cropped and
         flipped together; each process applies its slice of the global batch's parameters, so
         1 and N processes augment identically."""
-        r, w = self.dist.rank, self.dist.world
-        for (x, d), seed in zip(fetch_batches(self.train_set, index_lists, self.recipe.num_workers),
-                                aug_seeds):
-            n_local = x.shape[0]
-            gen = torch.Generator().manual_seed(seed)
-            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
-            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
-            yield self.crop_flip.apply(x, params).float().div_(255), self.crop_flip.apply(d, params)
+        for x, d, params in crop_flip_batches(self.train_set, index_lists, aug_seeds,
+                                              self.crop_flip, self.dist, self.recipe.num_workers):
+            yield x.float().div_(255), self.crop_flip.apply(d, params)
 
     def loss(self, model, batch, step_seed: int) -> torch.Tensor:
         x, d = (t.to(self.dist.device, non_blocking=True) for t in batch)

@@ -15,7 +15,7 @@ from pixtok.errors import UserError
 from training.checkpoint import CheckpointError, load_model, read_config
 from training.data.augment import CropFlip
 from training.distributed import Dist
-from training.loader import channel_stats, fetch_batches
+from training.loader import channel_stats, crop_flip_batches, fetch_batches
 from training.models import build_model
 from training.models.mae import MAEConfig, encoder_state_dict, mae_grid
 from training.models.vit import ViT, vit_config
@@ -72,14 +72,9 @@ class MAETask:
     def batches(self, index_lists, aug_seeds):
         """Yield images float [0, 1] (n, C, H, W), cropped and flipped as in ClassifyTask: each
         process applies its slice of the global batch's parameters (labels are not needed)."""
-        r, w = self.dist.rank, self.dist.world
-        for (x, _), seed in zip(fetch_batches(self.train_set, index_lists, self.recipe.num_workers),
-                                aug_seeds):
-            n_local = x.shape[0]
-            gen = torch.Generator().manual_seed(seed)
-            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
-            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
-            yield self.crop_flip.apply(x, params).float().div_(255)
+        for x, _, _ in crop_flip_batches(self.train_set, index_lists, aug_seeds, self.crop_flip,
+                                         self.dist, self.recipe.num_workers):
+            yield x.float().div_(255)
 
     def loss(self, model, batch, step_seed: int) -> torch.Tensor:
         # no generator: the masks come from torch's RNG, saved and restored with the checkpoint

@@ -25,7 +25,7 @@ from pixtok.errors import UserError
 from training.data.augment import CropFlip
 from training.distributed import Dist
 from training.latents import prepare_images
-from training.loader import fetch_batches
+from training.loader import crop_flip_batches, fetch_batches
 from training.models.vqgan import (
     CodebookUsage,
     PatchDiscriminator,
@@ -172,14 +172,9 @@ class VQGANTask:
 
     def batches(self, index_lists, aug_seeds):
         """Yield images (n, C, S, S) in [-1, 1], padded, cropped and flipped per aug_seeds."""
-        r, w = self.dist.rank, self.dist.world
-        for (x, _), seed in zip(fetch_batches(self.train_set, index_lists,
-                                              self.recipe.num_workers), aug_seeds):
-            n_local = x.shape[0]
-            gen = torch.Generator().manual_seed(seed)
-            params = self.crop_flip.params(gen, n_local * w, *x.shape[-2:])
-            params = {k: v[r * n_local:(r + 1) * n_local] for k, v in params.items()}
-            yield prepare_images(self.crop_flip.apply(x, params), self.pad)
+        for x, _, _ in crop_flip_batches(self.train_set, index_lists, aug_seeds, self.crop_flip,
+                                         self.dist, self.recipe.num_workers):
+            yield prepare_images(x, self.pad)
 
     def loss(self, model, batch, step_seed: int) -> torch.Tensor:
         x = batch.to(self.dist.device, non_blocking=True)

@@ -1,0 +1,116 @@
+"""Ship a trained checkpoint as a default model: copy it into the model store (without its
+resume state) and write its card: recipe, exact commands, data, time and machine, the test
+metrics `pixtok eval` measured, the learning curve, and for generators a sample grid.
+
+    python -m export.model_card runs/vit1-fashion --name fashion-vit1 --eval eval.json \
+        --command "pixtok train vit1-fashion --out runs/vit1-fashion threads=1" ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+LEFT_OUT = {"train_state.pt", "reconstruction.png"}
+CURVE_KEYS = {"classify": "acc1", "depth": "rmse", "dit": "loss", "vqgan": "psnr", "mae": "loss"}
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """The checkpoint minus what only resuming needs (optimizer and RNG state)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n in LEFT_OUT])
+
+
+def learning_curve(metrics: list[dict], key: str, path: Path, title: str) -> None:
+    points = [(m["epoch"], m[key]) for m in metrics if key in m]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test {key}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_card(folder: Path, name: str, config: dict, metrics: list[dict], evaluation: dict,
+               commands: list[str], notes: str, samples: str | None) -> str:
+    recipe = config.get("recipe", {})
+    task = config.get("task", recipe.get("task", "?"))
+    last = metrics[-1] if metrics else {}
+    hours = last.get("time", 0) / 3600
+    lines = [
+        f"# {name}",
+        "",
+        f"Task: **{task}**. Model: **{recipe.get('model', '?')}**, trained by the recipe "
+        f"`{config.get('recipe_name', recipe.get('name', '?'))}` "
+        f"(source: {recipe.get('source', '?')}) on `{recipe.get('dataset', '?')}`.",
+        "",
+        f"Trained for {last.get('epoch', 0):.2f} epochs ({last.get('step', 0)} steps of "
+        f"batch {recipe.get('batch_size', '?')}) in {hours:.2f} hours of wall time on the "
+        f"project's 2-core {platform.machine()} CPU machine (no GPU), one torch thread, niced "
+        f"and shared with other work; git commit `{config.get('git_commit')}`.",
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        *commands,
+        "```",
+        "",
+        "## Test metrics (`pixtok eval`)",
+        "",
+        "```json",
+        json.dumps(evaluation, indent=2),
+        "```",
+        "",
+        "## Learning curve",
+        "",
+        "![learning curve](curve.png)",
+        "",
+    ]
+    if samples:
+        lines += ["## Samples", "", f"![samples]({samples})", ""]
+    lines += ["## Notes", "", notes.strip(), ""]
+    text = "\n".join(lines)
+    (folder / "README.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    parser.add_argument("--eval", type=Path, required=True, help="JSON printed by pixtok eval")
+    parser.add_argument("--command", action="append", default=[], help="a reproduce command")
+    parser.add_argument("--notes", default="")
+    parser.add_argument("--samples", type=Path, help="a PNG grid to put on the card")
+    args = parser.parse_args(argv)
+    dst = args.store / args.name
+    copy_checkpoint(args.ckpt, dst)
+    config = json.loads((dst / "config.json").read_text())
+    metrics = [json.loads(x) for x in (dst / "metrics.jsonl").read_text().splitlines() if x]
+    task = config.get("task", config.get("recipe", {}).get("task"))
+    key = CURVE_KEYS.get(task, "loss")
+    learning_curve(metrics, key, dst / "curve.png", f"{args.name}: test {key}")
+    samples = None
+    if args.samples:
+        shutil.copy(args.samples, dst / "samples.png")
+        samples = "samples.png"
+    write_card(dst, args.name, config, metrics, json.loads(args.eval.read_text()),
+               args.command, args.notes, samples)
+    print(dst)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
