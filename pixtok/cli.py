@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", default=None)
     p.add_argument("--no-ui", action="store_true", help="do not start the Gradio front end")
     p.add_argument("--stop", action="store_true", help="stop a running server")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay until SIGTERM/Ctrl-C, then stop everything (containers)")
 
     p = sub.add_parser("bench", help="benchmarks; results as JSON")
     p.add_argument("suite", choices=["infer", "sample", "serve"])

@@ -9,7 +9,12 @@ Fashion-MNIST test images (when the Debian data set is installed) and scenes ren
 training/data/scenes.py. The launcher writes them before it starts the app (it has torch loaded
 already); the app writes any that are missing itself.
 
-    python -m serving.gradio_app [--host 127.0.0.1] [--port 7860] [--run-dir DIR]
+A page that listens beyond loopback (--host other than 127.0.0.1, ::1, localhost) asks for a
+login: user `pixtok`, password $PIXTOK_UI_PASSWORD or the run folder's ui_password file (mode
+0600), which `pixtok serve` writes with a fresh password at each start. --login asks for it on
+loopback too.
+
+    python -m serving.gradio_app [--host 127.0.0.1] [--port 7860] [--run-dir DIR] [--login]
                                  [--classifier N] [--depth-model N] [--generator N]
 """
 from __future__ import annotations
@@ -18,8 +23,10 @@ import argparse
 import base64
 import html
 import io
+import ipaddress
 import json
 import os
+import secrets
 import sys
 import zipfile
 from pathlib import Path
@@ -34,6 +41,7 @@ from serving.validate import GENERATE_DEFAULTS, MAX_BODY_BYTES, MAX_IMAGES, MAX_
 MODEL_ENV = {"classify": "PIXTOK_CLASSIFIER", "depth": "PIXTOK_DEPTH_MODEL",
              "generate": "PIXTOK_GENERATOR"}
 UI_PORT_ENV, DEFAULT_UI_PORT = "PIXTOK_UI_PORT", 7860
+UI_USER, UI_PASSWORD_ENV, UI_PASSWORD_FILE = "pixtok", "PIXTOK_UI_PASSWORD", "ui_password"
 COLOUR_MAP = "viridis_r"       # near is bright, far is dark
 CONCURRENCY = {"generate": 2, "classify": 8, "depth": 4}   # TorchServe batches the rest
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -55,6 +63,47 @@ def ui_port() -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise UserError(f"{UI_PORT_ENV}={value!r}: expected a port number 1..65535")
     return int(value)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False     # a host name: it may resolve to any interface
+
+
+def needs_login(host: str, forced: bool = False) -> bool:
+    """The page asks for a login unless it listens on loopback only (or forced)."""
+    return forced or not is_loopback(host)
+
+
+def new_ui_password(run_dir: Path, given: str = "") -> tuple[str, bool]:
+    """(password, generated) for a page that asks for a login: `given` ($PIXTOK_UI_PASSWORD),
+    else a new random one written to the run folder's ui_password (mode 0600) for this start."""
+    path = Path(run_dir) / UI_PASSWORD_FILE
+    path.unlink(missing_ok=True)          # never leave an older start's password behind
+    if given:
+        return given, False
+    password = secrets.token_urlsafe(18)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password, True
+
+
+def ui_login(run_dir: Path) -> tuple[str, str]:
+    """(user, password) the page asks for: $PIXTOK_UI_PASSWORD, else the run folder's file."""
+    password = os.environ.get(UI_PASSWORD_ENV, "")
+    path = Path(run_dir) / UI_PASSWORD_FILE
+    if not password and path.is_file():
+        password = path.read_text().strip()
+    if not password:
+        raise UserError(f"the page listens beyond loopback and needs a password: set "
+                        f"{UI_PASSWORD_ENV}, or start it with `pixtok serve`, which writes {path}")
+    return UI_USER, password
 
 
 def request_timeout() -> float:
@@ -364,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier", default=None, help=f"default ${MODEL_ENV['classify']}")
     parser.add_argument("--depth-model", default=None, help=f"default ${MODEL_ENV['depth']}")
     parser.add_argument("--generator", default=None, help=f"default ${MODEL_ENV['generate']}")
+    parser.add_argument("--login", action="store_true",
+                        help="ask for a login on loopback too (always asked beyond it)")
     args = parser.parse_args(argv)
     # no usage statistics, version checks or hub calls from this process (before gradio loads)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -371,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         port = args.port or ui_port()
+        run_dir = Path(args.run_dir or default_run_dir()).expanduser()
+        auth = ui_login(run_dir) if needs_login(args.host, args.login) else None
         app, examples = make_app(args.run_dir, {"classify": args.classifier,
                                                     "depth": args.depth_model,
                                                     "generate": args.generator},
@@ -378,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"pixtok ui: {e}", file=sys.stderr)
         return 2
-    print(f"pixtok ui: serving http://{args.host}:{port}/", flush=True)
+    print(f"pixtok ui: serving http://{args.host}:{port}/"
+          + (f" (login: user {UI_USER})" if auth else ""), flush=True)
+    # Gradio's login is a form over plain HTTP: beyond a trusted network, put TLS in front
     app.launch(server_name=args.host, server_port=port, share=False, show_error=False,
+               auth=auth, auth_message="pixtok: log in as user 'pixtok'" if auth else None,
                ssr_mode=False, mcp_server=False, pwa=False, footer_links=["api", "settings"],
                allowed_paths=[str(examples)], max_file_size=MAX_BODY_BYTES, quiet=True,
                css=CSS)

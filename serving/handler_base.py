@@ -4,13 +4,23 @@ It never imports `ts` (TorchServe 0.12 gets no more security fixes, so our code 
 of it as it can); TorchServe only hands it a list of requests and a context. A bad item answers
 its own 4xx through context.set_response_status(code, phrase, idx) while the rest of the batch
 answers 200, and nothing a client sends can take the worker down.
+
+With TorchServe's kservev2 envelope on (service_envelope=kservev2, KServe's open inference
+protocol), handle() gets the "inputs" of one v2 request instead of a batch of requests; they are
+read here (see "KServe v2" below and serving/deploy/kserve/README.md). Plain REST is unchanged.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import logging
 import sys
 from http import HTTPStatus
+
+import numpy as np
+from PIL import Image
 
 from .inference import pick_device
 from .validate import RequestError
@@ -34,6 +44,87 @@ def request_body(item: dict):
         return item["data"]
     values = list(item.values())
     return values[0] if len(values) == 1 else None
+
+
+# --- KServe v2 ---------------------------------------------------------------------------------
+# The kservev2 envelope parses ONE v2 request (it reads only the first request of a TorchServe
+# batch, so KServe configs use batchSize 1) and hands handle() its "inputs": each a dict
+# {"name", "shape", "datatype", "data"} where a BYTES input's data is its first element and any
+# other's is a nested list shaped by "shape". Each string handle() returns becomes one "outputs"
+# entry {"name": <the input's name>, "datatype": "BYTES", "shape": [1], "data": [<the string>]}.
+INT_TYPES = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
+FLOAT_TYPES = ("FP16", "FP32", "FP64")
+GENERATE_INPUTS = {   # a generator's named v2 inputs -> (datatypes accepted, the one documented)
+    "label": (("BYTES", *INT_TYPES), "BYTES (a class name) or INT64 (a class index)"),
+    "seed": (INT_TYPES, "INT64"), "steps": (INT_TYPES, "INT64"),
+    "sampler": (("BYTES",), "BYTES"), "guidance": ((*FLOAT_TYPES, *INT_TYPES), "FP32"),
+    "num_images": (INT_TYPES, "INT64"),
+}
+
+
+def is_v2_inputs(data: list) -> bool:
+    """True when the kservev2 envelope unpacked a v2 request: every item is a v2 input."""
+    return bool(data) and all(isinstance(d, dict) and "name" in d and "datatype" in d
+                              for d in data)
+
+
+def bad_input(name, message: str) -> RequestError:
+    return RequestError(400, "bad_input", f"input {name!r}: {message}")
+
+
+def v2_image(item: dict) -> bytes:
+    """A v2 image input -> image file bytes. BYTES: a base64-encoded image file; UINT8: the
+    pixels, shape [H, W, C] with C 1 or 3 (or [H, W]), sent on as a PNG."""
+    name, dtype, data = item["name"], item["datatype"], item.get("data")
+    if dtype == "BYTES":
+        if isinstance(data, (bytes, bytearray)):
+            data = bytes(data).decode("ascii", "replace")
+        if not isinstance(data, str):
+            raise bad_input(name, "BYTES data must be a list holding one base64-encoded image")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_input(name, "BYTES data is not base64: send the image file base64-encoded "
+                            "(base64 -w0 image.png)") from None
+    if dtype == "UINT8":
+        pixels = np.asarray(data)                                       # (H, W[, C])
+        shape = list(pixels.shape)
+        if (pixels.ndim not in (2, 3) or (pixels.ndim == 3 and shape[2] not in (1, 3))
+                or pixels.size == 0 or pixels.dtype.kind not in "iu"):
+            raise bad_input(name, f"UINT8 pixels must be integers shaped [H, W, C] with C 1 or "
+                            f"3, got shape {shape}")
+        if pixels.min() < 0 or pixels.max() > 255:
+            raise bad_input(name, "UINT8 pixels must lie in 0..255")
+        pixels = pixels.astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and shape[2] == 1 else pixels).save(
+            buf, "PNG", compress_level=1)
+        return buf.getvalue()
+    raise bad_input(name, f"datatype {dtype!r} is not accepted: send BYTES (a base64-encoded "
+                    "image file) or UINT8 (pixels shaped [H, W, C])")
+
+
+def v2_generate_body(inputs: list[dict]) -> dict:
+    """A generator's named v2 inputs -> the JSON body of its REST request, which the core then
+    checks as it checks any body (so the same fields, defaults and 4xx answers apply)."""
+    body = {}
+    for item in inputs:
+        name, dtype, data = item["name"], item["datatype"], item.get("data")
+        if name not in GENERATE_INPUTS:
+            raise RequestError(400, "bad_field", f"unknown input {name!r}; expected "
+                               + ", ".join(GENERATE_INPUTS))
+        if name in body:
+            raise bad_input(name, "given twice")
+        accepted, documented = GENERATE_INPUTS[name]
+        if dtype not in accepted:
+            raise bad_input(name, f"datatype {dtype!r} is not accepted; use {documented}")
+        if dtype != "BYTES":
+            values = np.asarray(data).ravel()
+            if values.size != 1:
+                raise bad_input(name, f"expected one value, got {values.size}")
+            data = values[0].item()     # a Python int or float, as a JSON body would give
+        body[name] = data
+    return body
 
 
 class PixtokHandler:
@@ -114,7 +205,37 @@ class PixtokHandler:
             out.append(json.dumps(result))
         return out
 
+    def v2_bodies(self, inputs: list[dict]) -> list[tuple]:
+        """A v2 request's inputs -> [(body, content type)] for the core: one image per input.
+        A generator overrides this: its named inputs make one request."""
+        return [(v2_image(item), "application/octet-stream") for item in inputs]
+
+    def handle_v2(self, inputs: list[dict], context) -> list[str]:
+        """One v2 request: its inputs run as one batch, and one bad input fails the request
+        with that input's 4xx (one output holding {"code", "type", "message"})."""
+        try:
+            bodies = self.v2_bodies(inputs)
+            model_inputs = {i: self.core.preprocess(body, ctype)
+                            for i, (body, ctype) in enumerate(bodies)}
+        except RequestError as e:
+            results = {0: e}
+        except Exception as e:   # as in preprocess(): an input we could not read is a 400
+            log.exception("pixtok: could not read a v2 request")
+            results = {0: RequestError(400, "bad_request", f"could not read the request ({e})")}
+        else:
+            results = self.inference(model_inputs)
+        context.set_response_content_type(0, "application/json")
+        context.set_response_header(0, "X-Pixtok-Batch-Size", str(len(results)))
+        context.set_response_header(0, "X-Pixtok-Backend", self.backend)
+        error = next((r for r in results.values() if isinstance(r, RequestError)), None)
+        if error is not None:
+            context.set_response_status(error.code, HTTPStatus(error.code).phrase, 0)
+            return [error.to_json()]
+        return [json.dumps(results[i]) for i in range(len(results))]
+
     def handle(self, data: list[dict], context) -> list[str]:
+        if is_v2_inputs(data):
+            return self.handle_v2(data, context)
         inputs = self.preprocess(data, context)
         results = self.inference(inputs)
         log.info("pixtok: batch of %d, %d rejected", len(data),

@@ -8,14 +8,21 @@ TMPDIR at tmp/ lets two run folders (a user's server and a test's) run side by s
 
 Unless --no-ui, the Gradio front end (serving/gradio_app.py, a REST client) then starts as a
 process of its own: pid file gradio.pid, output logs/gradio.out, Gradio's temp files tmp/gradio/.
+Beyond loopback the page asks for a login (user pixtok; $PIXTOK_UI_PASSWORD or a password made
+at each start, kept in ui_password, mode 0600, and printed once).
+
+`pixtok serve --foreground` (a container's entry point) then stays until SIGTERM/SIGINT (exit 0)
+or until TorchServe dies (exit 1), and stops the page, TorchServe and its workers either way.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +32,7 @@ from pathlib import Path
 from string import Template
 
 from pixtok.errors import UserError
-from serving.client import PORTS, Client, default_run_dir, local_url
+from serving.client import PORTS, Client, default_run_dir, local_url, read_properties
 from serving.validate import MAX_BODY_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +201,30 @@ def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: di
     return path
 
 
+def install_config(run_dir: Path, config: Path) -> Path:
+    """A finished config.properties (a KServe one, say) copied into the run folder (0600)."""
+    path = run_dir / "config.properties"
+    try:
+        text = Path(config).read_text()
+    except OSError as e:
+        raise ServeError(f"{config}: cannot read the TorchServe config ({e.strerror})") from None
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def snapshot_models(config: Path) -> list[str]:
+    """The model names of a config's model_snapshot ([] without one)."""
+    snapshot = read_properties(config).get("model_snapshot")
+    if not snapshot:
+        return []
+    try:
+        return list(json.loads(snapshot)["models"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ServeError(f"{config}: model_snapshot is not TorchServe's snapshot JSON "
+                         '{"name", "modelCount", "models": {...}}') from None
+
+
 def torchserve_env(run_dir: Path) -> dict:
     """The environment TorchServe and its workers run in: no PYTHONPATH, so an archive that is
     not self-contained fails here instead of on a user's server; temp files in the run folder."""
@@ -235,11 +266,14 @@ def wait_ready(server: Server, timeout: float) -> None:
 
 
 def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
-          log=print, ports: dict | None = None,
-          token_expiration_min: float | None = None) -> Server:
+          log=print, ports: dict | None = None, token_expiration_min: float | None = None,
+          config=None) -> Server:
     """Build missing archives, start TorchServe, return once every model answers.
 
     ports ({api: port}) and token_expiration_min default to the PIXTOK_* environment variables.
+    config: a finished config.properties to run as it is instead of one rendered from
+    serving/config.properties (host and ports must then be its addresses); the models waited
+    for are its model_snapshot's.
     """
     run_dir = prepare_run_dir(run_dir)
     pid = running_pid(run_dir)
@@ -261,7 +295,11 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     if not models:
         raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
                          f"(pixtok export CKPT --out {store})")
-    config = render_config(run_dir, store, host, ports, models, token_expiration_min)
+    if config is None:
+        config = render_config(run_dir, store, host, ports, models, token_expiration_min)
+    else:
+        config = install_config(run_dir, config)
+        models = snapshot_models(config) or models
     (run_dir / "key_file.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-c", "from ts.model_server import start; start()", "--start",
            "--ts-config", str(config), "--model-store", str(store), "--ncs"]
@@ -309,11 +347,13 @@ def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
 # --- the Gradio front end ----------------------------------------------------------------------
 @dataclass
 class FrontEnd:
-    """A running Gradio front end of a run folder."""
+    """A running Gradio front end of a run folder; login is (user, password) or None."""
     run_dir: Path
     pid: int
     host: str
     port: int
+    login: tuple[str, str] | None = None
+    password_generated: bool = False
 
     @property
     def url(self) -> str:
@@ -370,10 +410,11 @@ def ui_env(run_dir: Path, env: dict | None) -> dict:
 
 def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
              models: dict | None = None, env: dict | None = None, timeout: float | None = None,
-             log=print) -> FrontEnd:
+             log=print, login: bool = False) -> FrontEnd:
     """Start the Gradio front end for the server of `run_dir`; return once its page answers.
 
-    models ({task: name}) and env (extra environment variables) override the defaults."""
+    models ({task: name}) and env (extra environment variables) override the defaults. The page
+    asks for user pixtok's password when host is not loopback, or always with login=True."""
     import urllib.error
     import urllib.request
 
@@ -385,13 +426,29 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
     port = port or ui_port_from_env()
     check_ui_port_free(host, port)
     # written here, where torch is loaded already: the front end then never imports it
-    from serving.gradio_app import examples_dir, write_examples
+    from serving.gradio_app import (
+        UI_PASSWORD_ENV,
+        UI_PASSWORD_FILE,
+        UI_USER,
+        examples_dir,
+        needs_login,
+        new_ui_password,
+        write_examples,
+    )
 
     write_examples(examples_dir(run_dir))
     cmd = [sys.executable, "-m", UI_MODULE, "--host", host, "--port", str(port),
            "--run-dir", str(run_dir)]
     for task, name in (models or {}).items():
         cmd += [UI_MODEL_FLAGS[task], name]
+    credentials, generated = None, False
+    if needs_login(host, login):
+        given = {**os.environ, **(env or {})}.get(UI_PASSWORD_ENV, "")
+        password, generated = new_ui_password(run_dir, given)
+        credentials = (UI_USER, password)
+        cmd.append("--login")       # the app reads the same variable, or the file just written
+    else:
+        (run_dir / UI_PASSWORD_FILE).unlink(missing_ok=True)
     out_path = run_dir / "logs" / "gradio.out"
     with open(out_path, "ab") as out:
         # a session of its own: the front end outlives `pixtok serve` and its terminal's Ctrl-C
@@ -399,7 +456,7 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     ui_pid_file(run_dir).write_text(f"{proc.pid}\n")
-    ui = FrontEnd(run_dir, proc.pid, host, port)
+    ui = FrontEnd(run_dir, proc.pid, host, port, credentials, generated)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     timeout = timeout or float(os.environ.get("PIXTOK_UI_TIMEOUT", 120))
     deadline = time.monotonic() + timeout
@@ -413,6 +470,9 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
             with opener.open(local_url(ui.url) + "/config", timeout=5) as r:
                 if r.status == 200:
                     return ui
+        except urllib.error.HTTPError as e:
+            if e.code == 401 and credentials:     # up, and asking for the login
+                return ui
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:
@@ -437,8 +497,63 @@ def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
         p.kill()
     psutil.wait_procs(alive, timeout=5)
     ui_pid_file(run_dir).unlink(missing_ok=True)
+    from serving.gradio_app import UI_PASSWORD_FILE
+
+    (run_dir / UI_PASSWORD_FILE).unlink(missing_ok=True)     # valid for this start only
     log(f"pixtok serve: Gradio front end stopped (pid {pid})")
     return True
+
+
+# --- `pixtok serve --foreground` ---------------------------------------------------------------
+def catch_stop_signals() -> list[int]:
+    """From now on SIGTERM and SIGINT are noted in the returned list instead of ending the process,
+    so the foreground loop stops what it started (a container's PID 1 ignores an unhandled
+    SIGTERM, and dying on it would leave TorchServe and the page running)."""
+    caught: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    return caught
+
+
+def reap_children() -> None:
+    """Collect exited children: as a container's PID 1 this process inherits every orphan."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1.0) -> int:
+    """Until a stop signal (-> 0) or TorchServe's death (-> 1); then stop the page, TorchServe
+    and every worker it had (a dead server's workers are orphans nobody else stops)."""
+    import psutil
+
+    run_dir, workers, ui_gone = server.run_dir, [], False
+    while not caught and running_pid(run_dir) is not None:
+        try:
+            workers = psutil.Process(server.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+        if ui and not ui_gone and running_ui_pid(run_dir) is None:
+            ui_gone = True
+            print(f"pixtok serve: the Gradio front end exited; see {run_dir / 'logs'} "
+                  "(the REST API keeps serving)", file=sys.stderr, flush=True)
+        reap_children()
+        time.sleep(poll)
+    if caught:
+        print(f"pixtok serve: {signal.Signals(caught[0]).name}, stopping", flush=True)
+    else:
+        print(f"pixtok serve: TorchServe (pid {server.pid}) exited; see {run_dir / 'logs'} "
+              f"({log_tail(run_dir)})", file=sys.stderr, flush=True)
+        for proc in workers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    stop_ui(run_dir)
+    stop(run_dir, log=lambda *_: None)     # a live server stops its own workers
+    reap_children()
+    print("pixtok serve: stopped", flush=True)
+    return 0 if caught else 1
 
 
 def run_cli(args) -> int:
@@ -448,12 +563,14 @@ def run_cli(args) -> int:
         return 0
     host = getattr(args, "host", "127.0.0.1")
     with_ui = not getattr(args, "no_ui", False)
+    foreground = getattr(args, "foreground", False)
     if with_ui:   # fail before TorchServe starts, not after
         pid = running_ui_pid(prepare_run_dir())
         if pid is not None:
             raise ServeError(f"the Gradio front end is already running (pid {pid}); stop it "
                              "with `pixtok serve --stop`")
         check_ui_port_free(host, ui_port_from_env())
+    caught = catch_stop_signals() if foreground else []
     t0 = time.monotonic()
     server = start(getattr(args, "model_store", None), host)
     rd = server.run_dir
@@ -471,8 +588,21 @@ def run_cli(args) -> int:
     print(f"  management  {server.management_url}")
     print(f"  metrics     {server.metrics_url}")
     print(f"  key file    {rd / 'key_file.json'} (header: Authorization: Bearer <inference key>)")
+    key = server.client().key("inference") if foreground else None
+    if key:    # once, for `docker logs`; it expires, the key file always holds the current one
+        minutes = os.environ.get("PIXTOK_TOKEN_EXPIRATION_MIN", "60")
+        print(f"  inference key  {key}   (valid {minutes} min; renewed keys: the key file)")
     print(f"  logs        {rd / 'logs'}")
     if ui:
         print(f"  ui          {ui.url}   (Gradio; API names /generate /classify /depth)")
-    print("  stop with   pixtok serve --stop")
-    return 0
+    if ui and ui.login:    # a generated password is printed this once
+        from serving.gradio_app import UI_PASSWORD_FILE
+
+        where = (f"{ui.login[1]}   (also in {rd / UI_PASSWORD_FILE}, mode 0600)"
+                 if ui.password_generated else "from $PIXTOK_UI_PASSWORD")
+        print(f"  ui login    user {ui.login[0]}, password {where}")
+    if not foreground:
+        print("  stop with   pixtok serve --stop")
+        return 0
+    print("pixtok serve: in the foreground; stop with Ctrl-C or SIGTERM", flush=True)
+    return hold(server, ui, caught)
