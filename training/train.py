@@ -104,10 +104,14 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module):
+    def update(self, model: nn.Module, step: int):
+        # Warm-up, as TensorFlow's ExponentialMovingAverage(num_updates): a fixed 0.999 would
+        # keep the random initial weights in the average for thousands of steps (measured:
+        # 0.30 test Acc@1 for the EMA against 0.69 for the raw weights after 468 steps).
+        decay = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.lerp_(p, 1 - self.decay)
+                e.lerp_(p, 1 - decay)
             else:
                 e.copy_(p)
 
@@ -269,7 +273,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step)
         step += 1
         seen += recipe.batch_size
         bar.update(1)
