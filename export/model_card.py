@@ -42,12 +42,10 @@ def learning_curve(metrics: list[dict], key: str, path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def write_card(folder: Path, name: str, config: dict, metrics: list[dict], evaluation: dict,
-               commands: list[str], notes: str, samples: str | None) -> str:
+def write_card(folder: Path, name: str, config: dict, evaluation: dict, commands: list[str],
+               notes: str, samples: str | None, hours: float) -> str:
     recipe = config.get("recipe", {})
     task = config.get("task", recipe.get("task", "?"))
-    last = metrics[-1] if metrics else {}
-    hours = last.get("time", 0) / 3600
     lines = [
         f"# {name}",
         "",
@@ -55,7 +53,7 @@ def write_card(folder: Path, name: str, config: dict, metrics: list[dict], evalu
         f"`{config.get('recipe_name', recipe.get('name', '?'))}` "
         f"(source: {recipe.get('source', '?')}) on `{recipe.get('dataset', '?')}`.",
         "",
-        f"Trained for {last.get('epoch', 0):.2f} epochs ({last.get('step', 0)} steps of "
+        f"Trained for {config.get('epoch', 0):.2f} epochs ({config.get('step', 0)} steps of "
         f"batch {recipe.get('batch_size', '?')}) in {hours:.2f} hours of wall time on the "
         f"project's 2-core {platform.machine()} CPU machine (no GPU), one torch thread, niced "
         f"and shared with other work; git commit `{config.get('git_commit')}`.",
@@ -94,6 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--command", action="append", default=[], help="a reproduce command")
     parser.add_argument("--notes", default="")
     parser.add_argument("--samples", type=Path, help="a PNG grid to put on the card")
+    parser.add_argument("--hours", type=float, required=True, help="wall-clock training time")
     args = parser.parse_args(argv)
     dst = args.store / args.name
     copy_checkpoint(args.ckpt, dst)
@@ -106,8 +105,8 @@ def main(argv=None) -> int:
     if args.samples:
         shutil.copy(args.samples, dst / "samples.png")
         samples = "samples.png"
-    write_card(dst, args.name, config, metrics, json.loads(args.eval.read_text()),
-               args.command, args.notes, samples)
+    write_card(dst, args.name, config, json.loads(args.eval.read_text()), args.command,
+               args.notes, samples, args.hours)
     print(dst)
     return 0
 
