@@ -72,7 +72,8 @@ def write_card(folder: Path, name: str, config: dict, evaluation: dict, commands
         "",
         "## Learning curve",
         "",
-        "![learning curve](curve.png)",
+        "![learning curve](curve.png)" if (folder / "curve.png").is_file() else
+        "No evaluation during training yet (the run stopped before its first one).",
         "",
     ]
     if samples:
@@ -97,10 +98,12 @@ def main(argv=None) -> int:
     dst = args.store / args.name
     copy_checkpoint(args.ckpt, dst)
     config = json.loads((dst / "config.json").read_text())
-    metrics = [json.loads(x) for x in (dst / "metrics.jsonl").read_text().splitlines() if x]
+    log = dst / "metrics.jsonl"
+    metrics = [json.loads(x) for x in log.read_text().splitlines() if x] if log.is_file() else []
     task = config.get("task", config.get("recipe", {}).get("task"))
     key = CURVE_KEYS.get(task, "loss")
-    learning_curve(metrics, key, dst / "curve.png", f"{args.name}: test {key}")
+    if metrics:
+        learning_curve(metrics, key, dst / "curve.png", f"{args.name}: test {key}")
     samples = None
     if args.samples:
         shutil.copy(args.samples, dst / "samples.png")
