@@ -38,7 +38,7 @@ def classifier(tmp_path_factory):
     out = root / "vit"
     pixtok("train", "vit1-fashion", "--out", str(out), f"data_dir={data}", "model=ViT-F/1",
            "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1", "amp=off",
-           "epochs=3", "lr=3e-3", "warmup_epochs=0.5")
+           "epochs=6", "lr=3e-3", "warmup_epochs=0.5", "ema=0.9")
     return out
 
 

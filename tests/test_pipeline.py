@@ -130,7 +130,8 @@ def test_save_and_load_offline_in_one_call(pipe, tmp_path):
         " generator=torch.Generator().manual_seed(3), output_type='np').images\n"
         "print(type(pipe.scheduler).__name__, pipe.labels[7], len(pipe.labels))\n"
         "print(hashlib.sha256(im.tobytes()).hexdigest())\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    # the same torch thread count as this process: another count may sum in another order
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "gen")], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=120)
