@@ -14,18 +14,24 @@ from training.models.vit import vit_config
 from training.recipe import Recipe
 
 
-def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
-    """The config.json "model" entry for a recipe's ViT on a training set."""
+def recipe_vit_config(recipe: Recipe, dataset, num_classes: int = 0):
+    """The recipe's ViT sized for a training set (its shape and channel statistics); every
+    ViT-based task (classify, depth, MAE) builds its encoder from this."""
     sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
     mean, std = channel_stats(dataset)
     try:
-        cfg = vit_config(recipe.model, image_size=tuple(dataset.image_size),
-                         in_channels=dataset.in_channels, mean=mean, std=std,
-                         num_classes=num_classes, embed=recipe.embed, dict_dim=recipe.dict_dim,
-                         pos_embed=recipe.pos_embed, pool=recipe.pool, drop_path=recipe.drop_path,
-                         **sizes)
+        return vit_config(recipe.model, image_size=tuple(dataset.image_size),
+                          in_channels=dataset.in_channels, mean=mean, std=std,
+                          num_classes=num_classes, embed=recipe.embed, dict_dim=recipe.dict_dim,
+                          pos_embed=recipe.pos_embed, pool=recipe.pool,
+                          drop_path=recipe.drop_path, **sizes)
     except ValueError as e:            # the model code raises ValueError: a bad recipe
         raise UserError(str(e)) from None
+
+
+def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
+    """The config.json "model" entry for a recipe's ViT on a training set."""
+    cfg = recipe_vit_config(recipe, dataset, num_classes)
     return {"arch": "vit", "name": recipe.model, "args": cfg.to_dict()}
 
 

@@ -14,12 +14,12 @@ from pixtok.errors import UserError
 from training.data.augment import CropFlip
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
-from training.loader import channel_stats, crop_flip_batches, fetch_batches
+from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.models import build_model
 from training.models.depth import DepthHeadConfig, depth_loss
-from training.models.vit import vit_config
 from training.recipe import Recipe
+from training.tasks.classify import recipe_vit_config
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -49,13 +49,8 @@ def load_split(data: dict, split: str):
 def model_spec(recipe: Recipe, dataset, init_depth: float) -> dict:
     """The config.json "model" entry: a DepthViT of the recipe's size whose untrained head
     predicts init_depth everywhere."""
-    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
-    mean, std = channel_stats(dataset)
+    cfg = recipe_vit_config(recipe, dataset)
     try:
-        cfg = vit_config(recipe.model, image_size=tuple(dataset.image_size),
-                         in_channels=dataset.in_channels, mean=mean, std=std, num_classes=0,
-                         embed=recipe.embed, dict_dim=recipe.dict_dim, pos_embed=recipe.pos_embed,
-                         pool=recipe.pool, drop_path=recipe.drop_path, **sizes)
         head = DepthHeadConfig(init_depth=init_depth)
     except ValueError as e:            # the model code raises ValueError: a bad recipe
         raise UserError(str(e)) from None

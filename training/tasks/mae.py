@@ -15,12 +15,12 @@ from pixtok.errors import UserError
 from training.checkpoint import CheckpointError, load_model, read_config
 from training.data.augment import CropFlip
 from training.distributed import Dist
-from training.loader import channel_stats, crop_flip_batches, fetch_batches
+from training.loader import crop_flip_batches, fetch_batches
 from training.models import build_model
 from training.models.mae import MAEConfig, encoder_state_dict, mae_grid
-from training.models.vit import ViT, vit_config
+from training.models.vit import ViT
 from training.recipe import Recipe
-from training.tasks.classify import data_spec, load_split
+from training.tasks.classify import data_spec, load_split, recipe_vit_config
 
 EVAL_SEED = 0
 # ViTConfig fields that must agree for an MAE encoder's weights to fit another ViT ([cls] may
@@ -31,14 +31,8 @@ ARCH_FIELDS = ("image_size", "in_channels", "patch_size", "width", "depth", "hea
 
 def mae_spec(recipe: Recipe, dataset) -> dict:
     """The config.json "model" entry: an MAE over the recipe's ViT, sized for the data."""
-    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
-    mean, std = channel_stats(dataset)
+    encoder = recipe_vit_config(recipe, dataset)
     try:
-        encoder = vit_config(recipe.model, image_size=tuple(dataset.image_size),
-                             in_channels=dataset.in_channels, mean=mean, std=std, num_classes=0,
-                             embed=recipe.embed, dict_dim=recipe.dict_dim,
-                             pos_embed=recipe.pos_embed, pool=recipe.pool,
-                             drop_path=recipe.drop_path, **sizes)
         cfg = MAEConfig(encoder, decoder_width=recipe.decoder_width,
                         decoder_depth=recipe.decoder_depth, decoder_heads=recipe.decoder_heads,
                         mask_ratio=recipe.mask_ratio, norm_pix_loss=recipe.norm_pix_loss)
