@@ -12,7 +12,7 @@ from training.data.depth import build_depth_dataset
 from training.metrics.depth import DepthMetrics, depth_metrics, mean_depth_baseline
 from training.models import build_model
 from training.models.depth import DepthHeadConfig, DepthViT, depth_loss
-from training.models.vit import vit_config
+from training.models.vit import patchify, shuffle_tokens, vit_config
 
 NAN = float("nan")
 
@@ -121,6 +121,24 @@ def test_each_pixel_depth_comes_from_its_own_token(patch):
     expected = torch.zeros(4, 6, dtype=torch.bool)
     expected[top:top + patch, left:left + patch] = True
     assert torch.equal(changed, expected)
+
+
+def test_token_dropout_predicts_the_kept_pixels():
+    """With keep_ids a DepthViT returns the depths of the kept tokens, (N, K, p*p), in the
+    layout of patchify: keeping every token is the full map, patchified."""
+    torch.manual_seed(0)
+    model = DepthViT(vit_config("ViT-F/2", image_size=(8, 12), in_channels=3)).eval()
+    with torch.no_grad():                       # a non-constant head, so positions matter
+        model.head.mlp[-1].weight.normal_(0, 0.1)
+    x = torch.rand(2, 3, 8, 12)
+    every = torch.arange(24).expand(2, -1)
+    full = model(x)
+    torch.testing.assert_close(model(x, keep_ids=every), patchify(full, 2), atol=1e-5, rtol=1e-5)
+    ids, keep = shuffle_tokens(2, 24, 0.5, torch.Generator().manual_seed(0))
+    part = model(x, keep_ids=ids[:, :keep])
+    assert part.shape == (2, 12, 4) and (part > 0).all()
+    same_pixels = patchify(full, 2).gather(1, ids[:, :keep, None].expand(-1, -1, 4))
+    assert not torch.allclose(part, same_pixels)     # the dropped tokens were its context
 
 
 def test_depth_vit_config_round_trip_and_optimizer_hooks():

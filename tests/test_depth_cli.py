@@ -102,7 +102,8 @@ def test_nyu_recipe_trains_and_evaluates_on_another_copy(tmp_path):
 
 
 def small_task(world: int = 1, rank: int = 0, **overrides) -> DepthTask:
-    values = {"image_size": "12x16", "n_train": "8", "n_test": "2", "batch_size": "8", **overrides}
+    values = {"model": "ViT-F/1", "image_size": "12x16", "n_train": "8", "n_test": "2",
+              "batch_size": "8", **overrides}
     recipe = load_recipe("depth1-scenes", [f"{k}={v}" for k, v in values.items()])
     return DepthTask(recipe, Dist(rank=rank, world=world))
 

@@ -127,6 +127,8 @@ def test_torchrun_two_processes_match_one(fashion, tmp_path, mode):
     (["train", "vit1-fashion", "epochs=many"], "epochs=many: expected a number"),
     (["train", "vit1-fashion", "image_size=0"], "image_size=0"),
     (["train", "vit1-fashion", "model=ViT-Q/1"], "unknown model 'ViT-Q/1'"),
+    (["train", "vit1-fashion", "token_drop=1"], "token_drop=1.0: expected a fraction in [0, 1)"),
+    (["train", "vqgan-fashion", "token_drop=0.5"], "token_drop applies to classify and depth"),
     (["eval", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):

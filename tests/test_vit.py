@@ -10,8 +10,10 @@ from training.models.vit import (
     ViT,
     ViTConfig,
     flops_per_image,
+    gather_tokens,
     parse_name,
     patchify,
+    shuffle_tokens,
     sincos_pos_embed,
     unpatchify,
     vit_config,
@@ -33,6 +35,36 @@ def test_shapes_for_every_patch_size(p, embed):
     assert model(x).shape == (3, 5)
     tokens = model.forward_features(x)
     assert tokens.shape == (3, cfg.num_tokens + 1, cfg.width)   # + [cls]
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_token_dropout_runs_the_model_on_the_kept_tokens_only(pool):
+    """keep_ids = every token is the plain forward; a subset is the same model on those
+    position-embedded tokens alone, and the dropped pixels then change nothing."""
+    torch.manual_seed(0)
+    model = ViT(tiny(1, pool=pool)).eval()
+    x = torch.rand(2, 3, 8, 12)
+    every = torch.arange(96).expand(2, -1)
+    torch.testing.assert_close(model(x, keep_ids=every), model(x), atol=1e-6, rtol=1e-6)
+    ids, keep = shuffle_tokens(2, 96, 0.75, torch.Generator().manual_seed(1))
+    assert keep == 24 and not torch.equal(ids[0], ids[1])      # a draw per image
+    kept = ids[:, :keep]
+    out = model(x, keep_ids=kept)
+    by_hand = gather_tokens(model.tokens(x), kept)
+    if pool == "cls":
+        by_hand = torch.cat([model.cls_token.expand(2, -1, -1), by_hand], dim=1)
+    for block in model.blocks:
+        by_hand = block(by_hand)
+    torch.testing.assert_close(out, model.head(model.pool(model.norm(by_hand))))
+    y = x.clone().flatten(2)
+    for i in range(2):
+        dropped = ids[i, keep:]
+        y[i, :, dropped] = torch.rand(3, len(dropped))
+    torch.testing.assert_close(model(y.view_as(x), keep_ids=kept), out)
+    again, _ = shuffle_tokens(2, 96, 0.75, torch.Generator().manual_seed(1))
+    assert torch.equal(again, ids)
+    with pytest.raises(ValueError, match="keeps 0"):
+        shuffle_tokens(2, 96, 0.999)
 
 
 def test_patchify_round_trip_and_layout():

@@ -41,6 +41,8 @@ class Recipe:
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
+    token_drop: float = 0.0       # classify/depth: drop this fraction of tokens at random per
+                                  # image in training (PatchDropout); evaluation sees them all
     # optimisation
     epochs: float = 10.0
     max_steps: int = 0            # > 0 stops there (the schedule still spans `epochs`)
@@ -182,6 +184,10 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
                          ("depth_loss", ("l1", "silog"))):
         if getattr(recipe, key) not in allowed:
             raise UserError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(allowed)}")
+    if not 0 <= recipe.token_drop < 1:
+        raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
+    if recipe.token_drop and recipe.task not in ("classify", "depth"):
+        raise UserError(f"token_drop applies to classify and depth runs, not {recipe.task}")
     if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.lr <= 0:
         raise UserError("batch_size, epochs and lr must be positive")
     return recipe

@@ -75,16 +75,20 @@ class DepthViT(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, math.log(self.head_cfg.init_depth))
 
-    def forward_log(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> natural log of depth (N, 1, H, W)."""
-        tokens = self.encoder.forward_features(x)             # (N, [1 +] L, D)
+    def forward_log(self, x: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, H, W) -> natural log of depth (N, 1, H, W); with keep_ids (N, K) (token
+        dropout in training) only those tokens run, and the result is theirs: (N, K, p*p)."""
+        tokens = self.encoder.forward_features(x, keep_ids)   # (N, [1 +] L or K, D)
         if self.encoder.cls_token is not None:
             tokens = tokens[:, 1:]                            # dense output: pixel tokens only
-        log_depth = self.head(tokens)                         # (N, L, p*p)
+        log_depth = self.head(tokens)                         # (N, L or K, p*p)
+        if keep_ids is not None:
+            return log_depth
         return unpatchify(log_depth, self.cfg.patch_size, self.cfg.grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_log(x).float().exp()   # fp32: bf16 would round depths to ~0.4%
+    def forward(self, x: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # fp32: bf16 would round depths to ~0.4%
+        return self.forward_log(x, keep_ids).float().exp()
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}

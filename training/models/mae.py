@@ -21,7 +21,16 @@ from PIL import Image
 from torch import nn
 
 from pixtok.errors import UserError
-from training.models.vit import Block, ViT, ViTConfig, patchify, sincos_pos_embed, unpatchify
+from training.models.vit import (
+    Block,
+    ViT,
+    ViTConfig,
+    gather_tokens,
+    patchify,
+    shuffle_tokens,
+    sincos_pos_embed,
+    unpatchify,
+)
 
 
 class MAEConfigError(UserError, ValueError):
@@ -75,17 +84,11 @@ def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generato
     """Keep round(L * (1 - ratio)) random tokens per sample.
 
     x (N, L, D) -> (visible tokens (N, K, D), mask (N, L) with 1 = masked, ids_restore (N, L)).
-    Each sample ranks its tokens by its own uniform noise and keeps the K lowest.
     """
-    n, length, d = x.shape
-    keep = int(round(length * (1 - mask_ratio)))
-    if not 1 <= keep <= length:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps {keep} of {length} tokens")
-    noise = torch.rand(n, length, generator=generator, device=x.device)
-    ids_shuffle = noise.argsort(dim=1)                       # ascending: kept tokens first
+    n, length, _ = x.shape
+    ids_shuffle, keep = shuffle_tokens(n, length, mask_ratio, generator, x.device)
     ids_restore = ids_shuffle.argsort(dim=1)
-    ids_keep = ids_shuffle[:, :keep]
-    visible = x.gather(1, ids_keep[..., None].expand(-1, -1, d))   # (N, K, D)
+    visible = gather_tokens(x, ids_shuffle[:, :keep])          # (N, K, D)
     mask = torch.ones(n, length, device=x.device)
     mask[:, :keep] = 0
     return visible, mask.gather(1, ids_restore), ids_restore

@@ -158,6 +158,24 @@ class PixelEmbed(nn.Module):
         return self.proj(emb.flatten(2).to(patches.dtype))
 
 
+def shuffle_tokens(n: int, length: int, drop: float, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """A random order of each sample's L token indices (N, L), and how many to keep: the first
+    round(L * (1 - drop)). Each sample ranks its tokens by its own uniform noise, drawn on the
+    generator's device (CPU by default) so that a seeded generator repeats on any accelerator."""
+    keep = int(round(length * (1 - drop)))
+    if not 1 <= keep <= length:
+        raise ValueError(f"dropping {drop} of {length} tokens keeps {keep}")
+    noise = torch.rand(n, length, generator=generator,
+                       device=generator.device if generator is not None else None)
+    return noise.argsort(dim=1).to(device), keep
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (N, L, D), ids (N, K) -> the tokens x[i, ids[i]] (N, K, D)."""
+    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
     if p == 0.0 or not training:
@@ -256,9 +274,16 @@ class ViT(nn.Module):
         t = self.embed(patchify(x, self.cfg.patch_size))
         return t if self.pos_embed is None else t + self.pos_embed
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> normalised tokens (N, L, D), preceded by [cls] when pooling on it."""
+    def forward_features(self, x: torch.Tensor, keep_ids: torch.Tensor | None = None):
+        """(N, C, H, W) -> normalised tokens (N, L, D), preceded by [cls] when pooling on it.
+
+        keep_ids (N, K), token indices, runs the blocks on those tokens only (token dropout in
+        training, PatchDropout: Liu et al. 2022, arXiv 2208.07220): positions are added first,
+        so each kept pixel still knows where it is; attention then costs (K/L)^2 as much.
+        """
         t = self.tokens(x)
+        if keep_ids is not None:
+            t = gather_tokens(t, keep_ids)
         if self.cls_token is not None:
             t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         for block in self.blocks:
@@ -268,8 +293,9 @@ class ViT(nn.Module):
     def pool(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, 0] if self.cls_token is not None else t.mean(dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.forward_features(x)))   # (N, classes) or (N, D)
+    def forward(self, x: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, classes), or (N, D) without a head; keep_ids as in forward_features."""
+        return self.head(self.pool(self.forward_features(x, keep_ids)))
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}

@@ -10,7 +10,7 @@ from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
 from training.loader import channel_stats, crop_flip_batches, fetch_batches
 from training.models import build_model
-from training.models.vit import vit_config
+from training.models.vit import shuffle_tokens, vit_config
 from training.recipe import Recipe
 
 
@@ -27,6 +27,29 @@ def recipe_vit_config(recipe: Recipe, dataset, num_classes: int = 0):
                           drop_path=recipe.drop_path, **sizes)
     except ValueError as e:            # the model code raises ValueError: a bad recipe
         raise UserError(str(e)) from None
+
+
+class TokenDropout:
+    """A recipe's token dropout over the run: which tokens each training image keeps.
+
+    `token_drop` of each image's tokens are dropped at random (a new draw per image and step,
+    seeded by the step, so a resumed run draws the same); evaluation sees every token. Dropping
+    75% of a ViT/1's 784 tokens makes a training step about 7x cheaper on a CPU, as attention's
+    cost falls with the square.
+    """
+
+    def __init__(self, recipe: Recipe, num_tokens: int):
+        self.drop, self.num_tokens = recipe.token_drop, num_tokens
+
+    def keep_ids(self, n: int, step_seed: int, dist: Dist) -> torch.Tensor | None:
+        """(n, K) token indices for this process's n images in this step, or None for all.
+        The draw is made for the global batch and each process takes its slice, so 1 and N
+        processes train alike."""
+        if self.drop == 0:
+            return None
+        gen = torch.Generator().manual_seed(step_seed * 7919)
+        ids, keep = shuffle_tokens(n * dist.world, self.num_tokens, self.drop, gen, dist.device)
+        return ids[dist.rank * n:(dist.rank + 1) * n, :keep]
 
 
 def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
@@ -65,6 +88,7 @@ class ClassifyTask:
         if recipe.mixup > 0 or recipe.cutmix > 0:
             self.mix = MixUpCutMix(recipe.mixup, recipe.cutmix, num_classes=len(ds.classes),
                                    label_smoothing=recipe.label_smoothing)
+        self.token_dropout = TokenDropout(recipe, self.model.cfg.num_tokens)
 
     def config(self) -> dict:
         """Task-specific part of config.json."""
@@ -100,7 +124,8 @@ class ClassifyTask:
             target = smooth_targets(y, classes, self.recipe.label_smoothing)
         else:
             target = y
-        logits = model(x)
+        keep = self.token_dropout.keep_ids(len(x), step_seed, self.dist)
+        logits = model(x) if keep is None else model(x, keep_ids=keep)
         return F.cross_entropy(logits.float(), target)
 
     @torch.no_grad()

@@ -18,8 +18,9 @@ from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.models import build_model
 from training.models.depth import DepthHeadConfig, depth_loss
+from training.models.vit import gather_tokens, patchify
 from training.recipe import Recipe
-from training.tasks.classify import recipe_vit_config
+from training.tasks.classify import TokenDropout, recipe_vit_config
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -76,6 +77,7 @@ class DepthTask:
         self.model = build_model(self.spec)
         # padding is zero depth, which every loss and metric treats as "not measured"
         self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)
+        self.token_dropout = TokenDropout(recipe, self.model.cfg.num_tokens)
 
     def config(self) -> dict:
         """Task-specific part of config.json."""
@@ -101,7 +103,12 @@ class DepthTask:
 
     def loss(self, model, batch, step_seed: int) -> torch.Tensor:
         x, d = (t.to(self.dist.device, non_blocking=True) for t in batch)
-        return depth_loss(model(x).float(), d, kind=self.recipe.depth_loss)
+        keep = self.token_dropout.keep_ids(len(x), step_seed, self.dist)
+        if keep is None:
+            return depth_loss(model(x).float(), d, kind=self.recipe.depth_loss)
+        # each kept token predicts its own pixels: compare with those pixels' depths only
+        target = gather_tokens(patchify(d, self.model.cfg.patch_size), keep)
+        return depth_loss(model(x, keep_ids=keep).float(), target, kind=self.recipe.depth_loss)
 
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 256) -> dict:
