@@ -29,12 +29,15 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n in LEFT_OUT])
 
 
-def learning_curve(metrics: list[dict], key: str, path: Path, title: str) -> None:
-    points = [(m["epoch"], m[key]) for m in metrics if key in m]
+def learning_curve(metrics: list[dict], keys: list[str], path: Path, title: str) -> None:
+    """Epochs -> each of `keys` (a second y axis for the second key)."""
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    axes = [ax] + [ax.twinx() for _ in keys[1:2]]
+    for key, axis, colour in zip(keys, axes, ("tab:blue", "tab:red")):
+        points = [(m["epoch"], m[key]) for m in metrics if key in m]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour)
+        axis.set_ylabel(f"test {key}", color=colour)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"test {key}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -94,16 +97,22 @@ def main(argv=None) -> int:
     parser.add_argument("--notes", default="")
     parser.add_argument("--samples", type=Path, help="a PNG grid to put on the card")
     parser.add_argument("--hours", type=float, required=True, help="wall-clock training time")
+    parser.add_argument("--curve", type=Path, help="JSONL of evaluations with an 'epoch' each, "
+                        "plotted instead of the run's metrics.jsonl")
+    parser.add_argument("--key", action="append", default=[],
+                        help="metric(s) to plot (at most 2); default: the task's")
     args = parser.parse_args(argv)
     dst = args.store / args.name
     copy_checkpoint(args.ckpt, dst)
     config = json.loads((dst / "config.json").read_text())
-    log = dst / "metrics.jsonl"
+    log = args.curve or dst / "metrics.jsonl"
     metrics = [json.loads(x) for x in log.read_text().splitlines() if x] if log.is_file() else []
+    if args.curve:
+        shutil.copy(args.curve, dst / "curve.jsonl")
     task = config.get("task", config.get("recipe", {}).get("task"))
-    key = CURVE_KEYS.get(task, "loss")
+    keys = args.key[:2] or [CURVE_KEYS.get(task, "loss")]
     if metrics:
-        learning_curve(metrics, key, dst / "curve.png", f"{args.name}: test {key}")
+        learning_curve(metrics, keys, dst / "curve.png", f"{args.name}: {' and '.join(keys)}")
     samples = None
     if args.samples:
         shutil.copy(args.samples, dst / "samples.png")
