@@ -89,7 +89,7 @@ def serving_cases() -> list[tuple]:
 
     return [
         ("fashion-vit1 (default)", "ViT-P/1 28x28 classify", *vit("ViT-P/1", (28, 28), 1, 10), 1),
-        ("scenes-vit1-depth (default)", "ViT-F/1 48x64 depth", *depth("ViT-F/1", (48, 64)), 1),
+        ("scenes-vit1-depth (default)", "ViT-P/1 48x64 depth", *depth("ViT-P/1", (48, 64)), 1),
         ("fashion-dit1 (default)", "DiT-P/1 8x8x4, DPM-Solver++ 20 steps, guidance (2 passes)",
          *dit("DiT-P/1", 4, 8, 10), 2 * 20),
         ("ViT-B/1 ImageNet 28x28", "classify", *vit("ViT-B/1", (28, 28), 3, 1000), 1),
