@@ -160,15 +160,16 @@ class PixelEmbed(nn.Module):
 
 def shuffle_tokens(n: int, length: int, drop: float, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
-    """A random order of each sample's L token indices (N, L), and how many to keep: the first
-    round(L * (1 - drop)). Each sample ranks its tokens by its own uniform noise, drawn on the
-    generator's device (CPU by default) so that a seeded generator repeats on any accelerator."""
+    """A random order of each sample's L token indices (N, L) on `device`, and how many to keep:
+    the first round(L * (1 - drop)). Each sample ranks its tokens by its own uniform noise, drawn
+    by `generator` on its own device (a seeded CPU generator repeats on any accelerator), or
+    without one by torch's RNG on `device`; the ranking runs on `device`."""
     keep = int(round(length * (1 - drop)))
     if not 1 <= keep <= length:
         raise ValueError(f"dropping {drop} of {length} tokens keeps {keep}")
     noise = torch.rand(n, length, generator=generator,
-                       device=generator.device if generator is not None else None)
-    return noise.argsort(dim=1).to(device), keep
+                       device=generator.device if generator is not None else device)
+    return noise.to(device).argsort(dim=1), keep
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ class ClassifyTask:
         else:
             target = y
         keep = self.token_dropout.keep_ids(len(x), step_seed, self.dist)
-        logits = model(x) if keep is None else model(x, keep_ids=keep)
+        logits = model(x, keep_ids=keep)
         return F.cross_entropy(logits.float(), target)
 
     @torch.no_grad()

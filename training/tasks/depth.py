@@ -104,11 +104,9 @@ class DepthTask:
     def loss(self, model, batch, step_seed: int) -> torch.Tensor:
         x, d = (t.to(self.dist.device, non_blocking=True) for t in batch)
         keep = self.token_dropout.keep_ids(len(x), step_seed, self.dist)
-        if keep is None:
-            return depth_loss(model(x).float(), d, kind=self.recipe.depth_loss)
-        # each kept token predicts its own pixels: compare with those pixels' depths only
-        target = gather_tokens(patchify(d, self.model.cfg.patch_size), keep)
-        return depth_loss(model(x, keep_ids=keep).float(), target, kind=self.recipe.depth_loss)
+        if keep is not None:   # each kept token predicts its own pixels: compare with those only
+            d = gather_tokens(patchify(d, self.model.cfg.patch_size), keep)
+        return depth_loss(model(x, keep_ids=keep).float(), d, kind=self.recipe.depth_loss)
 
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 256) -> dict:
