@@ -163,7 +163,7 @@ def test_init_from_a_wrong_checkpoint_is_a_one_line_error(pretrained, cifar, tmp
         "format": "pixtok-checkpoint/1", "task": "classify",
         "model": {"arch": "vit", "name": "ViT-F/1", "args": {}}})
     save_weights(classifier / "model.safetensors", {"x": torch.zeros(1)})
-    for path, extra, message in [(classifier, [], "not an MAE checkpoint"),
+    for path, extra, message in [(classifier, [], "holds another model"),
                                  (pretrained, ["model=ViT-P/1"], "width 32 vs 64")]:
         res = pixtok("train", "mae-t1-cifar100-ft", "--out", str(tmp_path / "x"),
                      f"data_dir={cifar}", *TINY[:5], *extra, f"init_from={path}", check=False)

@@ -148,3 +148,29 @@ def test_a_finished_run_is_not_overwritten(fashion, tmp_path):
     res = pixtok("train", "vit1-fashion", *args, check=False)
     assert res.returncode == 2 and "--resume" in res.stderr
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_init_from_a_run_of_the_same_model_starts_a_new_phase(fashion, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [f"data_dir={fashion}", *TINY, "eval_every=100"]
+    pixtok("train", "vit1-fashion", "--out", str(first), *common, "max_steps=6", "lr=3e-3")
+    before = weights(first)
+    # a later phase with its own schedule and token dropout: every weight (head included) starts
+    # where the first run ended, so one step at a vanishing lr leaves them there
+    pixtok("train", "vit1-fashion", "--out", str(second), *common, f"init_from={first}",
+           "max_steps=1", "lr=1e-9", "warmup_epochs=0", "token_drop=0.5")
+    after = weights(second)
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=0, msg=k)
+    config = json.loads((second / "config.json").read_text())
+    assert config["recipe"]["init_from"] == str(first)
+    # another model, or a checkpoint of a task that is neither this one nor MAE: one line, exit 2
+    for extra, message in [(["model=ViT-P/1"], "width 32 vs 64"),
+                           (["image_size=12"], "image_size [14, 14] vs [12, 12]")]:
+        res = pixtok("train", "vit1-fashion", "--out", str(tmp_path / "x"), *common, *extra,
+                     f"init_from={first}", "max_steps=1", check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert message in lines[0] and str(first) in lines[0], res.stderr
+        assert not (tmp_path / "x" / "model.safetensors").exists()

@@ -88,6 +88,39 @@ def read_config(ckpt: Path) -> dict:
     return config
 
 
+def load_same_task(path, task: str, spec: dict, model: torch.nn.Module) -> bool:
+    """init_from for a later training phase: when the checkpoint folder `path` holds a `task`
+    checkpoint, load all its weights into `model` (built from `spec`) and return True; return
+    False for a checkpoint of another task (the caller may accept, e.g., an MAE encoder).
+
+    Raises UserError when `path` is no checkpoint folder or holds another model than `spec`.
+    """
+    try:
+        config = read_config(path)
+    except CheckpointError as e:
+        raise UserError(f"init_from: {e}") from None
+    if config.get("task") != task:
+        return False
+    theirs, ours = config.get("model") or {}, json.loads(json.dumps(spec))
+    if theirs != ours:
+        t_args, o_args = theirs.get("args") or {}, ours.get("args") or {}
+        differ = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in ("arch", "name")
+                  if theirs.get(k) != ours.get(k)]
+        differ += [f"{k} {t_args.get(k)} vs {o_args.get(k)}"
+                   for k in sorted(set(t_args) | set(o_args)) if t_args.get(k) != o_args.get(k)]
+        raise UserError(f"init_from={path}: this {task} checkpoint holds another model "
+                        f"({'; '.join(differ)}); continue from a run of the same model and data")
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"init_from={path}: no model.safetensors")
+    result = model.load_state_dict(load_file(weights), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"init_from={path}: weights do not fit (missing "
+                        f"{', '.join(result.missing_keys) or 'none'}; unexpected "
+                        f"{', '.join(result.unexpected_keys) or 'none'})")
+    return True
+
+
 def load_model(ckpt: Path, device: str | torch.device = "cpu"):
     """Rebuild the model a checkpoint folder describes and load its weights -> (model, config)."""
     from training.models import build_model

@@ -28,7 +28,7 @@ class Recipe:
     pos_embed: str = "learned"    # learned | sincos | none
     pool: str = "cls"             # cls | mean
     drop_path: float = 0.0
-    init_from: str = ""           # checkpoint whose encoder starts this model (MAE fine-tuning)
+    init_from: str = ""           # MAE checkpoint (its encoder) or same-task run (all weights)
     # data
     dataset: str = "fashion-mnist"
     data_dir: str = ""            # "" -> the data set's default location

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pixtok.errors import UserError
+from training.checkpoint import load_same_task
 from training.data import build_dataset
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
@@ -99,9 +100,11 @@ class ClassifyTask:
                 "data": self.data}
 
     def init_from(self, path) -> None:
-        """Start from an MAE checkpoint's encoder (fine-tuning); the head keeps its init."""
+        """Start from a classify checkpoint of the same model (all weights: a later phase with its
+        own schedule) or from an MAE checkpoint's encoder (fine-tuning; the head keeps its init)."""
         from training.tasks.mae import load_mae_encoder
-        load_mae_encoder(path, self.model)
+        if not load_same_task(path, self.name, self.spec, self.model):
+            load_mae_encoder(path, self.model)
 
     def batches(self, index_lists, aug_seeds):
         """Yield (images float [0, 1], labels) for the given index lists of this process.

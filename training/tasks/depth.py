@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 
 from pixtok.errors import UserError
+from training.checkpoint import load_same_task
 from training.data.augment import CropFlip
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
@@ -89,9 +90,11 @@ class DepthTask:
                 "data": self.data}
 
     def init_from(self, path) -> None:
-        """Start the encoder from an MAE checkpoint's encoder."""
+        """Start from a depth checkpoint of the same model (all weights: a later phase with its
+        own schedule) or the encoder from an MAE checkpoint's encoder."""
         from training.tasks.mae import load_mae_encoder
-        load_mae_encoder(path, self.model.encoder)
+        if not load_same_task(path, self.name, self.spec, self.model):
+            load_mae_encoder(path, self.model.encoder)
 
     def batches(self, index_lists, aug_seeds):
         """Yield (images float [0, 1] (n, 3, H, W), depths (n, 1, H, W) in metres), cropped and
