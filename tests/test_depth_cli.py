@@ -18,6 +18,7 @@ from training.checkpoint import save_weights, write_json
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
 from training.metrics.depth import depth_metrics, mean_depth_baseline
+from training.models.depth import depth_loss
 from training.models.mae import MAE, MAEConfig
 from training.models.vit import flops_per_image, vit_config
 from training.recipe import load_recipe
@@ -129,6 +130,19 @@ def test_flip_moves_image_and_depth_together_and_ranks_agree():
     # padding for the random crop is 0 m: no depth, ignored by the loss and the metrics
     _, d = next(small_task(crop_padding=3).batches([list(range(8))], [5]))
     assert (d == 0).any() and task.loss(task.model, (x, d), 0).isfinite()
+
+
+def test_silog_lambda_reaches_the_loss():
+    # the same model and batch under two recipes: the loss is silog with the recipe's weight
+    tasks = {lam: small_task(token_drop=0, silog_lambda=lam) for lam in (0.0, 1.0)}
+    x, d = next(tasks[0.0].batches([list(range(8))], [5]))
+    model = tasks[0.0].model
+    with torch.no_grad():
+        pred = model(x)
+        for lam, task in tasks.items():
+            expected = depth_loss(pred, d, kind="silog", silog_lambda=lam)
+            assert task.loss(model, (x, d), 0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert tasks[0.0].loss(model, (x, d), 0) > tasks[1.0].loss(model, (x, d), 0)
 
 
 def test_init_from_an_mae_checkpoint_loads_the_encoder(tmp_path):

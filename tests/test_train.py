@@ -129,6 +129,7 @@ def test_torchrun_two_processes_match_one(fashion, tmp_path, mode):
     (["train", "vit1-fashion", "model=ViT-Q/1"], "unknown model 'ViT-Q/1'"),
     (["train", "vit1-fashion", "token_drop=1"], "token_drop=1.0: expected a fraction in [0, 1)"),
     (["train", "vqgan-fashion", "token_drop=0.5"], "token_drop applies to classify and depth"),
+    (["train", "depth1-scenes", "silog_lambda=1.5"], "silog_lambda=1.5: expected a weight"),
     (["eval", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):

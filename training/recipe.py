@@ -67,6 +67,7 @@ class Recipe:
     eval_batch_size: int = 256
     # depth
     depth_loss: str = "silog"     # l1 | silog
+    silog_lambda: float = 0.85    # silog: 1 ignores each image's global scale, 0 is log-MSE
     n_train: int = 0              # scenes: how many to render per split; 0 -> 2000 train, 500 test
     n_test: int = 0
     splits: str = ""              # nyu: split file (splits.mat, .txt, .npy); "" -> beside the data
@@ -188,6 +189,8 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
         raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
     if recipe.token_drop and recipe.task not in ("classify", "depth"):
         raise UserError(f"token_drop applies to classify and depth runs, not {recipe.task}")
+    if not 0 <= recipe.silog_lambda <= 1:
+        raise UserError(f"silog_lambda={recipe.silog_lambda}: expected a weight in [0, 1]")
     if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.lr <= 0:
         raise UserError("batch_size, epochs and lr must be positive")
     return recipe

@@ -109,7 +109,8 @@ class DepthTask:
         keep = self.token_dropout.keep_ids(len(x), step_seed, self.dist)
         if keep is not None:   # each kept token predicts its own pixels: compare with those only
             d = gather_tokens(patchify(d, self.model.cfg.patch_size), keep)
-        return depth_loss(model(x, keep_ids=keep).float(), d, kind=self.recipe.depth_loss)
+        return depth_loss(model(x, keep_ids=keep).float(), d, kind=self.recipe.depth_loss,
+                          silog_lambda=self.recipe.silog_lambda)
 
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 256) -> dict:
