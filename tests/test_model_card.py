@@ -45,6 +45,9 @@ def test_card_carries_commands_metrics_and_curve(tmp_path):
     assert '"acc1": 0.81' in text and "1.50 hours" in text and "3.00 epochs" in text
     assert "![learning curve](curve.png)" in text and "Trained while other work ran." in text
     assert Image.open(dst / "curve.png").size == (500, 320)
+    assert "(no GPU), one torch thread, niced and shared with other work;" in text
+    dst = card(tmp_path, "--compute", "two torch threads for its last 4 epochs")
+    assert "(no GPU), two torch threads for its last 4 epochs;" in (dst / "README.md").read_text()
 
 
 def test_curve_from_another_file_with_two_metrics(tmp_path):
