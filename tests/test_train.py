@@ -166,7 +166,7 @@ def test_init_from_a_run_of_the_same_model_starts_a_new_phase(fashion, tmp_path)
         torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=0, msg=k)
     config = json.loads((second / "config.json").read_text())
     assert config["recipe"]["init_from"] == str(first)
-    # another model, or a checkpoint of a task that is neither this one nor MAE: one line, exit 2
+    # a run of another model or image size: one line naming what differs, exit 2
     for extra, message in [(["model=ViT-P/1"], "width 32 vs 64"),
                            (["image_size=12"], "image_size [14, 14] vs [12, 12]")]:
         res = pixtok("train", "vit1-fashion", "--out", str(tmp_path / "x"), *common, *extra,

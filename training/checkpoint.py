@@ -88,6 +88,22 @@ def read_config(ckpt: Path) -> dict:
     return config
 
 
+def read_init_config(path) -> dict:
+    """config.json of an init_from folder; a missing or broken one is the user's error."""
+    try:
+        return read_config(path)
+    except CheckpointError as e:
+        raise UserError(f"init_from: {e}") from None
+
+
+def check_fit(path, what: str, missing: list[str], unexpected: list[str]) -> None:
+    """Raise UserError when loading `what` from init_from=`path` left keys unmatched."""
+    if missing or unexpected:
+        raise UserError(f"init_from={path}: {what} do not fit (missing "
+                        f"{', '.join(missing) or 'none'}; unexpected "
+                        f"{', '.join(unexpected) or 'none'})")
+
+
 def load_same_task(path, task: str, spec: dict, model: torch.nn.Module) -> bool:
     """init_from for a later training phase: when the checkpoint folder `path` holds a `task`
     checkpoint, load all its weights into `model` (built from `spec`) and return True; return
@@ -95,10 +111,7 @@ def load_same_task(path, task: str, spec: dict, model: torch.nn.Module) -> bool:
 
     Raises UserError when `path` is no checkpoint folder or holds another model than `spec`.
     """
-    try:
-        config = read_config(path)
-    except CheckpointError as e:
-        raise UserError(f"init_from: {e}") from None
+    config = read_init_config(path)
     if config.get("task") != task:
         return False
     theirs, ours = config.get("model") or {}, json.loads(json.dumps(spec))
@@ -109,15 +122,13 @@ def load_same_task(path, task: str, spec: dict, model: torch.nn.Module) -> bool:
         differ += [f"{k} {t_args.get(k)} vs {o_args.get(k)}"
                    for k in sorted(set(t_args) | set(o_args)) if t_args.get(k) != o_args.get(k)]
         raise UserError(f"init_from={path}: this {task} checkpoint holds another model "
-                        f"({'; '.join(differ)}); continue from a run of the same model and data")
+                        f"({'; '.join(differ)}); give a run of the same model and data, or an "
+                        f"MAE checkpoint")
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"init_from={path}: no model.safetensors")
     result = model.load_state_dict(load_file(weights), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"init_from={path}: weights do not fit (missing "
-                        f"{', '.join(result.missing_keys) or 'none'}; unexpected "
-                        f"{', '.join(result.unexpected_keys) or 'none'})")
+    check_fit(path, "weights", result.missing_keys, result.unexpected_keys)
     return True
 
 

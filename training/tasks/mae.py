@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pixtok.errors import UserError
-from training.checkpoint import CheckpointError, load_model, read_config
+from training.checkpoint import check_fit, load_model, read_init_config
 from training.data.augment import CropFlip
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
@@ -121,10 +121,7 @@ def load_mae_encoder(path, vit: ViT) -> None:
     Normalisation stays this model's own (from its training set), so a resumed fine-tuning run,
     which does not load the MAE again, builds exactly the same model.
     """
-    try:
-        config = read_config(path)
-    except CheckpointError as e:
-        raise UserError(f"init_from: {e}") from None
+    config = read_init_config(path)
     model_spec = config.get("model", {})
     if config.get("task") != "mae" or model_spec.get("arch") != "mae":
         raise UserError(f"init_from={path}: not an MAE checkpoint (task {config.get('task')!r}, "
@@ -140,7 +137,4 @@ def load_mae_encoder(path, vit: ViT) -> None:
     result = vit.load_state_dict(encoder_state_dict(mae), strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.") and k != "cls_token"]
     unexpected = [k for k in result.unexpected_keys if k != "cls_token"]
-    if missing or unexpected:
-        raise UserError(f"init_from={path}: encoder weights do not fit (missing "
-                        f"{', '.join(missing) or 'none'}; unexpected "
-                        f"{', '.join(unexpected) or 'none'})")
+    check_fit(path, "encoder weights", missing, unexpected)
