@@ -97,6 +97,32 @@ def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
     assert strip == strip_b
 
 
+def test_budget_fits_the_schedule_to_wall_time(fashion, tmp_path):
+    """budget_minutes: the first steps are timed, the schedule is cut to fit, and the stored
+    recipe carries the result, so --resume of the finished run has nothing left to do."""
+    out = tmp_path / "run"
+    pixtok("train", "vit1-fashion", "--out", str(out), f"data_dir={fashion}", *TINY,
+           "budget_minutes=0.3", "eval_every=2", "warmup_epochs=0.5")
+    config = json.loads((out / "config.json").read_text())
+    budget, recipe = config["budget"], config["recipe"]
+    steps_per_epoch = 512 // 32
+    assert budget["minutes"] == 0.3 and budget["steps"] == config["step"] > 50
+    assert budget["step_s"] > 0 and budget["eval_s"] > 0
+    assert recipe["budget_minutes"] == 0
+    assert recipe["epochs"] == pytest.approx(budget["steps"] / steps_per_epoch)
+    # what the measured rates say the steps after calibration cost fits in the budget
+    after, every = budget["steps"] - 50, 2 * steps_per_epoch
+    assert after * budget["step_s"] + (after / every + 1) * budget["eval_s"] <= 0.3 * 60
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 50 in [m["step"] for m in lines]             # the evaluation that timed evaluations
+    assert lines[-1]["step"] == budget["steps"]
+    before = weights(out)
+    pixtok("train", "vit1-fashion", "--out", str(out), "--resume")
+    after_resume = weights(out)
+    assert all(torch.equal(before[k], after_resume[k]) for k in before)
+    assert json.loads((out / "config.json").read_text())["step"] == budget["steps"]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(fashion, tmp_path, mode):
     """DDP (or FSDP2) over gloo: 2 processes x 16 images = 1 process x 32 images, step for step,
@@ -130,6 +156,7 @@ def test_torchrun_two_processes_match_one(fashion, tmp_path, mode):
     (["train", "vit1-fashion", "token_drop=1"], "token_drop=1.0: expected a fraction in [0, 1)"),
     (["train", "vqgan-fashion", "token_drop=0.5"], "token_drop applies to classify and depth"),
     (["train", "depth1-scenes", "silog_lambda=1.5"], "silog_lambda=1.5: expected a weight"),
+    (["train", "vit1-fashion", "budget_minutes=-1"], "budget_minutes=-1.0: expected minutes"),
     (["eval", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):

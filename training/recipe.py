@@ -46,6 +46,8 @@ class Recipe:
     # optimisation
     epochs: float = 10.0
     max_steps: int = 0            # > 0 stops there (the schedule still spans `epochs`)
+    budget_minutes: float = 0.0   # > 0: the run's length (replacing `epochs`) is fitted to this
+                                  # much wall time, from the speed of its first steps
     batch_size: int = 128         # global, over all processes
     lr: float = 1e-3              # peak learning rate
     min_lr: float = 1e-6          # cosine floor
@@ -191,6 +193,9 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
         raise UserError(f"token_drop applies to classify and depth runs, not {recipe.task}")
     if not 0 <= recipe.silog_lambda <= 1:
         raise UserError(f"silog_lambda={recipe.silog_lambda}: expected a weight in [0, 1]")
+    if recipe.budget_minutes < 0:
+        raise UserError(f"budget_minutes={recipe.budget_minutes}: expected minutes >= 0 "
+                        "(0 = train for `epochs`)")
     if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.lr <= 0:
         raise UserError("batch_size, epochs and lr must be positive")
     return recipe

@@ -116,6 +116,34 @@ class EMA:
                 e.copy_(p)
 
 
+class Budget:
+    """Fits a run's length to a wall-time budget (recipe.budget_minutes), counted from the
+    start of train().
+
+    CALIBRATE training steps, after WARM steps of warm-up (allocator, kernels), time a step; one
+    evaluation made right after them times an evaluation. What is left of the budget then buys
+    S more steps with an evaluation every E of them and one at the end:
+    S * step_s + (S / E + 1) * eval_s = left. The schedule (recipe.epochs) is set to end there
+    and stored in config.json, so a resumed run keeps it.
+    """
+
+    WARM, CALIBRATE = 10, 40
+
+    def __init__(self, minutes: float, step: int, t_begin: float, device: torch.device):
+        self.seconds, self.t_begin, self.device = minutes * 60, t_begin, device
+        self.start, self.end = step + self.WARM, step + self.WARM + self.CALIBRATE
+        self.t_start = 0.0
+
+    def clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def steps_left(self, step_s: float, eval_s: float, eval_every: int) -> int:
+        left = self.seconds - (time.time() - self.t_begin)
+        return max(1, math.floor((left - eval_s) * eval_every / (eval_every * step_s + eval_s)))
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -139,6 +167,7 @@ def trim_metrics(path: Path, step: int) -> None:
 
 def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] = ()) -> dict:
     """Run (or continue) a recipe into the checkpoint folder `out`; returns the last metrics."""
+    t_begin = time.time()
     out = Path(out)
     dist = distributed.setup()
     state = None
@@ -168,6 +197,11 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
     if recipe.max_steps > 0:
         total = min(total, recipe.max_steps)
     eval_every = max(1, round(recipe.eval_every * steps_per_epoch))
+    budget = None
+    if recipe.budget_minutes > 0:
+        budget = Budget(recipe.budget_minutes, state["step"] if state else 0, t_begin, dist.device)
+        if not recipe.max_steps or recipe.max_steps > budget.end:
+            total = budget.end + 1          # until the budget has been turned into steps
 
     ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
     if state is not None:
@@ -240,6 +274,29 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
         model.train()
         return metrics
 
+    def fit_to_budget() -> tuple[int, dict]:
+        """At the end of the budget's calibration: time an evaluation, then fit the schedule."""
+        step_s = (budget.clock() - budget.t_start) / budget.CALIBRATE
+        t_eval = time.time()
+        metrics = evaluate()
+        step_s, eval_s = (v / dist.world for v in dist.sum([step_s, time.time() - t_eval]))
+        total = step + budget.steps_left(step_s, eval_s, eval_every)
+        if recipe.max_steps > 0:
+            total = min(total, recipe.max_steps)
+        recipe.epochs, recipe.budget_minutes = total / steps_per_epoch, 0.0
+        config["recipe"] = recipe.to_dict()
+        config["budget"] = {"minutes": budget.seconds / 60, "step_s": round(step_s, 5),
+                            "eval_s": round(eval_s, 3), "steps": total,
+                            "epochs": round(recipe.epochs, 3)}
+        if dist.main:
+            bar.write(json.dumps(metrics))
+            bar.write(f"budget {budget.seconds / 60:g} min: {total} steps ({recipe.epochs:.2f} "
+                      f"epochs) at {step_s * 1e3:.1f} ms a step, {eval_s:.1f} s an evaluation")
+        bar.total = total
+        bar.refresh()
+        checkpoint(metrics)
+        return total, metrics
+
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
     t_start = last_ckpt = time.time()
@@ -282,7 +339,15 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
                             img_s=f"{seen / max(now - t_seen, 1e-9):.0f}", refresh=False)
             seen, t_seen = 0, now
+        if budget is not None and step == budget.start:
+            budget.t_start = budget.clock()
+        elif budget is not None and step == budget.end:
+            total, metrics = fit_to_budget()
+            budget, batches = None, None        # batches: rebuilt for the new length from here
+            last_ckpt = time.time()
+            continue
         done = step == total
+        paused = time.time()
         if step % eval_every == 0 or done:
             metrics = evaluate()
             if dist.main:
@@ -292,6 +357,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
         elif dist.any(time.time() - last_ckpt > recipe.ckpt_minutes * 60):
             checkpoint(None)
             last_ckpt = time.time()
+        if budget is not None:              # the calibration times training steps alone
+            budget.t_start += time.time() - paused
     bar.close()
     dist.barrier()
     distributed.teardown()
