@@ -152,3 +152,9 @@ def test_scene_dataset_splits_are_disjoint_and_prefix_stable():
     rgb, z = render_scene((5, 0, 1), SIZE)
     assert torch.equal(image, torch.from_numpy(rgb).permute(2, 0, 1))
     assert torch.equal(depth[0], torch.from_numpy(z))
+
+
+def test_worker_processes_render_the_same_scenes():
+    one = SceneDataset(13, seed=2, size=SIZE, workers=1)
+    three = SceneDataset(13, seed=2, size=SIZE, workers=3)
+    assert torch.equal(one.images, three.images) and torch.equal(one.depths, three.depths)

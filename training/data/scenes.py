@@ -14,7 +14,10 @@ ray per pixel). Everything is vectorised over pixels; a 48x64 scene renders in a
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -307,23 +310,55 @@ def render_scene(seed: int | Sequence[int],
     return render(random_scene(np.random.default_rng(seed)), size)
 
 
+def render_range(seed: int, stream: int, start: int, stop: int, size: tuple[int, int]):
+    """Scenes start..stop-1 of a seed stream -> (images uint8 (n, 3, H, W), depths (n, 1, H, W))."""
+    h, w = size
+    images = np.empty((stop - start, 3, h, w), np.uint8)
+    depths = np.empty((stop - start, 1, h, w), np.float32)
+    for k, i in enumerate(range(start, stop)):
+        rgb, depth = render_scene((seed, stream, i), size)
+        images[k], depths[k, 0] = rgb.transpose(2, 0, 1), depth
+    return images, depths
+
+
+def render_workers(n: int) -> int:
+    """Processes to render n scenes with: one per available core (at most 16) for large sets."""
+    if n < PARALLEL_FROM:
+        return 1
+    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+PARALLEL_FROM = 1000     # below this, starting worker processes costs more than it saves
+
+
 class SceneDataset(DepthDataset):
-    """n random scenes rendered once, at construction.
+    """n random scenes rendered once, at construction (in parallel over the cores for large n).
 
     Scene i of split s is render_scene((seed, stream[s], i)): the splits draw from separate seed
-    streams, so train and test never share a scene, and growing n keeps the first scenes.
+    streams, so train and test never share a scene, and growing n keeps the first scenes. Each
+    scene depends on its seed alone, so any number of worker processes renders the same set.
     """
 
     def __init__(self, n: int, seed: int = 0, size: tuple[int, int] = (48, 64),
-                 split: str = "train"):
+                 split: str = "train", workers: int | None = None):
         if split not in SPLIT_STREAMS:
             raise ValueError(f"split {split!r}: expected one of {', '.join(SPLIT_STREAMS)}")
-        h, w = size
-        images = np.empty((n, 3, h, w), np.uint8)
-        depths = np.empty((n, 1, h, w), np.float32)
-        for i in range(n):
-            rgb, depth = render_scene((seed, SPLIT_STREAMS[split], i), size)
-            images[i], depths[i, 0] = rgb.transpose(2, 0, 1), depth
+        workers = render_workers(n) if workers is None else workers
+        if torch.cuda.is_initialized():     # a forked child must not inherit a CUDA context
+            workers = 1
+        stream = SPLIT_STREAMS[split]
+        if workers <= 1:
+            images, depths = render_range(seed, stream, 0, n, size)
+        else:
+            chunk = max(1, math.ceil(n / (4 * workers)))
+            starts = range(0, n, chunk)
+            # fork, not spawn: spawn re-runs a user's script that lacks a __main__ guard
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                parts = list(pool.map(render_range, *zip(*[(seed, stream, a, min(n, a + chunk),
+                                                              size) for a in starts])))
+            images = np.concatenate([p[0] for p in parts])
+            depths = np.concatenate([p[1] for p in parts])
         super().__init__(torch.from_numpy(images), torch.from_numpy(depths))
 
 
