@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 LEFT_OUT = {"train_state.pt", "reconstruction.png"}
 COMPUTE = "one torch thread, niced and shared with other work"
+MACHINE = f"the project's 2-core {platform.machine()} CPU machine (no GPU)"
 CURVE_KEYS = {"classify": "acc1", "depth": "rmse", "dit": "loss", "vqgan": "psnr", "mae": "loss"}
 
 
@@ -47,7 +48,8 @@ def learning_curve(metrics: list[dict], keys: list[str], path: Path, title: str)
 
 
 def write_card(folder: Path, name: str, config: dict, evaluation: dict, commands: list[str],
-               notes: str, samples: str | None, hours: float, compute: str = COMPUTE) -> str:
+               notes: str, samples: str | None, hours: float, compute: str = COMPUTE,
+               machine: str = MACHINE) -> str:
     recipe = config.get("recipe", {})
     task = config.get("task", recipe.get("task", "?"))
     lines = [
@@ -58,8 +60,8 @@ def write_card(folder: Path, name: str, config: dict, evaluation: dict, commands
         f"(source: {recipe.get('source', '?')}) on `{recipe.get('dataset', '?')}`.",
         "",
         f"Trained for {config.get('epoch', 0):.2f} epochs ({config.get('step', 0)} steps of "
-        f"batch {recipe.get('batch_size', '?')}) in {hours:.2f} hours of wall time on the "
-        f"project's 2-core {platform.machine()} CPU machine (no GPU), {compute}; git commit "
+        f"batch {recipe.get('batch_size', '?')}) in {hours:.2f} hours of wall time on "
+        f"{machine}, {compute}; git commit "
         f"`{config.get('git_commit')}`.",
         "",
         "## Reproduce",
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hours", type=float, required=True, help="wall-clock training time")
     parser.add_argument("--compute", default=COMPUTE,
                         help=f"how the machine was used (default: {COMPUTE!r})")
+    parser.add_argument("--machine", default=MACHINE,
+                        help=f"what it trained on (default: {MACHINE!r})")
     parser.add_argument("--curve", type=Path, help="JSONL of evaluations with an 'epoch' each, "
                         "plotted instead of the run's metrics.jsonl")
     parser.add_argument("--key", action="append", default=[],
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
         shutil.copy(args.samples, dst / "samples.png")
         samples = "samples.png"
     write_card(dst, args.name, config, json.loads(args.eval.read_text()), args.command,
-               args.notes, samples, args.hours, args.compute)
+               args.notes, samples, args.hours, args.compute, args.machine)
     print(dst)
     return 0
 

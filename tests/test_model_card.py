@@ -48,6 +48,9 @@ def test_card_carries_commands_metrics_and_curve(tmp_path):
     assert "(no GPU), one torch thread, niced and shared with other work;" in text
     dst = card(tmp_path, "--compute", "two torch threads for its last 4 epochs")
     assert "(no GPU), two torch threads for its last 4 epochs;" in (dst / "README.md").read_text()
+    dst = card(tmp_path, "--machine", "one NVIDIA H200 GPU", "--compute", "bf16 autocast")
+    assert "hours of wall time on one NVIDIA H200 GPU, bf16 autocast;" in \
+        (dst / "README.md").read_text()
 
 
 def test_curve_from_another_file_with_two_metrics(tmp_path):
