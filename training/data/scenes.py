@@ -321,15 +321,16 @@ def render_range(seed: int, stream: int, start: int, stop: int, size: tuple[int,
     return images, depths
 
 
+PARALLEL_FROM = 1000     # below this, starting worker processes costs more than it saves
+
+
 def render_workers(n: int) -> int:
-    """Processes to render n scenes with: one per available core (at most 16) for large sets."""
+    """Processes to render n scenes with, for large sets: this process's share of the cores
+    (under torchrun every local rank renders its own copy), at most 16."""
     if n < PARALLEL_FROM:
         return 1
-    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
-
-
-PARALLEL_FROM = 1000     # below this, starting worker processes costs more than it saves
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 class SceneDataset(DepthDataset):
