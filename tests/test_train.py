@@ -15,6 +15,7 @@ from datafiles import learnable_fashion
 from safetensors.torch import load_file
 
 from training.data import build_dataset
+from training.train import schedule_steps
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["model=ViT-F/1", "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1",
@@ -95,6 +96,15 @@ def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
     strip_b = [{k: v for k, v in json.loads(x).items() if k != "time"}
                for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert strip == strip_b
+
+
+def test_a_stored_length_gives_its_steps_back():
+    """A budget stores its length as steps / steps_per_epoch; --resume must read the same
+    number of steps back, or the resumed run trains a step more than the one never stopped."""
+    for steps_per_epoch in (7, 117, 125, 469):
+        for steps in range(51, 5000, 13):
+            assert schedule_steps(steps / steps_per_epoch, steps_per_epoch) == steps
+    assert schedule_steps(40.829, 117) == 4777 and schedule_steps(0.5, 3) == 2
 
 
 def test_budget_fits_the_schedule_to_wall_time(fashion, tmp_path):

@@ -55,6 +55,13 @@ def build_task(recipe: Recipe, dist):
     raise UserError(f"unknown task {recipe.task!r}")
 
 
+def schedule_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Steps in a schedule of `epochs` (a partial epoch counts as a step more). Rounded first,
+    so that epochs stored as steps / steps_per_epoch (a budget's resolved length) give those
+    steps back: 58 / 7 * 7 is 58.00000000000001 in floating point."""
+    return math.ceil(round(epochs * steps_per_epoch, 6))
+
+
 def lr_at(step: int, recipe: Recipe, steps_per_epoch: int) -> float:
     """Linear warm-up to the peak, then cosine to min_lr over the whole run (or, with
     schedule="constant", the peak until the end, as DiT trains)."""
@@ -193,7 +200,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
     if steps_per_epoch == 0:
         raise UserError(f"batch_size={recipe.batch_size} exceeds the {len(task.train_set)} "
                         "training items")
-    total = math.ceil(recipe.epochs * steps_per_epoch)
+    total = schedule_steps(recipe.epochs, steps_per_epoch)
     if recipe.max_steps > 0:
         total = min(total, recipe.max_steps)
     eval_every = max(1, round(recipe.eval_every * steps_per_epoch))
