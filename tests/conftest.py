@@ -55,23 +55,30 @@ def make_depth(folder: Path, image_size=(12, 16), seed: int = 0) -> Path:
     return folder
 
 
-def make_generator(folder: Path, seed: int = 0, sampler: str = "ddpm") -> Path:
-    """A random-weight DiT-F/1 pipeline folder: 4x4x4 latents, a tiny f4 VQGAN (16x16 grey).
-    The DiT's weights are perturbed (a fresh one predicts zeros), so labels and seeds matter."""
+def tiny_pipeline(latent_size: int = 4, sampler: str = "ddpm", labels=LABELS, seed: int = 0):
+    """A random-weight DiT-F/1 over a tiny f4 VQGAN: latent_size^2 x 4 latents, images 4x as
+    wide (grey). The DiT's weights are perturbed (a fresh one predicts zeros), so labels and
+    seeds matter."""
     from training.models.dit import PixelDiT, dit_config
     from training.models.vqgan import build_vqgan
     from training.pipeline import PixelDiTPipeline, make_scheduler
 
     torch.manual_seed(seed)
-    dit = PixelDiT(**dit_config("DiT-F/1", sample_size=4, in_channels=4,
-                                num_classes=len(LABELS)))
+    dit = PixelDiT(**dit_config("DiT-F/1", sample_size=latent_size, in_channels=4,
+                                num_classes=len(labels)))
     with torch.no_grad():
         for p in dit.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     vae = build_vqgan("f4-small", block_out_channels=[8, 16, 16], norm_num_groups=8,
-                      num_vq_embeddings=32, sample_size=16)
-    pipe = PixelDiTPipeline(dit.eval(), vae.eval(), make_scheduler(sampler), labels=LABELS)
-    pipe.save_pretrained(folder)
+                      num_vq_embeddings=32, sample_size=4 * latent_size)
+    pipe = PixelDiTPipeline(dit.eval(), vae.eval(), make_scheduler(sampler), labels=labels)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_generator(folder: Path, seed: int = 0, sampler: str = "ddpm") -> Path:
+    """tiny_pipeline() saved as a pipeline folder: 4x4x4 latents, 16x16 grey images."""
+    tiny_pipeline(sampler=sampler, seed=seed).save_pretrained(folder)
     return folder
 
 

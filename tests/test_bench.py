@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+from clirun import pixtok
 
 
 def test_bench_infer_json(tmp_path):
     out = tmp_path / "infer.json"
-    res = subprocess.run([sys.executable, "-m", "pixtok", "bench", "infer", "--quick", "--json",
-                          str(out)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = pixtok("bench", "infer", "--quick", "--json", out)
     data = json.loads(out.read_text())
     assert data == json.loads(res.stdout)
     assert data["suite"] == "infer"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from clirun import pixtok
 from conftest import make_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +30,9 @@ def test_export_a_whole_model_store(tmp_path):
     store = tmp_path / "model_store"
     make_classifier(store / "tiny-a")
     make_classifier(store / "tiny-b", seed=1)
-    res = subprocess.run([sys.executable, "-m", "pixtok", "export", str(store), "--out",
-                          str(store)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    pixtok("export", store, "--out", store)
     assert sorted(p.name for p in store.glob("*.mar")) == ["tiny-a.mar", "tiny-b.mar"]
-    res = subprocess.run([sys.executable, "-m", "pixtok", "export", str(store), "--onnx"],
-                         capture_output=True, text=True, timeout=300)
+    res = pixtok("export", store, "--onnx", check=False)
     assert res.returncode == 2 and "model store" in res.stderr
 
 

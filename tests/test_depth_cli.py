@@ -3,15 +3,13 @@ them; the depth task's augmentation and MAE start in process; the depth case of 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from clirun import pixtok
 
 from pixtok.bench import depth_throughput
 from training.checkpoint import save_weights, write_json
@@ -24,17 +22,8 @@ from training.models.vit import flops_per_image, vit_config
 from training.recipe import load_recipe
 from training.tasks.depth import DepthTask
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # the CPU recipe, shrunk: 12x16 scenes (192 pixel tokens), 256 to train on, 64 to test on
 TINY = ["image_size=12x16", "n_train=256", "n_test=64", "threads=1"]
-
-
-def pixtok(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True,
-                         text=True, env=ENV, timeout=300)
-    if check and out.returncode:
-        raise AssertionError(f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}")
-    return out
 
 
 def test_train_then_eval_beats_the_mean_depth(tmp_path):

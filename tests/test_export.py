@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from clirun import pixtok
 from PIL import Image
 
 from export.archive import ExportError, build_missing_archives, export_archive
@@ -32,10 +33,6 @@ def png(arr: np.ndarray) -> bytes:
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
 
-
-def run_pixtok(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pixtok", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_path):
@@ -136,8 +133,7 @@ def test_onnx_flag_puts_the_onnx_beside_and_inside_the_archive(tiny_classifier, 
 
 
 def test_cli_exports_under_the_folder_name(tiny_classifier, tmp_path):
-    done = run_pixtok("export", str(tiny_classifier), "--out", str(tmp_path / "store"))
-    assert done.returncode == 0, done.stderr
+    done = pixtok("export", tiny_classifier, "--out", tmp_path / "store")
     assert (tmp_path / "store" / "tiny-cls.mar").is_file()
     assert "tiny-cls.mar" in done.stdout
 
@@ -147,7 +143,7 @@ def test_cli_errors_are_one_line_and_exit_2(case, tiny_classifier, tmp_path):
     args = {"missing": [str(tmp_path / "nope")],
             "not_a_checkpoint": [str(tmp_path)],
             "bad_name": [str(tiny_classifier), "--name", "../evil"]}[case]
-    done = run_pixtok("export", *args, "--out", str(tmp_path / "store"))
+    done = pixtok("export", *args, "--out", tmp_path / "store", check=False)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pixtok export: error: "), done.stderr

@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import ENV, ROOT, pixtok
 from datafiles import learnable_fashion
 from PIL import Image
 from safetensors.torch import load_file
 
 from pixtok.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 VQ_TINY = ["vq_width=8", "codebook_size=32", "batch_size=32", "eval_batch_size=128", "threads=1",
            "amp=off"]
 DIT_TINY = ["model=DiT-F/1", "batch_size=32", "eval_batch_size=128", "threads=1", "amp=off",
             "ema=0.9", "lr=1e-3", "warmup_epochs=0.25", "eval_every=0.25", "classifier=",
             "eval_samples=0"]
-
-
-def pixtok(*args, check=True, env=ENV):
-    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=ROOT)
-    if check and out.returncode:
-        raise AssertionError(f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}")
-    return out
 
 
 def metrics(folder: Path) -> list[dict]:

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from clirun import ENV, pixtok
+from conftest import tiny_pipeline
 from datafiles import learnable_fashion
 
 from pixtok.cli import main
 from training.data.fashion_mnist import CLASSES
-from training.models.dit import PixelDiT, dit_config
-from training.models.vqgan import build_vqgan
-from training.pipeline import PixelDiTPipeline, make_scheduler
 from training.tasks.generate import Classifier, generation_metrics, load_pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def pixtok(*args, env=ENV):
-    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +31,8 @@ def classifier(tmp_path_factory):
 def generator(classifier, tmp_path_factory):
     """A random-weight DiT-F/1 over a tiny VQGAN as a pipeline folder, with the config.json
     `pixtok train` writes beside it (the VQGAN's 2-pixel padding, the classifier to use)."""
-    torch.manual_seed(0)
-    dit = PixelDiT(**dit_config("DiT-F/1", sample_size=8, in_channels=4, num_classes=10))
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    vae = build_vqgan("f4-small", block_out_channels=[8, 16, 16], norm_num_groups=8,
-                      num_vq_embeddings=32)
     folder = tmp_path_factory.mktemp("gen") / "dit"
-    PixelDiTPipeline(dit, vae, make_scheduler("dpm"), labels=CLASSES).save_pretrained(folder)
+    tiny_pipeline(latent_size=8, sampler="dpm", labels=CLASSES).save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({"input": {"pad": 2},
                                                     "classifier": str(classifier)}))
     return folder

@@ -3,16 +3,14 @@ on small CIFAR-100 pickles written here."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clirun import pixtok
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -25,20 +23,11 @@ from training.recipe import load_recipe
 from training.tasks.classify import ClassifyTask
 from training.tasks.mae import load_mae_encoder
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # the real recipes, shrunk: ViT-F/1 on 8x8 images, a one-block decoder, 8 steps an epoch, and
 # no crop or flip (a 4-pixel shift of an 8x8 ramp leaves little to learn in a few steps)
 TINY = ["model=ViT-F/1", "image_size=8", "batch_size=32", "threads=1", "amp=off",
         "crop_padding=0", "hflip=false", "decoder_width=16", "decoder_depth=1",
         "decoder_heads=2", "warmup_epochs=0.5"]
-
-
-def pixtok(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True,
-                         text=True, env=ENV, timeout=300)
-    if check and out.returncode:
-        raise AssertionError(f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}")
-    return out
 
 
 def write_cifar100(folder: Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> Path:

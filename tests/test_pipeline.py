@@ -8,29 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline
 
 from pixtok.errors import UserError
-from training.models.dit import PixelDiT, dit_config
-from training.models.vqgan import build_vqgan
-from training.pipeline import PixelDiTPipeline, make_scheduler
+from training.pipeline import make_scheduler
 
 LABELS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
           "Ankle boot"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_pipeline(sampler: str = "ddpm") -> PixelDiTPipeline:
-    """A tiny DiT with non-zero weights (a fresh one predicts zeros) over a tiny f4 VQGAN."""
-    torch.manual_seed(0)
-    dit = PixelDiT(**dit_config("DiT-F/1", sample_size=8, in_channels=4, num_classes=10))
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    vae = build_vqgan("f4-small", block_out_channels=[8, 16, 16], norm_num_groups=8,
-                      num_vq_embeddings=32)
-    pipe = PixelDiTPipeline(dit.eval(), vae.eval(), make_scheduler(sampler), labels=LABELS)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def make_pipeline(sampler: str = "ddpm"):
+    """A tiny DiT/1 pipeline: 8x8x4 latents, 32x32 grey images."""
+    return tiny_pipeline(latent_size=8, sampler=sampler, labels=LABELS)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import math
 import re
 import stat
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import pixtok
 from PIL import Image
 
 from serving.client import ServerError
@@ -264,8 +263,7 @@ def test_prometheus_metrics_are_served(server):
 
 def test_a_second_serve_says_it_is_already_running(server):
     env = {"PIXTOK_RUN_DIR": str(server.run_dir), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = pixtok("serve", "--no-ui", env=env, timeout=60, check=False)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert "already running" in lines[-1] and str(server.pid) in lines[-1]

@@ -4,14 +4,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clirun import pixtok
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
@@ -132,10 +131,7 @@ def test_bad_requests_get_a_4xx_json_and_a_good_one_follows(server):
 def archive(tiny_generator, tmp_path_factory) -> Path:
     """`pixtok export` of the pipeline folder, unpacked."""
     store = tmp_path_factory.mktemp("gen-store")
-    done = subprocess.run([sys.executable, "-m", "pixtok", "export", str(tiny_generator),
-                           "--out", str(store)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    pixtok("export", tiny_generator, "--out", store)
     unpacked = store / "unpacked"
     zipfile.ZipFile(store / "tiny-gen.mar").extractall(unpacked)
     return unpacked

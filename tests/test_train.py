@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,23 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import ENV, pixtok
 from datafiles import learnable_fashion
 from safetensors.torch import load_file
 
 from training.data import build_dataset
 from training.train import schedule_steps
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["model=ViT-F/1", "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1",
         "amp=off"]
-
-
-def pixtok(*args, check=True, **kw):
-    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True,
-                         text=True, env=ENV, timeout=300, **kw)
-    if check and out.returncode:
-        raise AssertionError(f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}")
-    return out
 
 
 @pytest.fixture(scope="module")

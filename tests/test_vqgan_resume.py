@@ -3,26 +3,14 @@ restart count come back from train_state.pt) ends exactly where an uninterrupted
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from clirun import pixtok
 from datafiles import learnable_fashion
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ARGS = ["vq_width=8", "codebook_size=32", "batch_size=32", "eval_batch_size=128", "threads=1",
         "amp=off", "eval_every=0.25", "restart_every=3", "gan_weight=0.1", "gan_start=6"]
-
-
-def pixtok(*args):
-    out = subprocess.run([sys.executable, "-m", "pixtok", *args], capture_output=True, text=True,
-                         env=ENV, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, f"pixtok {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}"
-    return out
 
 
 def test_vqgan_resume_is_exact(tmp_path):

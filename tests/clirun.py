@@ -1,0 +1,26 @@
+"""`pixtok` as a user runs it: a subprocess of this interpreter, from the repository root.
+
+One thread (tests run beside each other and beside a server), unbuffered output, no Hugging Face
+Hub: nothing a test runs may reach the network.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def pixtok(*args, check: bool = True, env: dict | None = None, timeout: float = 300,
+           **kw) -> subprocess.CompletedProcess:
+    """Run `python -m pixtok ARGS`; with check, a non-zero exit fails the test with its stderr."""
+    out = subprocess.run([sys.executable, "-m", "pixtok", *map(str, args)], capture_output=True,
+                         text=True, env=ENV if env is None else env, timeout=timeout,
+                         **{"cwd": ROOT, **kw})
+    if check and out.returncode:
+        raise AssertionError(f"pixtok {' '.join(map(str, args))} -> {out.returncode}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
