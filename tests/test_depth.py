@@ -42,9 +42,27 @@ def test_accumulator_pools_pixels_not_batch_means():
     assert acc["n"] == 4
     assert acc["rmse"] == pytest.approx(math.sqrt((9 + 3) / 4))   # not (3 + 1) / 2 = 2
     both = depth_metrics(torch.cat([a_pred, b_pred], 1), torch.cat([a_true, b_true], 1))
-    for key, value in both.items():
-        assert acc[key] == pytest.approx(value)
+    for key in ("rmse", "rel", "delta1", "delta2", "delta3", "log10", "n"):   # pixel-pooled
+        assert acc[key] == pytest.approx(both[key])
     assert DepthMetrics().compute()["n"] == 0
+
+
+def test_scale_metrics_split_global_scale_from_layout():
+    truth = torch.tensor([[1.0, 2.0, 4.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).view(2, 1, 2, 2)
+    pred = torch.tensor([[2.0, 4.0, 8.0, 5.0], [1.0, 1.0, 1.0, 3.0]]).view(2, 1, 2, 2)
+    m = depth_metrics(pred, truth)     # image 0: twice too far, pixel 4 unmeasured
+    assert (m["n"], m["images"]) == (7, 2)
+    assert m["rmse"] == pytest.approx(math.sqrt((1 + 4 + 16 + 4) / 7))
+    # image 0 is right up to its scale: median scaling leaves no error there; image 1's medians
+    # are 1 and 1 (numpy's median of 1, 1, 1, 3), so its error stays
+    assert m["rmse_scaled"] == pytest.approx(math.sqrt(4 / 7))
+    d1 = torch.tensor([0.0, 0.0, 0.0, math.log(3)])
+    silog1 = 100 * math.sqrt((d1 ** 2).mean() - d1.mean() ** 2)
+    assert m["silog"] == pytest.approx((0 + silog1) / 2)
+    halves = DepthMetrics().update(pred[:1], truth[:1]).update(pred[1:], truth[1:]).compute()
+    for key, value in m.items():                # images split over batches: the same sums
+        assert halves[key] == pytest.approx(value)
+    assert DepthMetrics().compute()["images"] == 0
 
 
 def test_mean_depth_baseline_ignores_invalid():

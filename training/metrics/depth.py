@@ -4,6 +4,14 @@ rmse (m), rel = mean |pred - gt| / gt (the paper's "RAE"), log10 = mean |log10 p
 delta_k = share of pixels with max(pred/gt, gt/pred) < 1.25**k. Pixels are pooled over the whole
 set: every valid pixel weighs the same, whatever its image or batch (rmse is the root of the
 pooled mean square, not a mean of per-image roots).
+
+A monocular model may get a scene's layout right and its overall size wrong; two more numbers
+split the error that way. The first dimension of pred/target is the image:
+- rmse_scaled: rmse after each predicted map is multiplied by median(gt) / median(pred) over
+  its valid pixels (the median scaling of scale-ambiguous evaluation), pixels pooled as above;
+  rmse - rmse_scaled is what a wrong global scale per image costs.
+- silog: the KITTI benchmark's scale-invariant log error, 100 * sqrt(mean(d^2) - mean(d)^2)
+  with d = ln pred - ln gt over an image's valid pixels, averaged over the images.
 """
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ import math
 import torch
 
 MIN_DEPTH = 1e-3   # predictions are clamped to 1 mm so that log and ratios stay finite
-KEYS = ("rmse", "rel", "delta1", "delta2", "delta3", "log10", "n")
+KEYS = ("rmse", "rel", "delta1", "delta2", "delta3", "log10", "rmse_scaled", "silog", "n",
+        "images")
 
 
 def valid_mask(target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,7 +34,8 @@ class DepthMetrics:
     """Accumulates exact sums over batches; compute() gives the pooled metrics."""
 
     def __init__(self):
-        self.sums = dict.fromkeys(("sq", "rel", "log10", "d1", "d2", "d3"), 0.0)
+        self.sums = dict.fromkeys(("sq", "rel", "log10", "d1", "d2", "d3", "sq_scaled", "silog",
+                                   "images"), 0.0)
         self.n = 0
 
     @torch.no_grad()
@@ -40,14 +50,31 @@ class DepthMetrics:
         for k in (1, 2, 3):
             self.sums[f"d{k}"] += (ratio < 1.25 ** k).sum().item()
         self.n += int(mask.sum())
+        self.per_image(pred.detach().double().clamp_min(MIN_DEPTH), target.detach().double(),
+                       mask)
         return self
+
+    def per_image(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add rmse_scaled's and silog's sums over the images (first dimension) of a batch."""
+        for p, t, m in zip(pred, target, mask):
+            if not m.any():
+                continue
+            p, t = p[m], t[m]
+            scaled = p * (t.quantile(0.5) / p.quantile(0.5))   # numpy's median: even n averages
+            d = p.log() - t.log()
+            self.sums["sq_scaled"] += ((scaled - t) ** 2).sum().item()
+            self.sums["silog"] += 100 * math.sqrt(max((d * d).mean().item() - d.mean().item() ** 2,
+                                                      0.0))
+            self.sums["images"] += 1
 
     def compute(self) -> dict:
         if self.n == 0:
-            return {key: (0 if key == "n" else math.nan) for key in KEYS}
+            return {key: (0 if key in ("n", "images") else math.nan) for key in KEYS}
         s, n = self.sums, self.n
         return {"rmse": math.sqrt(s["sq"] / n), "rel": s["rel"] / n, "delta1": s["d1"] / n,
-                "delta2": s["d2"] / n, "delta3": s["d3"] / n, "log10": s["log10"] / n, "n": n}
+                "delta2": s["d2"] / n, "delta3": s["d3"] / n, "log10": s["log10"] / n,
+                "rmse_scaled": math.sqrt(s["sq_scaled"] / n), "silog": s["silog"] / s["images"],
+                "n": n, "images": int(s["images"])}
 
 
 def depth_metrics(pred: torch.Tensor, target: torch.Tensor,
