@@ -56,8 +56,8 @@ def make_depth(folder: Path, image_size=(12, 16), seed: int = 0) -> Path:
 
 
 def tiny_pipeline(latent_size: int = 4, sampler: str = "ddpm", labels=LABELS, seed: int = 0):
-    """A random-weight DiT-F/1 over a tiny f4 VQGAN: latent_size^2 x 4 latents, images 4x as
-    wide (grey). The DiT's weights are perturbed (a fresh one predicts zeros), so labels and
+    """A random-weight DiT-F/1 over a tiny f4 VQGAN: 4 x latent_size^2 latents, grey images 4x
+    the latent size. The DiT's weights are perturbed (a fresh one predicts zeros), so labels and
     seeds matter."""
     from training.models.dit import PixelDiT, dit_config
     from training.models.vqgan import build_vqgan
