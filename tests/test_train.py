@@ -15,6 +15,7 @@ from datafiles import learnable_fashion
 from safetensors.torch import load_file
 
 from training.data import build_dataset
+from training.recipe import load_recipe, recipe_names
 from training.train import schedule_steps
 
 TINY = ["model=ViT-F/1", "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1",
@@ -203,3 +204,16 @@ def test_init_from_a_run_of_the_same_model_starts_a_new_phase(fashion, tmp_path)
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert message in lines[0] and str(first) in lines[0], res.stderr
         assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipe_loads_and_chains(name):
+    """A recipe is only read when someone trains it: a typo must fail here, not on a user's GPU.
+    A later phase's init_from (and a DiT's vqgan) under runs/ must be the folder that another
+    shipped recipe writes by default."""
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    for key in ("init_from", "vqgan"):
+        folder = Path(getattr(recipe, key))
+        if folder.parts[:1] == ("runs",):
+            assert folder.name in recipe_names() and folder.name != name, f"{key}={folder}"
