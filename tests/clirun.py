@@ -17,9 +17,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OF
 def pixtok(*args, check: bool = True, env: dict | None = None, timeout: float = 300,
            **kw) -> subprocess.CompletedProcess:
     """Run `python -m pixtok ARGS`; with check, a non-zero exit fails the test with its stderr."""
+    kw.setdefault("cwd", ROOT)
     out = subprocess.run([sys.executable, "-m", "pixtok", *map(str, args)], capture_output=True,
-                         text=True, env=ENV if env is None else env, timeout=timeout,
-                         **{"cwd": ROOT, **kw})
+                         text=True, env=ENV if env is None else env, timeout=timeout, **kw)
     if check and out.returncode:
         raise AssertionError(f"pixtok {' '.join(map(str, args))} -> {out.returncode}\n"
                              f"{out.stderr[-3000:]}")

@@ -41,8 +41,9 @@ class DepthMetrics:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None):
         mask = valid_mask(target, valid)
-        p = pred.detach()[mask].double().clamp_min(MIN_DEPTH)   # (M,)
-        t = target.detach()[mask].double()
+        pred = pred.detach().double().clamp_min(MIN_DEPTH)
+        target = target.detach().double()
+        p, t = pred[mask], target[mask]                          # (M,) valid pixels
         ratio = torch.maximum(p / t, t / p)
         self.sums["sq"] += ((p - t) ** 2).sum().item()
         self.sums["rel"] += ((p - t).abs() / t).sum().item()
@@ -50,22 +51,28 @@ class DepthMetrics:
         for k in (1, 2, 3):
             self.sums[f"d{k}"] += (ratio < 1.25 ** k).sum().item()
         self.n += int(mask.sum())
-        self.per_image(pred.detach().double().clamp_min(MIN_DEPTH), target.detach().double(),
-                       mask)
+        self.per_image(pred, target, mask)
         return self
 
     def per_image(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add rmse_scaled's and silog's sums over the images (first dimension) of a batch."""
-        for p, t, m in zip(pred, target, mask):
-            if not m.any():
-                continue
-            p, t = p[m], t[m]
-            scaled = p * (t.quantile(0.5) / p.quantile(0.5))   # numpy's median: even n averages
-            d = p.log() - t.log()
-            self.sums["sq_scaled"] += ((scaled - t) ** 2).sum().item()
-            self.sums["silog"] += 100 * math.sqrt(max((d * d).mean().item() - d.mean().item() ** 2,
-                                                      0.0))
-            self.sums["images"] += 1
+        """Add rmse_scaled's and silog's sums over the images (first dimension) of a batch,
+        batched: invalid pixels are NaN for the medians and 0 in the sums."""
+        mask = mask.flatten(1)
+        count = mask.sum(dim=1)
+        has = count > 0                                          # images with a valid pixel
+        mask, count = mask[has], count[has].double()
+        pred, target = pred.flatten(1)[has], target.flatten(1)[has]
+        nan = torch.tensor(math.nan, dtype=pred.dtype, device=pred.device)
+        # nanquantile interpolates as numpy's median does: an even count averages the middle two
+        scale = (torch.where(mask, target, nan).nanquantile(0.5, dim=1)
+                 / torch.where(mask, pred, nan).nanquantile(0.5, dim=1))
+        err = torch.where(mask, pred * scale[:, None] - target, 0.0)
+        d = torch.where(mask, pred.log() - torch.where(mask, target, 1.0).log(), 0.0)
+        mean = d.sum(dim=1) / count
+        var = (d * d).sum(dim=1) / count - mean ** 2
+        self.sums["sq_scaled"] += (err * err).sum().item()
+        self.sums["silog"] += (100 * var.clamp_min(0).sqrt()).sum().item()
+        self.sums["images"] += int(has.sum())
 
     def compute(self) -> dict:
         if self.n == 0:
