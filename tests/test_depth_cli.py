@@ -12,6 +12,7 @@ import torch
 from clirun import pixtok
 
 from pixtok.bench import depth_throughput
+from pixtok.errors import UserError
 from training.checkpoint import save_weights, write_json
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
@@ -148,6 +149,26 @@ def test_init_from_an_mae_checkpoint_loads_the_encoder(tmp_path):
     for name, p in mae.encoder.state_dict().items():
         assert torch.equal(task.model.encoder.state_dict()[name], p), name
     assert torch.equal(task.model.head.mlp[-1].bias, head)
+
+
+def test_a_later_phase_on_more_scenes_starts_from_every_weight(tmp_path):
+    # more training scenes measure other input statistics and mean depth: the new phase keeps
+    # its own (as --resume rebuilds them) and still takes every weight of the first
+    first, later = small_task(), small_task(n_train="16", drop_path="0.1")
+    assert first.spec["args"]["mean"] != later.spec["args"]["mean"]
+    assert first.spec["args"]["head"]["init_depth"] != later.spec["args"]["head"]["init_depth"]
+    for p in first.model.parameters():
+        p.data.normal_()
+    write_json(tmp_path / "config.json", {"format": "pixtok-checkpoint/1", **first.config()})
+    save_weights(tmp_path / "model.safetensors", first.model.state_dict())
+    own = json.loads(json.dumps(later.spec))
+    later.init_from(tmp_path)
+    for name, p in first.model.state_dict().items():
+        assert torch.equal(later.model.state_dict()[name], p), name
+    assert later.spec == own and later.config()["model"] == own
+    # what does decide the weights' meaning still has to match, and the error names it
+    with pytest.raises(UserError, match=r"holds another model \(pool mean vs cls\)"):
+        small_task(n_train="16", pool="cls").init_from(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
