@@ -19,15 +19,11 @@ import math
 
 import torch
 
+from training.models.depth import log_error_moments, valid_mask
+
 MIN_DEPTH = 1e-3   # predictions are clamped to 1 mm so that log and ratios stay finite
 KEYS = ("rmse", "rel", "delta1", "delta2", "delta3", "log10", "rmse_scaled", "silog", "n",
         "images")
-
-
-def valid_mask(target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixels with a measured depth: target > 0 and finite (and `valid`, when given)."""
-    mask = torch.isfinite(target) & (target > 0)
-    return mask if valid is None else mask & valid.bool()
 
 
 class DepthMetrics:
@@ -57,21 +53,14 @@ class DepthMetrics:
     def per_image(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
         """Add rmse_scaled's and silog's sums over the images (first dimension) of a batch,
         batched: invalid pixels are NaN for the medians and 0 in the sums."""
-        mask = mask.flatten(1)
-        count = mask.sum(dim=1)
-        has = count > 0                                          # images with a valid pixel
-        mask, count = mask[has], count[has].double()
-        pred, target = pred.flatten(1)[has], target.flatten(1)[has]
-        nan = torch.tensor(math.nan, dtype=pred.dtype, device=pred.device)
+        mean, mean_sq, has = log_error_moments(pred, target, mask)   # has: a valid pixel
+        mask, pred, target = (x.flatten(1)[has] for x in (mask, pred, target))
         # nanquantile interpolates as numpy's median does: an even count averages the middle two
-        scale = (torch.where(mask, target, nan).nanquantile(0.5, dim=1)
-                 / torch.where(mask, pred, nan).nanquantile(0.5, dim=1))
+        scale = (torch.where(mask, target, math.nan).nanquantile(0.5, dim=1)
+                 / torch.where(mask, pred, math.nan).nanquantile(0.5, dim=1))
         err = torch.where(mask, pred * scale[:, None] - target, 0.0)
-        d = torch.where(mask, pred.log() - torch.where(mask, target, 1.0).log(), 0.0)
-        mean = d.sum(dim=1) / count
-        var = (d * d).sum(dim=1) / count - mean ** 2
         self.sums["sq_scaled"] += (err * err).sum().item()
-        self.sums["silog"] += (100 * var.clamp_min(0).sqrt()).sum().item()
+        self.sums["silog"] += (100 * (mean_sq - mean ** 2).clamp_min(0).sqrt()).sum().item()
         self.sums["images"] += int(has.sum())
 
     def compute(self) -> dict:

@@ -100,6 +100,26 @@ class DepthViT(nn.Module):
         return self.cfg.depth + 1
 
 
+def valid_mask(target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixels with a measured depth: target > 0 and finite (and `valid`, when given)."""
+    mask = torch.isfinite(target) & (target > 0)
+    return mask if valid is None else mask & valid.bool()
+
+
+def log_error_moments(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    """Per image (first dimension) with a valid pixel, over its valid pixels (`mask`), the mean
+    and mean square of d = ln pred - ln target -> (mean (K,), mean_sq (K,), has (N,) bool).
+    pred > 0; the silog loss here and the silog metric are both made of these."""
+    mask = mask.flatten(1)
+    count = mask.sum(dim=1)
+    has = count > 0
+    # where() before log: invalid targets (0, NaN) must not reach the graph, not even times 0
+    safe_target = torch.where(mask, target.flatten(1), 1.0)
+    d = torch.where(mask, pred.flatten(1).log() - safe_target.log(), 0.0)[has]
+    n = count[has].to(d.dtype)
+    return d.sum(dim=1) / n, d.pow(2).sum(dim=1) / n, has
+
+
 def depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
                kind: str = "l1", silog_lambda: float = 0.85) -> torch.Tensor:
     """Loss over valid pixels (target > 0 and finite, and `valid`); pred, target (N, 1, H, W).
@@ -109,23 +129,14 @@ def depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | N
     over its n_i valid pixels: mean(d^2) - lambda * mean(d)^2, then averaged over the images
     that have valid pixels. lambda = 1 ignores a global scale entirely, 0 is plain log-MSE.
     """
-    mask = torch.isfinite(target) & (target > 0)
-    if valid is not None:
-        mask = mask & valid.bool()
+    mask = valid_mask(target, valid)
     if kind == "l1":
         if not mask.any():
             return pred.sum() * 0.0
         return (pred[mask] - target[mask]).abs().mean()
     if kind != "silog":
         raise ValueError(f"depth loss {kind!r}: expected 'l1' or 'silog'")
-    # where() before log: invalid targets (0, NaN) must not reach the graph, not even times 0
-    safe_target = torch.where(mask, target, torch.ones_like(target))
-    d = torch.where(mask, pred.clamp_min(1e-6).log() - safe_target.log(), 0.0)
-    n = mask.flatten(1).sum(dim=1)                           # (N,) valid pixels per image
-    has = n > 0
+    mean, mean_sq, has = log_error_moments(pred.clamp_min(1e-6), target, mask)
     if not has.any():
         return pred.sum() * 0.0
-    n = n[has].to(d.dtype)
-    mean_sq = d.flatten(1)[has].pow(2).sum(dim=1) / n
-    mean = d.flatten(1)[has].sum(dim=1) / n
     return (mean_sq - silog_lambda * mean ** 2).mean()
