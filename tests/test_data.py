@@ -15,8 +15,10 @@ from PIL import Image
 from training.data import DataError, build_dataset
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.data.cifar import load_pickle
+from training.data.depth import DepthDataset
 from training.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from training.data.resize import resize_image
+from training.loader import channel_stats
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -343,6 +345,32 @@ def test_imagefolder_cache(image_root, tmp_path):
     changed = build_dataset("imagefolder", root, image_size=(4, 3), cache_dir=cache_dir)
     assert changed.cache_path != first.cache_path and len(list(cache_dir.iterdir())) == 3
     assert changed[0][0][:, 0, 0].tolist() == [0, 255, 0]
+
+
+def reference_stats(images) -> tuple[list[float], list[float]]:
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))
+    x = x.double().div(255).transpose(0, 1).flatten(1)
+    return [round(v, 4) for v in x.mean(1).tolist()], [round(v, 4) for v in x.std(1).tolist()]
+
+
+def test_channel_stats_in_chunks_equal_one_pass(image_root, tmp_path):
+    """channel_stats reads a few images at a time (bounded memory) and merges their moments:
+    the same numbers as one float64 pass over the (sampled) set, for tensors and memory-mapped
+    caches, whatever the chunk."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 3, 5, 4), dtype=torch.uint8, generator=g)
+    images[:, 1] //= 4                                   # channels with other statistics
+    ds = DepthDataset(images, torch.ones(37, 1, 5, 4))
+    for chunk in (1, 5, 36, 37, 4096):
+        assert channel_stats(ds, chunk) == reference_stats(images)
+    cached = build_dataset("imagefolder", image_root[0], image_size=(4, 3),
+                           cache_dir=tmp_path / "cache")
+    assert channel_stats(cached, chunk=3) == reference_stats(cached.cache)
+    # a large set is sampled: every 2nd of 100,002 images
+    big = torch.randint(0, 256, (100_002, 3, 1, 1), dtype=torch.uint8, generator=g)
+    big[::2, 0] = 0                                      # the sample is all zeros in channel 0
+    mean, _ = channel_stats(DepthDataset(big, torch.ones(100_002, 1, 1, 1)), chunk=999)
+    assert (mean, _) == reference_stats(big[::2]) and mean[0] == 0.0
 
 
 def test_imagefolder_errors_name_the_path(image_root, tmp_path):

@@ -67,6 +67,12 @@ def test_scale_metrics_split_global_scale_from_layout():
 
 def test_mean_depth_baseline_ignores_invalid():
     assert mean_depth_baseline(torch.tensor([[2.0, 0.0, NAN, 4.0, -1.0]])) == pytest.approx(3.0)
+    # summed a few maps at a time: the mean over every valid pixel, not a mean of chunk means
+    depths = torch.tensor([[1.0, 0.0], [2.0, 3.0], [NAN, 0.0], [6.0, 0.0], [4.0, 5.0]])
+    for chunk in (1, 2, 3, 4096):
+        assert mean_depth_baseline(depths, chunk) == pytest.approx(21 / 6)
+    with pytest.raises(ValueError, match="no valid"):
+        mean_depth_baseline(torch.zeros(3, 2), chunk=2)
 
 
 # ---- losses -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.data import scenes
 from training.data.scenes import (
     Box,
     Camera,
@@ -158,3 +159,17 @@ def test_worker_processes_render_the_same_scenes():
     one = SceneDataset(13, seed=2, size=SIZE, workers=1)
     three = SceneDataset(13, seed=2, size=SIZE, workers=3)
     assert torch.equal(one.images, three.images) and torch.equal(one.depths, three.depths)
+    many = SceneDataset(2, seed=2, size=SIZE, workers=5)       # more workers than scenes
+    assert torch.equal(many.images, one.images[:2]) and torch.equal(many.depths, one.depths[:2])
+
+
+def test_a_failing_render_worker_is_an_error(monkeypatch):
+    """A worker that dies must not leave its slice of the shared arrays unrendered in silence."""
+    def fail_on_scene_7(seed, size):
+        if seed[2] == 7:
+            raise RuntimeError("scene 7")
+        return render_scene(seed, size)
+
+    monkeypatch.setattr(scenes, "render_scene", fail_on_scene_7)   # forked workers inherit it
+    with pytest.raises(RuntimeError, match=r"rendering 13 scenes: 1 of 3 worker processes"):
+        SceneDataset(13, seed=2, size=SIZE, workers=3)

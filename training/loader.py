@@ -36,17 +36,35 @@ def fetch_batches(dataset, index_lists, num_workers: int = 0):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def channel_stats(dataset) -> tuple[list[float], list[float]]:
+STATS_CHUNK = 4096   # images a pass of channel_stats holds as float64: memory stays bounded
+
+
+def channel_stats(dataset, chunk: int = STATS_CHUNK) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a training set in [0, 1] (ImageNet's for lazily decoded sets),
-    which the model stores and applies itself, so serving needs no separate normalisation."""
+    which the model stores and applies itself, so serving needs no separate normalisation.
+
+    Large sets are sampled (every k-th image, at most ~50,000) and read `chunk` images at a
+    time, each chunk's moments merged into the running ones (Chan et al.'s pairwise update):
+    the whole sample in float64 at once would be 8x the uint8 images' size."""
     held = in_memory(dataset)
     if held is None:
         c = dataset.in_channels
         return (list(IMAGENET_MEAN), list(IMAGENET_STD)) if c == 3 else ([0.5] * c, [0.5] * c)
+    images = held[0]
     step = max(1, len(dataset) // 50_000)                 # a sample is enough for large sets
-    x = torch.as_tensor(np.asarray(held[0][::step])).double().div_(255)
-    x = x.transpose(0, 1).flatten(1)                        # (C, N*H*W)
-    return [round(v, 4) for v in x.mean(1).tolist()], [round(v, 4) for v in x.std(1).tolist()]
+    count, mean, m2 = 0, 0.0, 0.0                         # pixels, per-channel mean and M2
+    for start in range(0, len(dataset), chunk * step):
+        part = images[start:start + chunk * step:step]
+        x = part if torch.is_tensor(part) else torch.from_numpy(np.array(part))  # memmap: copied
+        x = x.double().div_(255).transpose(0, 1).flatten(1)          # (C, n pixels)
+        var_c, mean_c = torch.var_mean(x, dim=1, correction=0)
+        n = x.shape[1]
+        delta, total = mean_c - mean, count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + var_c * n + delta ** 2 * (count * n / total)
+        count = total
+    std = (m2 / (count - 1)).sqrt()                       # the unbiased std, as torch.std
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
 
 
 def crop_flip_batches(dataset, index_lists, aug_seeds, crop_flip, dist, num_workers: int = 0):

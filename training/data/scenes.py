@@ -14,10 +14,10 @@ ray per pixel). Everything is vectorised over pixels; a 48x64 scene renders in a
 from __future__ import annotations
 
 import math
+import mmap
 import multiprocessing as mp
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -310,14 +310,47 @@ def render_scene(seed: int | Sequence[int],
     return render(random_scene(np.random.default_rng(seed)), size)
 
 
-def render_range(seed: int, stream: int, start: int, stop: int, size: tuple[int, int]):
-    """Scenes start..stop-1 of a seed stream -> (images uint8 (n, 3, H, W), depths (n, 1, H, W))."""
+def render_range(seed: int, stream: int, start: int, stop: int, size: tuple[int, int],
+                 out: tuple[np.ndarray, np.ndarray] | None = None):
+    """Scenes start..stop-1 of a seed stream -> (images uint8 (n, 3, H, W), depths (n, 1, H, W)),
+    written into `out`, a pair of arrays of those shapes, where given."""
     h, w = size
-    images = np.empty((stop - start, 3, h, w), np.uint8)
-    depths = np.empty((stop - start, 1, h, w), np.float32)
+    images, depths = out if out is not None else (np.empty((stop - start, 3, h, w), np.uint8),
+                                                  np.empty((stop - start, 1, h, w), np.float32))
     for k, i in enumerate(range(start, stop)):
         rgb, depth = render_scene((seed, stream, i), size)
         images[k], depths[k, 0] = rgb.transpose(2, 0, 1), depth
+    return images, depths
+
+
+def shared_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An array in anonymous shared memory: processes forked after it is made write into it in
+    place (no copy back through a pipe, no concatenation, and no /dev/shm size limit)."""
+    count = math.prod(shape)
+    buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))   # MAP_SHARED | ANONYMOUS
+    return np.frombuffer(buffer, dtype, count).reshape(shape)
+
+
+def render_parallel(seed: int, stream: int, n: int, size: tuple[int, int], workers: int):
+    """render_range(seed, stream, 0, n, size) split over `workers` forked processes, each filling
+    its own slice of shared arrays: the peak memory is the data set's size once."""
+    images = shared_empty((n, 3, *size), np.uint8)
+    depths = shared_empty((n, 1, *size), np.float32)
+    bounds = np.linspace(0, n, workers + 1).round().astype(int)
+    # fork, not spawn: spawn re-runs a user's script that lacks a __main__ guard, and a forked
+    # child writes into the parent's shared pages
+    fork = mp.get_context("fork")
+    procs = [fork.Process(target=render_range,
+                          args=(seed, stream, a, b, size, (images[a:b], depths[a:b])))
+             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"rendering {n} scenes: {len(failed)} of {len(procs)} worker "
+                           f"processes failed (exit codes {failed})")
     return images, depths
 
 
@@ -352,14 +385,7 @@ class SceneDataset(DepthDataset):
         if workers <= 1:
             images, depths = render_range(seed, stream, 0, n, size)
         else:
-            chunk = max(1, math.ceil(n / (4 * workers)))
-            starts = range(0, n, chunk)
-            # fork, not spawn: spawn re-runs a user's script that lacks a __main__ guard
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                parts = list(pool.map(render_range, *zip(*[(seed, stream, a, min(n, a + chunk),
-                                                              size) for a in starts])))
-            images = np.concatenate([p[0] for p in parts])
-            depths = np.concatenate([p[1] for p in parts])
+            images, depths = render_parallel(seed, stream, n, size, workers)
         super().__init__(torch.from_numpy(images), torch.from_numpy(depths))
 
 

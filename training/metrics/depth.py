@@ -79,13 +79,17 @@ def depth_metrics(pred: torch.Tensor, target: torch.Tensor,
     return DepthMetrics().update(pred, target, valid).compute()
 
 
-def mean_depth_baseline(train_depths: torch.Tensor) -> float:
+def mean_depth_baseline(train_depths: torch.Tensor, chunk: int = 4096) -> float:
     """The constant depth a trivial model predicts: the mean over valid training pixels (m).
 
-    Score it with depth_metrics(torch.full_like(test_depths, baseline), test_depths).
+    Score it with depth_metrics(torch.full_like(test_depths, baseline), test_depths). Summed in
+    float64 `chunk` maps (first dimension) at a time, so that memory stays bounded for large sets.
     """
-    depths = torch.as_tensor(train_depths)
-    values = depths[valid_mask(depths)].double()
-    if values.numel() == 0:
+    total, count = 0.0, 0
+    for part in torch.as_tensor(train_depths).split(chunk):
+        values = part[valid_mask(part)]
+        total += values.double().sum().item()
+        count += values.numel()
+    if count == 0:
         raise ValueError("mean_depth_baseline: no valid (positive, finite) training depths")
-    return values.mean().item()
+    return total / count
