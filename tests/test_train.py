@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from training.data import build_dataset
 from training.recipe import load_recipe, recipe_names
-from training.train import schedule_steps
+from training.train import Budget, schedule_steps
 
 TINY = ["model=ViT-F/1", "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1",
         "amp=off"]
@@ -97,6 +97,23 @@ def test_a_stored_length_gives_its_steps_back():
         for steps in range(51, 5000, 13):
             assert schedule_steps(steps / steps_per_epoch, steps_per_epoch) == steps
     assert schedule_steps(40.829, 117) == 4777 and schedule_steps(0.5, 3) == 2
+
+
+def test_budget_times_the_median_step():
+    """Other work on the machine during some of the timed steps (here the first 15 of 40 take
+    5x longer) must not cut the run short, and a checkpoint's pause is no step's time."""
+    budget = Budget(10, 0, time.time(), torch.device("cpu"))
+    clock = [0.0]
+    budget.clock = lambda: clock[0]
+    for step in range(1, 61):
+        clock[0] += 5.0 if step <= 25 else 1.0
+        budget.lap(step)
+        if step == 30:                             # a checkpoint after step 30
+            clock[0] += 30.0
+            budget.pause(30.0)
+    assert (budget.start, budget.end) == (10, 50) and len(budget.times) == 40
+    assert budget.times[:15] == [5.0] * 15 and budget.times[15:] == [1.0] * 25
+    assert budget.step_s() == 1.0                  # the mean would say 2.5
 
 
 def test_budget_fits_the_schedule_to_wall_time(fashion, tmp_path):

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -127,11 +128,13 @@ class Budget:
     """Fits a run's length to a wall-time budget (recipe.budget_minutes), counted from the
     start of train().
 
-    CALIBRATE training steps, after WARM steps of warm-up (allocator, kernels), time a step; one
-    evaluation made right after them times an evaluation. What is left of the budget then buys
-    S more steps with an evaluation every E of them and one at the end:
-    S * step_s + (S / E + 1) * eval_s = left. The schedule (recipe.epochs) is set to end there
-    and stored in config.json, so a resumed run keeps it.
+    CALIBRATE training steps, after WARM steps of warm-up (allocator, kernels), are timed one by
+    one; one evaluation made right after them times an evaluation. What is left of the budget
+    then buys S more steps with an evaluation every E of them and one at the end:
+    S * step_s + (S / E + 1) * eval_s = left, with step_s the median step: other work that
+    slows some of the timed steps (a test run, a compile) does not cut the run short. The
+    schedule (recipe.epochs) is set to end there and stored in config.json, so a resumed run
+    keeps it.
     """
 
     WARM, CALIBRATE = 10, 40
@@ -139,12 +142,30 @@ class Budget:
     def __init__(self, minutes: float, step: int, t_begin: float, device: torch.device):
         self.seconds, self.t_begin, self.device = minutes * 60, t_begin, device
         self.start, self.end = step + self.WARM, step + self.WARM + self.CALIBRATE
-        self.t_start = 0.0
+        self.t_last: float | None = None          # the clock when the last timed step ended
+        self.times: list[float] = []              # each timed step's seconds
 
     def clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.time()
+
+    def lap(self, step: int) -> None:
+        """Called when `step` steps are done: times the steps after `start` up to `end`."""
+        if step == self.start:
+            self.t_last = self.clock()
+        elif self.start < step <= self.end:
+            now = self.clock()
+            self.times.append(now - self.t_last)
+            self.t_last = now
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` of other work (a checkpoint) out of the step being timed."""
+        if self.t_last is not None:
+            self.t_last += seconds
+
+    def step_s(self) -> float:
+        return statistics.median(self.times)
 
     def steps_left(self, step_s: float, eval_s: float, eval_every: int) -> int:
         left = self.seconds - (time.time() - self.t_begin)
@@ -283,7 +304,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
 
     def fit_to_budget() -> tuple[int, dict]:
         """At the end of the budget's calibration: time an evaluation, then fit the schedule."""
-        step_s = (budget.clock() - budget.t_start) / budget.CALIBRATE
+        step_s = budget.step_s()
         t_eval = time.time()
         metrics = evaluate()
         step_s, eval_s = (v / dist.world for v in dist.sum([step_s, time.time() - t_eval]))
@@ -346,9 +367,9 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
                             img_s=f"{seen / max(now - t_seen, 1e-9):.0f}", refresh=False)
             seen, t_seen = 0, now
-        if budget is not None and step == budget.start:
-            budget.t_start = budget.clock()
-        elif budget is not None and step == budget.end:
+        if budget is not None:
+            budget.lap(step)
+        if budget is not None and step == budget.end:
             total, metrics = fit_to_budget()
             budget, batches = None, None        # batches: rebuilt for the new length from here
             last_ckpt = time.time()
@@ -365,7 +386,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             checkpoint(None)
             last_ckpt = time.time()
         if budget is not None:              # the calibration times training steps alone
-            budget.t_start += time.time() - paused
+            budget.pause(time.time() - paused)
     bar.close()
     dist.barrier()
     distributed.teardown()
