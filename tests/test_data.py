@@ -369,8 +369,8 @@ def test_channel_stats_in_chunks_equal_one_pass(image_root, tmp_path):
     # a large set is sampled: every 2nd of 100,002 images
     big = torch.randint(0, 256, (100_002, 3, 1, 1), dtype=torch.uint8, generator=g)
     big[::2, 0] = 0                                      # the sample is all zeros in channel 0
-    mean, _ = channel_stats(DepthDataset(big, torch.ones(100_002, 1, 1, 1)), chunk=999)
-    assert (mean, _) == reference_stats(big[::2]) and mean[0] == 0.0
+    mean, std = channel_stats(DepthDataset(big, torch.ones(100_002, 1, 1, 1)), chunk=999)
+    assert (mean, std) == reference_stats(big[::2]) and mean[0] == 0.0
 
 
 def test_imagefolder_errors_name_the_path(image_root, tmp_path):
