@@ -30,7 +30,9 @@ TINY = ["image_size=12x16", "n_train=256", "n_test=64", "threads=1"]
 def test_train_then_eval_beats_the_mean_depth(tmp_path):
     out = tmp_path / "run"
     res = pixtok("train", "depth1-scenes", "--out", str(out), *TINY, "batch_size=16", "epochs=6",
-                 "eval_every=2", "ema=0.9")
+                 "eval_every=2", "ema=0.9", f"cache_dir={tmp_path / 'cache'}")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "scenes-test-seed0-12x16.npz", "scenes-train-seed0-12x16.npz"]   # for the next run
     final = json.loads(res.stdout.strip().splitlines()[-1])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [2, 4, 6]

@@ -173,3 +173,50 @@ def test_a_failing_render_worker_is_an_error(monkeypatch):
     monkeypatch.setattr(scenes, "render_scene", fail_on_scene_7)   # forked workers inherit it
     with pytest.raises(RuntimeError, match=r"rendering 13 scenes: 1 of 3 worker processes"):
         SceneDataset(13, seed=2, size=SIZE, workers=3)
+
+
+def test_the_scene_cache_serves_grows_and_survives_damage(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fresh = SceneDataset(7, seed=3, size=SIZE, workers=2)
+    first = SceneDataset(4, seed=3, size=SIZE, workers=2, cache_dir=cache)
+    assert [p.name for p in cache.iterdir()] == ["scenes-train-seed3-24x32.npz"]  # no temp files
+    assert torch.equal(first.images, fresh.images[:4]) and torch.equal(first.depths,
+                                                                       fresh.depths[:4])
+    rendered = []
+
+    def counting(seed, size):
+        rendered.append(seed[2])
+        return render_scene(seed, size)
+
+    monkeypatch.setattr(scenes, "render_scene", counting)
+    grown = SceneDataset(7, seed=3, size=SIZE, workers=1, cache_dir=cache)   # renders 4..6 only
+    assert sorted(set(rendered) - {0, 3}) == [4, 5, 6]   # 0 and 3: the freshness check
+    assert torch.equal(grown.images, fresh.images) and torch.equal(grown.depths, fresh.depths)
+    rendered.clear()
+    fewer = SceneDataset(5, seed=3, size=SIZE, workers=1, cache_dir=cache)   # a prefix, read
+    assert sorted(rendered) == [0, 6] and torch.equal(fewer.images, fresh.images[:5])
+    other = SceneDataset(2, seed=3, size=SIZE, split="test", workers=1, cache_dir=cache)
+    assert not torch.equal(other.images, fresh.images[:2]) and len(list(cache.iterdir())) == 2
+
+    # a cache cut short (a kill while copying it) or left by an older scene generator is
+    # rendered again and replaced, never served
+    path = cache / "scenes-train-seed3-24x32.npz"
+    path.write_bytes(path.read_bytes()[:300])
+    again = SceneDataset(7, seed=3, size=SIZE, workers=1, cache_dir=cache)
+    assert torch.equal(again.images, fresh.images)
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["depths"], fresh.depths.numpy())
+        stale = {"images": z["images"].copy(), "depths": z["depths"].copy()}
+    stale["depths"][6] += 0.5
+    with open(path, "wb") as f:
+        np.savez(f, **stale)
+    rendered.clear()
+    fixed = SceneDataset(7, seed=3, size=SIZE, workers=1, cache_dir=cache)
+    assert torch.equal(fixed.depths, fresh.depths) and len(set(rendered)) == 7
+
+
+def test_depth_recipes_pass_cache_dir_to_the_scenes(tmp_path):
+    from training.data.depth import build_depth_dataset
+    ds = build_depth_dataset("scenes", split="test", image_size=SIZE, n=3,
+                             cache_dir=str(tmp_path))
+    assert len(ds) == 3 and [p.name for p in tmp_path.iterdir()] == ["scenes-test-seed0-24x32.npz"]

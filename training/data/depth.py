@@ -193,13 +193,13 @@ def read_png(path: Path) -> Image.Image:
 
 def build_depth_dataset(name: str, data_dir=None, split: str = "train",
                         image_size=(48, 64), **kw) -> DepthDataset:
-    """Depth data set `name`: "nyu" (kw: splits), "folder", "scenes" (kw: n, seed)."""
+    """Depth data set `name`: "nyu" (kw: splits), "folder", "scenes" (kw: n, seed, cache_dir)."""
     if split not in ("train", "test"):
         raise DataError(f"split {split!r}: expected train or test")
     size = parse_image_size(image_size)
     if size is None:
         raise DataError("depth data sets need an image_size (H, W), e.g. (48, 64)")
-    allowed = {"nyu": {"splits"}, "folder": set(), "scenes": {"n", "seed"}}
+    allowed = {"nyu": {"splits"}, "folder": set(), "scenes": {"n", "seed", "cache_dir"}}
     if name not in allowed:
         raise DataError(f"depth data set {name!r}: expected one of {', '.join(NAMES)}")
     extra = set(kw) - allowed[name]
@@ -214,4 +214,5 @@ def build_depth_dataset(name: str, data_dir=None, split: str = "train",
     n = kw.get("n", 2000 if split == "train" else 500)
     if not isinstance(n, int) or n < 1:
         raise DataError(f"scenes: n={n!r}; expected a positive number of scenes")
-    return SceneDataset(n, int(kw.get("seed", 0)), size, split)
+    return SceneDataset(n, int(kw.get("seed", 0)), size, split,
+                        cache_dir=kw.get("cache_dir") or None)

@@ -17,12 +17,16 @@ import math
 import mmap
 import multiprocessing as mp
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from training.checkpoint import atomic_write
+from training.data import DataError
 from training.data.depth import DepthDataset
 
 EPS = 1e-6          # smallest ray parameter that counts as a hit
@@ -331,9 +335,11 @@ def shared_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype, count).reshape(shape)
 
 
-def render_parallel(seed: int, stream: int, n: int, size: tuple[int, int], workers: int):
-    """render_range(seed, stream, 0, n, size) split over `workers` forked processes, each filling
-    its own slice of shared arrays: the peak memory is the data set's size once."""
+def render_parallel(seed: int, stream: int, start: int, stop: int, size: tuple[int, int],
+                    workers: int):
+    """render_range(seed, stream, start, stop, size) split over `workers` forked processes, each
+    filling its own slice of shared arrays: the peak memory is the data set's size once."""
+    n = stop - start
     images = shared_empty((n, 3, *size), np.uint8)
     depths = shared_empty((n, 1, *size), np.float32)
     bounds = np.linspace(0, n, workers + 1).round().astype(int)
@@ -341,7 +347,8 @@ def render_parallel(seed: int, stream: int, n: int, size: tuple[int, int], worke
     # child writes into the parent's shared pages
     fork = mp.get_context("fork")
     procs = [fork.Process(target=render_range,
-                          args=(seed, stream, a, b, size, (images[a:b], depths[a:b])))
+                          args=(seed, stream, start + a, start + b, size,
+                                (images[a:b], depths[a:b])))
              for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     for p in procs:
         p.start()
@@ -366,26 +373,76 @@ def render_workers(n: int) -> int:
     return max(1, min(16, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
+def cache_name(seed: int, split: str, size: tuple[int, int]) -> str:
+    return f"scenes-{split}-seed{seed}-{size[0]}x{size[1]}.npz"
+
+
+def read_cache(path: Path, seed: int, stream: int, size: tuple[int, int]):
+    """The scenes cached in `path` -> (images, depths), or None where there is no usable cache:
+    missing, unreadable, of other shapes, or stale (its first or last scene no longer renders
+    to what it holds, because the generator changed since)."""
+    try:
+        with np.load(path) as cached:
+            images, depths = cached["images"], cached["depths"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    n = len(images)
+    if (n == 0 or images.shape != (n, 3, *size) or images.dtype != np.uint8
+            or depths.shape != (n, 1, *size) or depths.dtype != np.float32):
+        return None
+    for i in {0, n - 1}:
+        rgb, depth = render_scene((seed, stream, i), size)
+        if not (np.array_equal(images[i], rgb.transpose(2, 0, 1))
+                and np.array_equal(depths[i, 0], depth)):
+            return None
+    return images, depths
+
+
+def write_cache(path: Path, images: np.ndarray, depths: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:        # a file object: np.savez appends no ".npz" to it
+            np.savez(f, images=images, depths=depths)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the scene cache ({e})") from e
+
+
 class SceneDataset(DepthDataset):
     """n random scenes rendered once, at construction (in parallel over the cores for large n).
 
     Scene i of split s is render_scene((seed, stream[s], i)): the splits draw from separate seed
     streams, so train and test never share a scene, and growing n keeps the first scenes. Each
     scene depends on its seed alone, so any number of worker processes renders the same set.
+
+    With a cache_dir the rendered scenes are kept there (one .npz per split, seed and size) and
+    read back by later runs and resumes: a cache of more scenes serves its first n, a cache of
+    fewer has the rest rendered and is replaced by the larger set.
     """
 
     def __init__(self, n: int, seed: int = 0, size: tuple[int, int] = (48, 64),
-                 split: str = "train", workers: int | None = None):
+                 split: str = "train", workers: int | None = None, cache_dir=None):
         if split not in SPLIT_STREAMS:
             raise ValueError(f"split {split!r}: expected one of {', '.join(SPLIT_STREAMS)}")
-        workers = render_workers(n) if workers is None else workers
-        if torch.cuda.is_initialized():     # a forked child must not inherit a CUDA context
-            workers = 1
         stream = SPLIT_STREAMS[split]
-        if workers <= 1:
-            images, depths = render_range(seed, stream, 0, n, size)
+        path = Path(cache_dir) / cache_name(seed, split, size) if cache_dir else None
+        cached = read_cache(path, seed, stream, size) if path else None
+        have = 0 if cached is None else len(cached[0])
+        if have >= n:
+            images, depths = (a[:n].copy() if have > n else a for a in cached)
         else:
-            images, depths = render_parallel(seed, stream, n, size, workers)
+            workers = render_workers(n - have) if workers is None else workers
+            if torch.cuda.is_initialized():     # a forked child must not inherit a CUDA context
+                workers = 1
+            if workers <= 1:
+                images, depths = render_range(seed, stream, have, n, size)
+            else:
+                images, depths = render_parallel(seed, stream, have, n, size, workers)
+            if cached is not None:
+                images, depths = (np.concatenate(pair) for pair in zip(cached, (images, depths)))
+                del cached
+            if path:
+                write_cache(path, images, depths)
         super().__init__(torch.from_numpy(images), torch.from_numpy(depths))
 
 

@@ -37,13 +37,16 @@ def data_spec(recipe: Recipe) -> dict:
     return spec
 
 
-def load_split(data: dict, split: str):
-    """A split of the depth data set a recipe or a checkpoint names."""
+def load_split(data: dict, split: str, cache_dir: str = ""):
+    """A split of the depth data set a recipe or a checkpoint names (rendered scenes are kept
+    in cache_dir, where given)."""
     options = {}
     if data.get(f"n_{split}"):
         options["n"] = data[f"n_{split}"]
     if data.get("splits"):
         options["splits"] = data["splits"]
+    if cache_dir and data["dataset"] == "scenes":
+        options["cache_dir"] = cache_dir
     return build_depth_dataset(data["dataset"], data.get("data_dir"), split=split,
                                image_size=tuple(data["image_size"]), **options)
 
@@ -68,8 +71,8 @@ class DepthTask:
     def __init__(self, recipe: Recipe, dist: Dist):
         self.recipe, self.dist = recipe, dist
         self.data = data_spec(recipe)
-        self.train_set = load_split(self.data, "train")
-        self.test_set = load_split(self.data, "test")
+        self.train_set = load_split(self.data, "train", recipe.cache_dir)
+        self.test_set = load_split(self.data, "test", recipe.cache_dir)
         try:
             self.train_mean_depth = mean_depth_baseline(self.train_set.depths)
         except ValueError as e:
