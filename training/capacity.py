@@ -5,7 +5,9 @@ FLOP counter (training/flops.py) on the meta device, and the GPU-hours they impl
 """
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -13,6 +15,8 @@ import torch
 from training.flops import count_forward_flops
 from training.models import build_model
 from training.recipe import load_recipe
+
+STORE = Path(__file__).resolve().parent.parent / "model_store"
 
 # (train images, channels, classes) of each data set at the paper's scale
 DATASETS = {"cifar100": (50_000, 3, 100), "imagefolder": (1_281_167, 3, 1000),
@@ -76,20 +80,21 @@ def serving_cases() -> list[tuple]:
         cfg = vit_config(name, image_size=size, in_channels=channels, num_classes=classes)
         return {"arch": "vit", "args": cfg.to_dict()}, (lambda: torch.rand(1, channels, *size),)
 
-    def depth(name, size):
-        cfg = vit_config(name, image_size=size, in_channels=3, pool="mean")
-        spec = {"arch": "vit-depth", "args": {**cfg.to_dict(), "head": {}}}
-        return spec, (lambda: torch.rand(1, 3, *size),)
-
     def dit(name, c, side, classes):
         spec = {"arch": "dit", "args": dit_config(name, sample_size=side, in_channels=c,
                                                   num_classes=classes)}
         y = torch.zeros(1, dtype=torch.long)
         return spec, (lambda: torch.rand(1, c, side, side), lambda: y, lambda: y)
 
+    def shipped(name):
+        """A default model as shipped: its architecture from model_store/NAME/config.json."""
+        spec = json.loads((STORE / name / "config.json").read_text())["model"]
+        size, channels = spec["args"]["image_size"], spec["args"]["in_channels"]
+        return spec, (lambda: torch.rand(1, channels, *size),)
+
     return [
-        ("fashion-vit1 (default)", "ViT-P/1 28x28 classify", *vit("ViT-P/1", (28, 28), 1, 10), 1),
-        ("scenes-vit1-depth (default)", "ViT-P/1 48x64 depth", *depth("ViT-P/1", (48, 64)), 1),
+        ("fashion-vit1 (default)", "ViT-N/1 28x28 classify", *shipped("fashion-vit1"), 1),
+        ("scenes-vit1-depth (default)", "ViT-N/1 48x64 depth", *shipped("scenes-vit1-depth"), 1),
         ("fashion-dit1 (default)", "DiT-P/1 8x8x4, DPM-Solver++ 20 steps, guidance (2 passes)",
          *dit("DiT-P/1", 4, 8, 10), 2 * 20),
         ("ViT-B/1 ImageNet 28x28", "classify", *vit("ViT-B/1", (28, 28), 3, 1000), 1),
@@ -102,10 +107,10 @@ def serving_cases() -> list[tuple]:
 
 def serving_markdown() -> str:
     lines = ["", "## Serving (estimates)", "",
-             "No GPU was lent when these were written, so they are estimates: forward FLOPs",
-             "per image (our counter; VQGAN decoding not included) at "
-             f"{MFU:.0%} of an H100's bf16 peak.",
-             "Measured CPU numbers are in `pixtok bench serve` / `pixtok bench sample` output.", "",
+             "Estimates, not measurements: forward FLOPs per image (our counter; VQGAN decoding",
+             f"not included) at {MFU:.0%} of an H100's bf16 peak, for the default models as",
+             "shipped (their model_store/*/config.json). Measured CPU numbers are in `pixtok bench",
+             "serve` / `pixtok bench sample` output; what a lent H200 measured, in serving.md.", "",
              "| model | what | forward passes / image | GFLOPs / image | images/s per H100 "
              "(estimate) |", "|---|---|---:|---:|---:|"]
     for name, what, spec, inputs, passes in serving_cases():
