@@ -39,6 +39,20 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def local_first(self, build, enabled: bool = True):
+        """build() on each node's local rank 0 first, then on that node's other ranks: what
+        build() caches on disk (decoded images, rendered scenes) is made once per node and read
+        by the rest, instead of by every process at once. A no-op order when not enabled."""
+        if self.world == 1 or not enabled:
+            return build()
+        if self.local_rank != 0:
+            dist.barrier()
+        try:
+            return build()
+        finally:
+            if self.local_rank == 0:
+                dist.barrier()      # also after a failure, so the others go on (and meet it)
+
 
 def setup() -> Dist:
     """Join the process group when launched by torchrun; else a single process."""

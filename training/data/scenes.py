@@ -364,13 +364,15 @@ def render_parallel(seed: int, stream: int, start: int, stop: int, size: tuple[i
 PARALLEL_FROM = 1000     # below this, starting worker processes costs more than it saves
 
 
-def render_workers(n: int) -> int:
+def render_workers(n: int, alone: bool = False) -> int:
     """Processes to render n scenes with, for large sets: this process's share of the cores
-    (under torchrun every local rank renders its own copy), at most 16."""
+    (under torchrun every local rank renders its own copy), or all of them when it renders
+    `alone` (for a cache, which each node's first rank fills while the others wait); at most 16."""
     if n < PARALLEL_FROM:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(16, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    share = 1 if alone else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, (cores or 1) // share))
 
 
 def cache_name(seed: int, split: str, size: tuple[int, int]) -> str:
@@ -431,7 +433,8 @@ class SceneDataset(DepthDataset):
         if have >= n:
             images, depths = (a[:n].copy() if have > n else a for a in cached)
         else:
-            workers = render_workers(n - have) if workers is None else workers
+            if workers is None:     # a cache is filled by one process per node (local_first)
+                workers = render_workers(n - have, alone=path is not None)
             if torch.cuda.is_initialized():     # a forked child must not inherit a CUDA context
                 workers = 1
             if workers <= 1:

@@ -71,6 +71,14 @@ def load_split(data: dict, split: str, cache_dir: str = ""):
                          resize=data.get("resize", "bicubic"), cache_dir=cache_dir or None)
 
 
+def load_splits(data: dict, recipe: Recipe, dist: Dist, load=load_split):
+    """(train, test) of a training run, each load(data, split, cache_dir); with a cache_dir,
+    each node's first process builds the cache before the others read it."""
+    return dist.local_first(lambda: (load(data, "train", recipe.cache_dir),
+                                     load(data, "test", recipe.cache_dir)),
+                            enabled=bool(recipe.cache_dir))
+
+
 class ClassifyTask:
     """What the training loop needs to train and evaluate a classifier."""
 
@@ -79,8 +87,7 @@ class ClassifyTask:
     def __init__(self, recipe: Recipe, dist: Dist):
         self.recipe, self.dist = recipe, dist
         self.data = data_spec(recipe)
-        self.train_set = load_split(self.data, "train", recipe.cache_dir)
-        self.test_set = load_split(self.data, "test", recipe.cache_dir)
+        self.train_set, self.test_set = load_splits(self.data, recipe, dist)
         ds = self.train_set
         self.spec = model_spec(recipe, ds, len(ds.classes))
         self.model = build_model(self.spec)

@@ -21,7 +21,7 @@ from training.models import build_model
 from training.models.depth import DepthHeadConfig, depth_loss
 from training.models.vit import gather_tokens, patchify
 from training.recipe import Recipe
-from training.tasks.classify import TokenDropout, recipe_vit_config
+from training.tasks.classify import TokenDropout, load_splits, recipe_vit_config
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -71,8 +71,7 @@ class DepthTask:
     def __init__(self, recipe: Recipe, dist: Dist):
         self.recipe, self.dist = recipe, dist
         self.data = data_spec(recipe)
-        self.train_set = load_split(self.data, "train", recipe.cache_dir)
-        self.test_set = load_split(self.data, "test", recipe.cache_dir)
+        self.train_set, self.test_set = load_splits(self.data, recipe, dist, load_split)
         try:
             self.train_mean_depth = mean_depth_baseline(self.train_set.depths)
         except ValueError as e:

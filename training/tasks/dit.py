@@ -43,7 +43,9 @@ def latent_caches(recipe: Recipe, dist: Dist, vae, info: dict):
     caches = []
     for split in ("train", "test"):
         spec = {"vqgan": info["weights_hash"], "data": data, "split": split, "pad": info["pad"]}
-        images = lambda s=split: load_split(data, s, recipe.cache_dir)      # noqa: E731
+        # every process calls this at the same point; each node's first one fills cache_dir
+        images = lambda s=split: dist.local_first(                            # noqa: E731
+            lambda: load_split(data, s, recipe.cache_dir), enabled=bool(recipe.cache_dir))
         caches.append(ensure_cache(folder / split, vae, images, spec, info["pad"],
                                    recipe.eval_batch_size, recipe.num_workers, dist))
     return caches

@@ -20,7 +20,7 @@ from training.models import build_model
 from training.models.mae import MAEConfig, encoder_state_dict, mae_grid
 from training.models.vit import ViT
 from training.recipe import Recipe
-from training.tasks.classify import data_spec, load_split, recipe_vit_config
+from training.tasks.classify import data_spec, load_split, load_splits, recipe_vit_config
 
 EVAL_SEED = 0
 # ViTConfig fields that must agree for an MAE encoder's weights to fit another ViT ([cls] may
@@ -49,8 +49,7 @@ class MAETask:
     def __init__(self, recipe: Recipe, dist: Dist):
         self.recipe, self.dist = recipe, dist
         self.data = data_spec(recipe)
-        self.train_set = load_split(self.data, "train", recipe.cache_dir)
-        self.test_set = load_split(self.data, "test", recipe.cache_dir)
+        self.train_set, self.test_set = load_splits(self.data, recipe, dist)
         self.spec = mae_spec(recipe, self.train_set)
         self.model = build_model(self.spec)
         self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)

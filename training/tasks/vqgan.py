@@ -39,7 +39,7 @@ from training.models.vqgan import (
     vqgan_losses,
 )
 from training.recipe import Recipe
-from training.tasks.classify import data_spec, load_split
+from training.tasks.classify import data_spec, load_split, load_splits
 
 
 class LossVQModel(VQModel):
@@ -133,8 +133,7 @@ class VQGANTask:
     def __init__(self, recipe: Recipe, dist: Dist):
         self.recipe, self.dist = recipe, dist
         self.data = data_spec(recipe)
-        self.train_set = load_split(self.data, "train", recipe.cache_dir)
-        self.test_set = load_split(self.data, "test", recipe.cache_dir)
+        self.train_set, self.test_set = load_splits(self.data, recipe, dist)
         ds = self.train_set
         self.pad = padding(recipe.pad_to, ds.image_size)
         self.size = ds.image_size[0] + 2 * self.pad
