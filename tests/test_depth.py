@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pixtok.errors import UserError
-from training.data.depth import build_depth_dataset
+from training.data.depth import DepthDataset, build_depth_dataset
 from training.metrics.depth import DepthMetrics, depth_metrics, mean_depth_baseline
 from training.models import build_model
 from training.models.depth import DepthHeadConfig, DepthViT, depth_loss
@@ -336,3 +336,16 @@ def test_tiny_depth_vit_beats_mean_depth_baseline():
     with torch.no_grad():
         metrics = depth_metrics(model(test.images.float() / 255), test.depths)
     assert metrics["rmse"] < 0.93 * baseline_rmse, (metrics, baseline_rmse)
+
+
+def test_depth_dataset_marks_invalid_depths_in_a_copy_or_in_place():
+    images = torch.zeros(2, 3, 1, 3, dtype=torch.uint8)
+    raw = torch.tensor([1.5, NAN, -2.0, math.inf, 0.0, 3.0]).reshape(2, 1, 1, 3)
+    expected = torch.tensor([1.5, 0, 0, 0, 0, 3.0]).reshape(2, 1, 1, 3)
+    given = raw.clone()
+    copied = DepthDataset(images, given)                 # the caller's tensor stays as it was
+    assert torch.equal(copied.depths, expected) and torch.equal(given.isnan(), raw.isnan())
+    owned = DepthDataset(images, given, own=True)        # handed over: cleaned where it lies
+    assert torch.equal(owned.depths, expected) and owned.depths.data_ptr() == given.data_ptr()
+    wide = DepthDataset(images, raw.double(), own=True)      # another dtype: one float32 copy
+    assert wide.depths.dtype == torch.float32 and torch.equal(wide.depths, expected)

@@ -23,19 +23,24 @@ NYU_SPLITS_FILE = "splits.mat"
 
 
 class DepthDataset:
-    """RGB-D pairs held as uint8 images (N, 3, H, W) and float32 depths (N, 1, H, W)."""
+    """RGB-D pairs held as uint8 images (N, 3, H, W) and float32 depths (N, 1, H, W).
 
-    def __init__(self, images: torch.Tensor, depths: torch.Tensor):
+    Invalid depths (NaN, inf, <= 0) become 0, in a copy; `own=True` says the caller hands its
+    arrays over, so float32 depths are cleaned in place (no second copy of a large set)."""
+
+    def __init__(self, images: torch.Tensor, depths: torch.Tensor, own: bool = False):
         if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images: expected uint8 (N, 3, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
         if depths.shape != (images.shape[0], 1, *images.shape[2:]):
             raise ValueError(f"depths {tuple(depths.shape)} do not match images "
                              f"{tuple(images.shape)}")
-        depths = depths.float()
+        if not (own and depths.dtype == torch.float32):
+            depths = depths.to(torch.float32, copy=True)
+        # one marker for NaN, inf and depths <= 0: 0, set in place (no temporaries)
+        depths.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
         self.images = images.contiguous()
-        # one invalid marker: NaN, inf and negative depths all become 0
-        self.depths = torch.where(torch.isfinite(depths) & (depths > 0), depths, 0.0).contiguous()
+        self.depths = depths.contiguous()
         self.image_size = tuple(images.shape[2:])
         self.in_channels = 3
 
@@ -145,7 +150,7 @@ def load_nyu(data_dir, split: str, image_size: tuple[int, int], splits=None) -> 
             img = np.asarray(rgb[i], dtype=np.uint8).transpose(2, 1, 0)   # (H, W, 3)
             images[k] = resize_image(img, image_size, "bicubic").transpose(2, 0, 1)
             depths[k, 0] = resize_depth(np.asarray(depth[i], np.float32).T, image_size)
-    return DepthDataset(torch.from_numpy(images), torch.from_numpy(depths))
+    return DepthDataset(torch.from_numpy(images), torch.from_numpy(depths), own=True)
 
 
 def load_folder(data_dir, split: str, image_size: tuple[int, int]) -> DepthDataset:
@@ -179,7 +184,7 @@ def load_folder(data_dir, split: str, image_size: tuple[int, int]) -> DepthDatas
         images[k] = resize_image(rgb, image_size, "bicubic").transpose(2, 0, 1)
         metres = np.asarray(mm, dtype=np.float32) / 1000.0
         depths[k, 0] = resize_depth(metres, image_size)
-    return DepthDataset(torch.from_numpy(images), torch.from_numpy(depths))
+    return DepthDataset(torch.from_numpy(images), torch.from_numpy(depths), own=True)
 
 
 def read_png(path: Path) -> Image.Image:

@@ -446,7 +446,7 @@ class SceneDataset(DepthDataset):
                 del cached
             if path:
                 write_cache(path, images, depths)
-        super().__init__(torch.from_numpy(images), torch.from_numpy(depths))
+        super().__init__(torch.from_numpy(images), torch.from_numpy(depths), own=True)
 
 
 if __name__ == "__main__":   # rate: python -m training.data.scenes
