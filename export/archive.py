@@ -4,9 +4,10 @@ An archive runs on a stock TorchServe with only torch, numpy, pillow and safeten
 (and diffusers for a generator):
 
     handler.py              serving/handlers/<task>.py
-    pixtok_model/           the inference core (serving/*.py) and the model code it needs
-                            (training/models/vit.py, training/data/resize.py, ...), copied with
-                            their imports of this repository made relative to the package
+    pixtok/                 the core package as it is in the repository (models, resize, pipeline,
+                            sampling defaults, checkpoint format, the inference core), less the
+                            command-line modules; the handler puts the archive's folder first on
+                            sys.path, so the archive's copy is the one that runs
     config.json             the checkpoint's config: architecture, labels, input size and resize
     index_to_name.json      labels in TorchServe's usual form (classifiers and generators)
     model.safetensors       weights; never a pickle
@@ -17,6 +18,7 @@ model.safetensors (export/generator.py).
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -24,40 +26,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
+from pixtok.checkpoint import load_model, read_config
 from pixtok.errors import UserError
-from training.checkpoint import load_model, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
+CORE = ROOT / "pixtok"
+CLI_ONLY = ("cli.py", "__main__.py", "bench.py")    # the core's top: not needed to serve
 VERSION = "1.0"    # the model version TorchServe registers; config.properties refers to it
 REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors"]
-CORE = [ROOT / "serving" / f for f in ("validate.py", "images.py", "inference.py",
-                                        "handler_base.py")] + [
-    ROOT / "training" / "sampling_defaults.py"]
-MODELS, SERVING = ROOT / "training" / "models", ROOT / "serving"
-TASKS = {   # task -> the handler, the model code its archive ships, what it needs installed
-    "classify": {"handler": SERVING / "handlers" / "classifier.py",
-                 "code": [MODELS / "vit.py", ROOT / "training" / "data" / "resize.py"],
-                 "requirements": REQUIREMENTS, "onnx_output": "logits"},
-    "depth": {"handler": SERVING / "handlers" / "depth.py",
-              "code": [MODELS / "vit.py", MODELS / "depth.py",
-                       ROOT / "training" / "data" / "resize.py",
-                       SERVING / "depth_estimator.py"],
-              "requirements": REQUIREMENTS, "onnx_output": "depth"},
-    "generate": {"handler": SERVING / "handlers" / "generator.py",
-                 "code": [MODELS / "vit.py", MODELS / "dit.py", ROOT / "training" / "pipeline.py",
-                          ROOT / "pixtok" / "errors.py", SERVING / "image_generator.py"],
+HANDLERS = ROOT / "serving" / "handlers"
+TASKS = {   # task -> the handler, what it needs installed, the ONNX output's name
+    "classify": {"handler": HANDLERS / "classifier.py", "requirements": REQUIREMENTS,
+                 "onnx_output": "logits"},
+    "depth": {"handler": HANDLERS / "depth.py", "requirements": REQUIREMENTS,
+              "onnx_output": "depth"},
+    "generate": {"handler": HANDLERS / "generator.py",
                  "requirements": [*REQUIREMENTS, "diffusers"]},
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# `from training.models.vit import ViT` -> `from .vit import ViT` (any depth, any indentation)
-_PROJECT_IMPORT = re.compile(
-    r"^(\s*)from (?:pixtok|training|serving|export)(?:\.\w+)*\.(\w+) import ", re.M)
-_RELATIVE_IMPORT = re.compile(r"^\s*from \.(\w+) import ", re.M)
-_ANY_PROJECT_IMPORT = re.compile(r"^\s*(?:from|import) (?:pixtok|training|serving|export)\b",
-                                 re.M)
+REPOSITORY_PACKAGES = ("training", "serving", "export")
 
 
 class ExportError(UserError):
@@ -102,37 +91,43 @@ def check_depth_config(config: dict, ckpt: Path) -> None:
 CHECKS = {"classify": check_classifier_config, "depth": check_depth_config}
 
 
-def copy_module(src: Path, package: Path) -> None:
-    """Copy a module into the archive's package with its imports of this repository rewritten
-    to the package's own copies (`from training.models.vit import` -> `from .vit import`)."""
-    (package / src.name).write_text(_PROJECT_IMPORT.sub(r"\1from .\2 import ", src.read_text()))
+def imported_modules(module: Path, root: Path) -> list[str]:
+    """The absolute names of the modules a file under `root` imports (relative ones resolved)."""
+    package = list(module.relative_to(root).parts[:-1])
+    names = []
+    for node in ast.walk(ast.parse(module.read_text(), str(module))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            names.append(".".join(package[:len(package) - node.level + 1]
+                                  + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
 
 
-def check_self_contained(package: Path) -> None:
-    """Every relative import in the package names a module it ships, and nothing imports the
-    repository: a packaging mistake fails the export, not a user's server."""
-    shipped = {p.stem for p in package.glob("*.py")}
-    for module in package.glob("*.py"):
-        text = module.read_text()
-        missing = sorted(set(_RELATIVE_IMPORT.findall(text)) - shipped)
-        outside = [line.strip() for line in _ANY_PROJECT_IMPORT.findall(text)]
-        if missing or outside:
-            raise ExportError(f"archive module {module.name} imports code the archive does not "
-                              f"ship: {', '.join(missing + outside)}")
+def check_self_contained(stage: Path) -> None:
+    """Every `pixtok` module that the handler and the shipped package import is shipped, and
+    nothing imports the rest of the repository: a packaging mistake fails the export, not a
+    user's server."""
+    files = stage / "files"
+    for module, root in [(stage / "handler.py", stage),
+                         *((m, files) for m in sorted((files / "pixtok").rglob("*.py")))]:
+        for name in imported_modules(module, root):
+            top = name.split(".")[0]
+            path = files.joinpath(*name.split("."))
+            shipped = path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+            if top in REPOSITORY_PACKAGES or (top == "pixtok" and not shipped):
+                raise ExportError(f"archive module {module.relative_to(root)} imports {name}, "
+                                  "which the archive does not ship")
 
 
-def stage_code(task: dict, files: Path) -> None:
-    """The pixtok_model package: the inference core and the task's model code."""
-    package = files / "pixtok_model"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('"""pixtok model code shipped inside a TorchServe '
-                                         'archive."""\n')
-    sources = CORE + task["code"]
-    if len({s.name for s in sources}) != len(sources):
-        raise ExportError(f"two modules of one archive share a file name: {sources}")
-    for src in sources:
-        copy_module(src, package)
-    check_self_contained(package)
+def stage_code(handler: Path, stage: Path) -> None:
+    """handler.py and the core package, both copied as they are."""
+    shutil.copytree(CORE, stage / "files" / "pixtok", ignore=shutil.ignore_patterns(
+        "__pycache__", "*.pyc", *CLI_ONLY))
+    shutil.copy2(handler, stage / "handler.py")
+    check_self_contained(stage)
 
 
 def write_index_to_name(labels: list[str], files: Path) -> None:
@@ -208,7 +203,7 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixtok-export-") as tmp:
         stage = Path(tmp)
-        stage_code(task, stage / "files")
+        stage_code(task["handler"], stage)
         if pipeline is not None:
             stage_generator(pipeline, stage / "files")
         else:
@@ -222,21 +217,11 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
                                output_name=task["onnx_output"])
             log(f"onnx: {out / f'{name}.onnx'} (onnxruntime vs torch: {diff:.2e})")
             shutil.copy2(out / f"{name}.onnx", stage / "files" / "model.onnx")
-        handler = stage / "handler.py"
-        shutil.copy2(task["handler"], handler)
-        mar = run_archiver(name, handler, stage / "files", stage, task["requirements"])
+        mar = run_archiver(name, stage / "handler.py", stage / "files", stage,
+                           task["requirements"])
         os.replace(mar, out / f"{name}.mar")     # TorchServe never sees a half-written archive
     log(f"archive: {out / f'{name}.mar'}")
     return out / f"{name}.mar"
-
-
-def read_archive_json(mar, member: str) -> dict | None:
-    """A JSON file inside a .mar (config.json, MAR-INF/MANIFEST.json), or None if it has none."""
-    try:
-        with zipfile.ZipFile(mar) as z:
-            return json.loads(z.read(member))
-    except (KeyError, OSError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None
 
 
 def is_stale(ckpt: Path, mar: Path) -> bool:

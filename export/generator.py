@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from export.archive import ExportError, write_index_to_name
-from training.checkpoint import save_weights, write_json
+from pixtok.checkpoint import save_weights, write_json
 
 DECODER_PREFIXES = ("quantize.", "post_quant_conv.", "decoder.")
 PARTS = ("transformer", "vae", "scheduler")
@@ -39,7 +39,7 @@ def read_pipeline(ckpt: Path) -> dict:
     last two state dicts. Weights must be safetensors."""
     from diffusers import VQModel
 
-    from training.models.dit import PixelDiT
+    from pixtok.models.dit import PixelDiT
 
     index = read_json(ckpt / "model_index.json")
     missing = [p for p in PARTS if not (ckpt / p).is_dir()]

@@ -23,7 +23,7 @@ import torch
 from diffusers import VQModel
 
 from pixtok.errors import UserError
-from training.models.vqgan import vqmodel_kwargs
+from pixtok.models.vqgan import vqmodel_kwargs
 
 DDCONFIG_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels",
                  "resolution", "in_channels", "out_ch")

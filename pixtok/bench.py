@@ -1,4 +1,4 @@
-"""`pixtok bench SUITE`: speed and memory measured side by side in one run, printed as JSON.
+"""`pixtok bench infer`: the core models' speed and memory, side by side in one run (JSON).
 
 infer: ViT/p forward throughput (classifiers, and a dense depth model at 48x64) beside this
 machine's fp32 GEMM rate (the same run's 2048^2 matmul), so `fraction_of_gemm` says how close the
@@ -7,16 +7,12 @@ beside textbook softmax(QK^T)V.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
-
-from pixtok.errors import UserError
 
 
 def _timeit(fn, min_time: float = 1.0, repeats: int = 5) -> float:
@@ -40,7 +36,7 @@ def gemm_flops_per_s(n: int = 2048, min_time: float = 1.0) -> float:
 
 
 def vit_throughput(name: str, image_size: int, batch: int, min_time: float = 2.0) -> dict:
-    from training.models.vit import ViT, flops_per_image, vit_config
+    from pixtok.models.vit import ViT, flops_per_image, vit_config
 
     cfg = vit_config(name, image_size=(image_size, image_size), num_classes=100)
     model = ViT(cfg).eval()
@@ -54,8 +50,8 @@ def vit_throughput(name: str, image_size: int, batch: int, min_time: float = 2.0
 def depth_throughput(name: str, image_size: tuple[int, int], batch: int,
                      min_time: float = 2.0) -> dict:
     """DepthViT forward throughput: every token of the image (no [cls]) feeds the dense head."""
-    from training.models.depth import DepthViT
-    from training.models.vit import flops_per_image, vit_config
+    from pixtok.models.depth import DepthViT
+    from pixtok.models.vit import flops_per_image, vit_config
 
     cfg = vit_config(name, image_size=image_size, pool="mean")
     model = DepthViT(cfg).eval()
@@ -68,7 +64,7 @@ def depth_throughput(name: str, image_size: tuple[int, int], batch: int,
 
 
 def _peak_memory_child(name: str, side: int, impl: str, depth: int, queue) -> None:
-    from training.models.vit import ViT, vit_config
+    from pixtok.models.vit import ViT, vit_config
 
     def build(s):
         model = ViT(vit_config(name, image_size=(s, s), depth=depth)).eval()
@@ -120,23 +116,3 @@ def bench_infer(quick: bool = False) -> dict:
     return {"suite": "infer", "device": "cpu", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "results": results, "memory": memory,
             "memory_model": f"ViT-T/1 depth {depth}, batch 1"}
-
-
-SUITES = {"infer": "pixtok.bench:bench_infer", "sample": "training.bench_sample:bench_sample",
-          "serve": "serving.bench:bench_serve"}
-
-
-def run_cli(args) -> int:
-    import importlib
-
-    module, func = SUITES[args.suite].split(":")
-    try:
-        fn = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError):
-        raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
-    result = fn(quick=args.quick)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0

@@ -1,16 +1,22 @@
 """The `pixtok` command: train, eval, sample, export, serve, bench.
 
-Each subcommand's code is imported only when it runs, so `pixtok serve` never loads training code
-and `pixtok --help` is instant. A user's mistake (UserError) ends in one line on stderr, exit 2.
+This module is the top of the house: the only one that imports training/, export/ and serving/
+together, and it composes them (`pixtok serve` has export build the archives that are missing and
+training write the page's example images, then starts serving). Each subcommand's code is
+imported only when it runs, so `pixtok --help` is instant. A user's mistake (UserError) ends in
+one line on stderr, exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
 
 from pixtok import __version__
 from pixtok.errors import UserError
+from pixtok.sampling import SAMPLERS
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an exit code
 COMMANDS = {
@@ -18,9 +24,12 @@ COMMANDS = {
     "eval": "training.evaluate:run_cli",
     "sample": "training.sample:run_cli",
     "export": "export.cli:run_cli",
-    "serve": "serving.launcher:run_cli",
-    "bench": "pixtok.bench:run_cli",
+    "serve": "pixtok.cli:serve",
+    "bench": "pixtok.cli:bench",
 }
+# `pixtok bench SUITE`: each suite lives with the part it measures
+BENCH_SUITES = {"infer": "pixtok.bench:bench_infer", "sample": "training.bench_sample:bench_sample",
+                "serve": "serving.bench:bench_serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, help="generators: how many samples")
     p.add_argument("--out", help="where to write an image (MAE grid)")
     p.add_argument("--classifier", help="generators: classifier checkpoint for fid_proxy")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "euler"],
+    p.add_argument("--sampler", choices=SAMPLERS,
                    help="generators: sampler (default: the shared sampling defaults)")
     p.add_argument("--steps", type=int, help="generators: sampling steps")
     p.add_argument("--guidance", type=float, help="generators: classifier-free guidance scale")
@@ -53,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True, help="class name or index")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "euler"])
+    p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--guidance", type=float)
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--out", required=True, help="PNG file for the grid")
@@ -73,10 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay until SIGTERM/Ctrl-C, then stop everything (containers)")
 
     p = sub.add_parser("bench", help="benchmarks; results as JSON")
-    p.add_argument("suite", choices=["infer", "sample", "serve"])
+    p.add_argument("suite", choices=list(BENCH_SUITES))
     p.add_argument("--json", dest="json_out", help="write the results to this file too")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
     return parser
+
+
+def serve(args) -> int:
+    """`pixtok serve`: archives built where missing (export), the page's examples written
+    (training), then TorchServe and the page started (serving)."""
+    from serving import launcher
+
+    if args.stop:
+        return launcher.run_cli(args)
+    from export.archive import build_missing_archives
+    from training.data.examples import write_examples
+
+    return launcher.run_cli(args, build=build_missing_archives, examples=write_examples)
+
+
+def bench(args) -> int:
+    module, func = BENCH_SUITES[args.suite].split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError):
+        raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
+    extra = {}
+    if args.suite == "serve":
+        from export.archive import export_archive
+
+        extra["export_archive"] = export_archive
+    text = json.dumps(fn(quick=args.quick, **extra), indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

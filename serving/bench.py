@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pixtok.inference.backend import load_classifier, pick_device
 from serving import launcher
-from serving.inference import load_classifier, pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "model_store" / "fashion-vit1"
@@ -30,8 +30,8 @@ def bench_checkpoint(tmp: Path) -> tuple[Path, str]:
     """The shipped Fashion-MNIST classifier, or an untrained one of the same shape (speed only)."""
     if (SHIPPED / "config.json").is_file():
         return SHIPPED, "fashion-vit1"
-    from training.checkpoint import save_weights, write_json
-    from training.models.vit import ViT, vit_config
+    from pixtok.checkpoint import save_weights, write_json
+    from pixtok.models.vit import ViT, vit_config
 
     torch.manual_seed(0)
     cfg = vit_config("ViT-P/1", image_size=(28, 28), in_channels=1, num_classes=10)
@@ -109,12 +109,12 @@ def drive(call, bodies: list[bytes], clients: int, per_client: int) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
-def bench_serve(quick: bool = False) -> dict:
+def bench_serve(quick: bool = False, export_archive=None) -> dict:
     """{"suite": "serve", "model", "results": [{"path", "clients", "images_per_s", "p50_ms",
-    "p99_ms"}], "startup_s"}"""
-    from export.archive import export_archive
-    from training.data.resize import resize_image
-    from training.models import build_model
+    "p99_ms"}], "startup_s"}. export_archive(ckpt, store, name=, log=) builds the benchmark
+    model's archive (`pixtok bench serve` passes export's; serving never imports export)."""
+    from pixtok.models import build_model
+    from pixtok.resize import resize_image
 
     per_client = 8 if quick else 48
     device = pick_device(0)     # where TorchServe puts the worker: GPU 0 when there is one
@@ -154,10 +154,3 @@ def bench_serve(quick: bool = False) -> dict:
             batcher.close()
     return {"suite": "serve", "model": model_label, "device": str(device),
             "results": results, "startup_s": round(startup_s, 2)}
-
-
-if __name__ == "__main__":   # python -m serving.bench [--quick]
-    import json
-    import sys
-
-    print(json.dumps(bench_serve("--quick" in sys.argv), indent=1))

@@ -18,7 +18,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from pixtok.errors import UserError
-from serving.validate import MAX_BODY_BYTES
+from pixtok.inference.validate import MAX_BODY_BYTES
 
 DEFAULT_MODELS = {"classify": "fashion-vit1", "depth": "scenes-vit1-depth",
                   "generate": "fashion-dit1"}

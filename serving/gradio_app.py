@@ -28,15 +28,21 @@ import json
 import os
 import secrets
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pixtok.archive import read_archive_json
 from pixtok.errors import UserError
+from pixtok.inference.validate import (
+    GENERATE_DEFAULTS,
+    MAX_BODY_BYTES,
+    MAX_IMAGES,
+    MAX_STEPS,
+    SAMPLERS,
+)
 from serving.client import DEFAULT_MODELS, Client, ServerError, default_run_dir, read_properties
-from serving.validate import GENERATE_DEFAULTS, MAX_BODY_BYTES, MAX_IMAGES, MAX_STEPS, SAMPLERS
 
 MODEL_ENV = {"classify": "PIXTOK_CLASSIFIER", "depth": "PIXTOK_DEPTH_MODEL",
              "generate": "PIXTOK_GENERATOR"}
@@ -44,10 +50,6 @@ UI_PORT_ENV, DEFAULT_UI_PORT = "PIXTOK_UI_PORT", 7860
 UI_USER, UI_PASSWORD_ENV, UI_PASSWORD_FILE = "pixtok", "PIXTOK_UI_PASSWORD", "ui_password"
 COLOUR_MAP = "viridis_r"       # near is bright, far is dark
 CONCURRENCY = {"generate": 2, "classify": 8, "depth": 4}   # TorchServe batches the rest
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_EXAMPLES = 6
-SCENE_EXAMPLES, SCENE_SIZE = 3, (96, 128)
-SCENE_SEED = 7    # a seed stream of its own: SceneDataset's splits use streams 0, 1, 2
 IMAGE_HEIGHT = 320
 # small images (28x28 Fashion-MNIST, 48x64 depth maps) are shown scaled up, with sharp pixels
 CSS = """
@@ -115,7 +117,7 @@ def request_timeout() -> float:
 
 def model_names(overrides: dict | None = None) -> dict:
     """{task: model name}: an override, else $PIXTOK_CLASSIFIER / _DEPTH_MODEL / _GENERATOR,
-    else DESIGN.md's default names."""
+    else the default names of docs/architecture.md."""
     overrides = {k: v for k, v in (overrides or {}).items() if v}
     return {task: overrides.get(task) or os.environ.get(env) or DEFAULT_MODELS[task]
             for task, env in MODEL_ENV.items()}
@@ -137,18 +139,8 @@ def served_archives(run_dir: Path) -> dict[str, Path]:
             for name, versions in models.items() if versions}
 
 
-def read_archive_member(mar: Path, member: str) -> dict:
-    """A JSON object inside a .mar, or {} when it is missing or not an object."""
-    try:
-        with zipfile.ZipFile(mar) as zf:
-            found = json.loads(zf.read(member))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
 def archive_task(mar: Path) -> str | None:
-    return read_archive_member(mar, "config.json").get("task")
+    return (read_archive_json(mar, "config.json") or {}).get("task")
 
 
 def served_models(run_dir: Path) -> dict[str, list[str]]:
@@ -161,10 +153,10 @@ def served_models(run_dir: Path) -> dict[str, list[str]]:
 
 def archive_labels(mar: Path) -> list[str]:
     """Class names from an archive's config.json "labels" or its index_to_name.json; [] if none."""
-    labels = read_archive_member(mar, "config.json").get("labels")
+    labels = (read_archive_json(mar, "config.json") or {}).get("labels")
     if isinstance(labels, list) and labels:
         return [str(label) for label in labels]
-    index = read_archive_member(mar, "index_to_name.json")
+    index = read_archive_json(mar, "index_to_name.json") or {}
     try:
         return [str(index[k]) for k in sorted(index, key=int)]
     except (ValueError, TypeError):
@@ -172,51 +164,15 @@ def archive_labels(mar: Path) -> list[str]:
 
 
 # --- examples --------------------------------------------------------------------------------
-def write_fashion_examples(folder: Path, data_dir: Path = FASHION_DIR) -> list[Path]:
-    """The first test image of each of the first FASHION_EXAMPLES classes, as PNG files."""
-    if not data_dir.is_dir():
-        return []
-    from training.data import DataError
-    from training.data.fashion_mnist import find_idx, read_idx
-
-    try:
-        images = read_idx(find_idx(data_dir, "t10k-images-idx3-ubyte"), 3)   # (N, 28, 28)
-        labels = read_idx(find_idx(data_dir, "t10k-labels-idx1-ubyte"), 1)   # (N,)
-    except DataError as e:
-        print(f"pixtok ui: no Fashion-MNIST examples ({e})", file=sys.stderr)
-        return []
-    paths = []
-    for k in range(min(FASHION_EXAMPLES, int(labels.max()) + 1)):
-        i = int(np.flatnonzero(labels == k)[0])
-        path = folder / f"fashion-test-{k}-{i:05d}.png"     # class k, test image i
-        Image.fromarray(images[i]).save(path)
-        paths.append(path)
-    return paths
-
-
-def write_scene_examples(folder: Path) -> list[Path]:
-    """A few rendered RGB-D scenes (the RGB part) of training/data/scenes.py, as PNG files."""
-    from training.data.scenes import render_scene
-
-    paths = []
-    for i in range(SCENE_EXAMPLES):
-        rgb, _ = render_scene((SCENE_SEED, i), SCENE_SIZE)     # (H, W, 3) uint8
-        path = folder / f"scene-{i}.png"
-        Image.fromarray(rgb).save(path)
-        paths.append(path)
-    return paths
-
-
 def examples_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "ui" / "examples"
 
 
-def write_examples(folder: Path) -> dict[str, list[Path]]:
-    """{"classify": [...], "depth": [...]}: example files, written once into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fashion = sorted(folder.glob("fashion-test-*.png")) or write_fashion_examples(folder)
-    scenes = sorted(folder.glob("scene-*.png")) or write_scene_examples(folder)
-    return {"classify": fashion, "depth": scenes}
+def read_examples(folder: Path) -> dict[str, list[Path]]:
+    """{"classify": [...], "depth": [...]}: the example files `pixtok serve` wrote into `folder`
+    (training/data/examples.py); the page itself never reads data sets."""
+    return {"classify": sorted(folder.glob("fashion-test-*.png")),
+            "depth": sorted(folder.glob("scene-*.png"))}
 
 
 # --- depth colouring -------------------------------------------------------------------------
@@ -399,7 +355,7 @@ def make_app(run_dir=None, models: dict | None = None, inference_url: str | None
     print(f"pixtok ui: server {client.base_url}, models {models}, "
           f"{len(labels)} generator classes", flush=True)
     folder = examples_dir(run_dir)
-    examples = write_examples(folder)
+    examples = read_examples(folder)
     return build_app(PageActions(client, models, labels), examples), folder
 
 

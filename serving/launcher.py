@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
+from pixtok.archive import read_archive_json
 from pixtok.errors import UserError
+from pixtok.inference.validate import MAX_BODY_BYTES
 from serving.client import PORTS, Client, default_run_dir, local_url, read_properties
-from serving.validate import MAX_BODY_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("config.properties")
@@ -154,13 +155,16 @@ def check_ports_free(host: str, ports: dict) -> None:
                                  f"({e.strerror}); set {PORTS[api][0]} to a free port") from None
 
 
-def collect_models(store: Path, log=print) -> dict[str, tuple[str, str, str]]:
-    """Build missing or stale archives, then {model name: (archive, version, task)} for the store.
+def model_store_path(model_store=None) -> Path:
+    """The model store: the argument, $PIXTOK_MODEL_STORE, or the repository's model_store/."""
+    store = Path(model_store or os.environ.get("PIXTOK_MODEL_STORE") or ROOT / "model_store")
+    return store.expanduser().resolve()
+
+
+def collect_models(store: Path) -> dict[str, tuple[str, str, str]]:
+    """{model name: (archive, version, task)} for the archives in the store.
 
     TorchServe names a model by the archive's manifest, not by its file name."""
-    from export.archive import build_missing_archives, read_archive_json
-
-    build_missing_archives(store, log=log)
     models = {}
     for mar in sorted(store.glob("*.mar")):
         manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json")
@@ -267,9 +271,11 @@ def wait_ready(server: Server, timeout: float) -> None:
 
 def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
           log=print, ports: dict | None = None, token_expiration_min: float | None = None,
-          config=None) -> Server:
-    """Build missing archives, start TorchServe, return once every model answers.
+          config=None, build=None) -> Server:
+    """Start TorchServe on the store's archives, return once every model answers.
 
+    build(store, log): called first, to build missing or stale archives (`pixtok serve` passes
+    export's build_missing_archives; serving itself never imports export).
     ports ({api: port}) and token_expiration_min default to the PIXTOK_* environment variables.
     config: a finished config.properties to run as it is instead of one rendered from
     serving/config.properties (host and ports must then be its addresses); the models waited
@@ -280,8 +286,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     if pid is not None:
         raise ServeError(f"already running (pid {pid}, run folder {run_dir}); stop it with "
                          "`pixtok serve --stop`")
-    store = Path(model_store or os.environ.get("PIXTOK_MODEL_STORE") or ROOT / "model_store")
-    store = store.expanduser().resolve()
+    store = model_store_path(model_store)
     if not store.is_dir():
         raise ServeError(f"{store}: no such model store folder")
     if importlib.util.find_spec("ts") is None:
@@ -291,7 +296,9 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         raise ServeError("TorchServe needs Java 11 or newer: no java on PATH and no JAVA_HOME")
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, ports)
-    models = collect_models(store, log=log)
+    if build is not None:
+        build(store, log=log)
+    models = collect_models(store)
     if not models:
         raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
                          f"(pixtok export CKPT --out {store})")
@@ -410,11 +417,13 @@ def ui_env(run_dir: Path, env: dict | None) -> dict:
 
 def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
              models: dict | None = None, env: dict | None = None, timeout: float | None = None,
-             log=print, login: bool = False) -> FrontEnd:
+             log=print, login: bool = False, examples=None) -> FrontEnd:
     """Start the Gradio front end for the server of `run_dir`; return once its page answers.
 
     models ({task: name}) and env (extra environment variables) override the defaults. The page
-    asks for user pixtok's password when host is not loopback, or always with login=True."""
+    asks for user pixtok's password when host is not loopback, or always with login=True.
+    examples(folder): writes the page's example inputs first (`pixtok serve` passes training's
+    writer; the page only reads the folder)."""
     import urllib.error
     import urllib.request
 
@@ -425,7 +434,6 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
                          f"{run_dir}); stop it with `pixtok serve --stop`")
     port = port or ui_port_from_env()
     check_ui_port_free(host, port)
-    # written here, where torch is loaded already: the front end then never imports it
     from serving.gradio_app import (
         UI_PASSWORD_ENV,
         UI_PASSWORD_FILE,
@@ -433,10 +441,10 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
         examples_dir,
         needs_login,
         new_ui_password,
-        write_examples,
     )
 
-    write_examples(examples_dir(run_dir))
+    if examples is not None:    # written here, so the front end never loads torch or data code
+        examples(examples_dir(run_dir))
     cmd = [sys.executable, "-m", UI_MODULE, "--host", host, "--port", str(port),
            "--run-dir", str(run_dir)]
     for task, name in (models or {}).items():
@@ -556,7 +564,8 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
     return 0 if caught else 1
 
 
-def run_cli(args) -> int:
+def run_cli(args, build=None, examples=None) -> int:
+    """`pixtok serve`; build and examples as for start() and start_ui()."""
     if getattr(args, "stop", False):
         stop_ui()
         stop()
@@ -572,13 +581,13 @@ def run_cli(args) -> int:
         check_ui_port_free(host, ui_port_from_env())
     caught = catch_stop_signals() if foreground else []
     t0 = time.monotonic()
-    server = start(getattr(args, "model_store", None), host)
+    server = start(getattr(args, "model_store", None), host, build=build)
     rd = server.run_dir
     print(f"pixtok serve: TorchServe up in {time.monotonic() - t0:.1f} s (pid {server.pid})")
     ui = None
     if with_ui:
         try:
-            ui = start_ui(rd, host)
+            ui = start_ui(rd, host, examples=examples)
         except ServeError:
             stop(rd, log=lambda *_: None)
             raise

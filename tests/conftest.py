@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import save_weights, write_json
-from training.models.vit import ViT, vit_config
+from pixtok.checkpoint import save_weights, write_json
+from pixtok.models.vit import ViT, vit_config
 
 LABELS = ["tee", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
           "boot"]
@@ -38,7 +38,7 @@ def make_classifier(folder: Path, image_size=(8, 8), channels: int = 1, seed: in
 def make_depth(folder: Path, image_size=(12, 16), seed: int = 0) -> Path:
     """A random-weight ViT-F/1 depth checkpoint folder (RGB in), as the depth task lays it out.
     The head's last layer is random, not zero, so depth varies over the image (about 1-10 m)."""
-    from training.models.depth import DepthViT
+    from pixtok.models.depth import DepthViT
 
     torch.manual_seed(seed)
     cfg = vit_config("ViT-F/1", image_size=image_size, in_channels=3, num_classes=0)
@@ -59,9 +59,9 @@ def tiny_pipeline(latent_size: int = 4, sampler: str = "ddpm", labels=LABELS, se
     """A random-weight DiT-F/1 over a tiny f4 VQGAN: 4 x latent_size^2 latents, grey images 4x
     the latent size. The DiT's weights are perturbed (a fresh one predicts zeros), so labels and
     seeds matter."""
-    from training.models.dit import PixelDiT, dit_config
-    from training.models.vqgan import build_vqgan
-    from training.pipeline import PixelDiTPipeline, make_scheduler
+    from pixtok.models.dit import PixelDiT, dit_config
+    from pixtok.models.vqgan import build_vqgan
+    from pixtok.pipeline import PixelDiTPipeline, make_scheduler
 
     torch.manual_seed(seed)
     dit = PixelDiT(**dit_config("DiT-F/1", sample_size=latent_size, in_channels=4,
@@ -104,7 +104,7 @@ def server(tmp_path_factory):
     checkpoint folder) and tiny-gen (a generator's pipeline folder), the last two also built by
     the launcher. srv.checkpoint, srv.depth_checkpoint and srv.generator_checkpoint are the
     folders."""
-    from export.archive import export_archive
+    from export.archive import build_missing_archives, export_archive
     from serving import launcher
 
     store = tmp_path_factory.mktemp("model_store")
@@ -113,7 +113,8 @@ def server(tmp_path_factory):
     depth, generator = make_depth(store / "tiny-depth"), make_generator(store / "tiny-gen")
     run_dir = tmp_path_factory.mktemp("run")
     srv = launcher.start(store, run_dir=run_dir, timeout=120, log=lambda *_: None,
-                         ports=launcher.free_ports(), token_expiration_min=0.1)
+                         ports=launcher.free_ports(), token_expiration_min=0.1,
+                         build=build_missing_archives)
     srv.checkpoint, srv.depth_checkpoint, srv.generator_checkpoint = ckpt, depth, generator
     yield srv
     launcher.stop(run_dir, log=lambda *_: None)
@@ -127,6 +128,7 @@ def ui(server, tmp_path_factory):
 
     from serving import launcher
     from serving.gradio_app import served_models
+    from training.data.examples import write_examples
 
     models = {task: names[0] for task, names in served_models(server.run_dir).items()}
     with socket.socket() as s:
@@ -134,7 +136,7 @@ def ui(server, tmp_path_factory):
         port = s.getsockname()[1]
     env = {"GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     front = launcher.start_ui(server.run_dir, port=port, models=models, env=env, timeout=120,
-                              log=lambda *_: None)
+                              log=lambda *_: None, examples=write_examples)
     front.models = models
     yield front
     launcher.stop_ui(server.run_dir, log=lambda *_: None)

@@ -46,7 +46,7 @@ def shown_image(page, img) -> np.ndarray:
 
 def test_the_page_loads_and_asks_only_its_own_server(ui, browser_page):
     page, requested = browser_page
-    assert page.title() == "pixtok"
+    sync_api.expect(page).to_have_title("pixtok")     # set once the page has rendered
     for tab in ("Generate", "Classify", "Depth"):
         assert page.get_by_role("tab", name=tab).is_visible()
     origin = ui.url.rstrip("/")

@@ -1,8 +1,8 @@
 """Capacity notes: the per-recipe arithmetic, checked against the model's own FLOP formula."""
 from __future__ import annotations
 
+from pixtok.models.vit import flops_per_image, vit_config
 from training.capacity import H100_BF16, MFU, recipe_capacity
-from training.models.vit import flops_per_image, vit_config
 
 
 def test_vit_t1_cifar100_capacity_by_hand():

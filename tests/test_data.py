@@ -12,12 +12,12 @@ import torch
 from datafiles import idx_bytes, write_idx
 from PIL import Image
 
+from pixtok.resize import resize_image
 from training.data import DataError, build_dataset
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.data.cifar import load_pickle
 from training.data.depth import DepthDataset
 from training.data.fashion_mnist import CLASSES as FASHION_CLASSES
-from training.data.resize import resize_image
 from training.loader import channel_stats
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")

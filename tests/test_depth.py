@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from pixtok.errors import UserError
+from pixtok.models import build_model
+from pixtok.models.depth import DepthHeadConfig, DepthViT, depth_loss
+from pixtok.models.vit import patchify, shuffle_tokens, vit_config
 from training.data.depth import DepthDataset, build_depth_dataset
 from training.metrics.depth import DepthMetrics, depth_metrics, mean_depth_baseline
-from training.models import build_model
-from training.models.depth import DepthHeadConfig, DepthViT, depth_loss
-from training.models.vit import patchify, shuffle_tokens, vit_config
 
 NAN = float("nan")
 

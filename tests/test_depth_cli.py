@@ -12,14 +12,14 @@ import torch
 from clirun import pixtok
 
 from pixtok.bench import depth_throughput
+from pixtok.checkpoint import save_weights, write_json
 from pixtok.errors import UserError
-from training.checkpoint import save_weights, write_json
+from pixtok.models.depth import depth_loss
+from pixtok.models.mae import MAE, MAEConfig
+from pixtok.models.vit import flops_per_image, vit_config
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
 from training.metrics.depth import depth_metrics, mean_depth_baseline
-from training.models.depth import depth_loss
-from training.models.mae import MAE, MAEConfig
-from training.models.vit import flops_per_image, vit_config
 from training.recipe import load_recipe
 from training.tasks.depth import DepthTask
 

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from pixtok.models import build_model
+from pixtok.models.dit import DIT_MODELS, PixelDiT, dit_config, flops_per_image
 from training.diffusion import (
     diffusion_loss,
     discretized_gaussian_log_likelihood,
@@ -12,8 +14,6 @@ from training.diffusion import (
     training_scheduler,
     variational_bound,
 )
-from training.models import build_model
-from training.models.dit import DIT_MODELS, PixelDiT, dit_config, flops_per_image
 
 
 def tiny_dit(**kw) -> PixelDiT:

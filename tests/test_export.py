@@ -19,10 +19,10 @@ from PIL import Image
 
 from export.archive import ExportError, build_missing_archives, export_archive
 from export.onnx import export_onnx
-from serving.inference import load_classifier
-from training.checkpoint import load_model
-from training.data.resize import resize_image
-from training.models import build_model
+from pixtok.checkpoint import load_model
+from pixtok.inference.backend import load_classifier
+from pixtok.models import build_model
+from pixtok.resize import resize_image
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *_: None}
@@ -44,11 +44,16 @@ def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_pat
         config = json.loads(z.read("config.json"))
         weights = z.read("model.safetensors")
         labels = json.loads(z.read("index_to_name.json"))
-    code = {f"pixtok_model/{f}.py" for f in
-            ("__init__", "vit", "resize", "inference", "images", "validate", "handler_base")}
+        vit = z.read("pixtok/models/vit.py")
+    code = {f"pixtok/{f}.py" for f in
+            ("__init__", "models/vit", "resize", "inference/backend", "inference/images",
+             "inference/validate", "inference/handler_base", "checkpoint", "errors")}
     assert code | {"handler.py", "config.json", "model.safetensors", "index_to_name.json",
                    "requirements.txt"} <= names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
+    assert not [n for n in names if n.endswith(("pixtok/cli.py", "pixtok/__main__.py"))]
+    # the core ships as it is in the repository: no import is rewritten
+    assert vit == (ROOT / "pixtok" / "models" / "vit.py").read_bytes()
     assert "model.onnx" not in names
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny-cls",
                                  "handler": "handler.py", "modelVersion": "1.0"}
@@ -60,16 +65,24 @@ def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_pat
 # Runs inside the unpacked archive with pixtok's packages unimportable, through TorchServe's
 # own Context: one good image and one bad one in the same batch.
 ISOLATED = textwrap.dedent("""
-    import importlib.abc, json, sys
-    BLOCKED = {"pixtok", "training", "serving", "export"}
+    import importlib.abc, importlib.machinery, json, os, sys
+    BLOCKED = {"training", "serving", "export"}
+    HERE = os.path.realpath(".") + os.sep
 
     class Block(importlib.abc.MetaPathFinder):
+        # the repository is unimportable; `pixtok` only from the archive's own folder
         def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in BLOCKED:
+            top = name.split(".")[0]
+            if top in BLOCKED:
                 raise ImportError(f"{name} must not be imported by an archive")
+            if top == "pixtok":
+                spec = importlib.machinery.PathFinder.find_spec(name, path or [HERE])
+                if spec is None or not os.path.realpath(spec.origin).startswith(HERE):
+                    raise ImportError(f"{name} must come from the archive")
+                return spec
+            return None
 
     sys.meta_path.insert(0, Block())
-    sys.path.insert(0, ".")
     from ts.context import Context, RequestProcessor
     import handler
 
@@ -79,7 +92,8 @@ ISOLATED = textwrap.dedent("""
     service = handler.ClassifierHandler()
     service.initialize(context)
     out = service.handle([{"body": open("good.png", "rb").read()}, {"body": b"junk"}], context)
-    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    from pixtok.inference.handler_base import foreign_modules
+    leaked = foreign_modules(".")
     print(json.dumps({"answers": [json.loads(o) for o in out], "leaked": leaked,
                       "status": [context.get_response_status(i) for i in range(2)]}))
 """)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from pixtok.models.vit import ViT, flops_per_image, vit_config
 from training.flops import FlopCounter, count_forward_flops
-from training.models.vit import ViT, flops_per_image, vit_config
 
 
 @pytest.mark.parametrize("name, side, pool", [("ViT-T/1", 32, "cls"), ("ViT-S/2", 32, "mean"),

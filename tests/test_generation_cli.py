@@ -90,7 +90,7 @@ def test_dit_trains_on_a_latent_cache_into_a_pipeline_folder(dit, vqgan):
 def test_pipeline_folder_loads_offline_in_one_call_with_labels(dit):
     script = (
         "import sys, torch\n"
-        "from training.pipeline import PixelDiTPipeline\n"
+        "from pixtok.pipeline import PixelDiTPipeline\n"
         "pipe = PixelDiTPipeline.from_pretrained(sys.argv[1])\n"
         "pipe.set_progress_bar_config(disable=True)\n"
         "im = pipe(['Bag', 1], num_inference_steps=2, output_type='pt').images\n"

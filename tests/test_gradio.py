@@ -20,12 +20,10 @@ import pytest
 from conftest import LABELS, make_classifier
 from PIL import Image
 
+from pixtok.inference.validate import GENERATE_DEFAULTS
 from serving import launcher
 from serving.client import DEFAULT_MODELS
 from serving.gradio_app import (
-    FASHION_DIR,
-    SCENE_SEED,
-    SCENE_SIZE,
     archive_labels,
     colour_table,
     colourise,
@@ -33,9 +31,8 @@ from serving.gradio_app import (
     legend_html,
     model_names,
     served_archives,
-    write_examples,
 )
-from serving.validate import GENERATE_DEFAULTS
+from training.data.examples import FASHION_DIR, SCENE_SEED, SCENE_SIZE, write_examples
 
 gradio_client = pytest.importorskip("gradio_client")
 

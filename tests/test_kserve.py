@@ -29,13 +29,13 @@ from test_serving_generator import pipeline_pixels, pixels
 
 from export.archive import VERSION, check_name, export_archive
 from pixtok.errors import UserError
+from pixtok.inference.backend import load_classifier
+from pixtok.inference.depth_estimator import load_depth_estimator
+from pixtok.models import build_model
+from pixtok.resize import resize_image
 from serving import launcher
 from serving.client import DEFAULT_MODELS, Client, read_properties
-from serving.depth_estimator import load_depth_estimator
 from serving.gradio_app import UI_PASSWORD_FILE, needs_login, new_ui_password, ui_login
-from serving.inference import load_classifier
-from training.data.resize import resize_image
-from training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KSERVE = ROOT / "serving" / "deploy" / "kserve"

@@ -8,9 +8,9 @@ import torch
 from datafiles import learnable_fashion
 
 from pixtok.errors import UserError
+from pixtok.models.vqgan import build_vqgan
 from training.data import build_dataset
 from training.latents import LatentCache, build_cache, ensure_cache, is_current, prepare_images
-from training.models.vqgan import build_vqgan
 
 SPEC = {"vqgan": "hash-a", "data": {"dataset": "fashion-mnist"}, "split": "train", "pad": 2}
 

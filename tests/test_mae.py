@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from pixtok.errors import UserError
-from training.models import build_model
-from training.models.mae import MAE, MAEConfig, encoder_state_dict, mae_grid, random_masking
-from training.models.vit import ViT, patchify, vit_config
+from pixtok.models import build_model
+from pixtok.models.mae import MAE, MAEConfig, encoder_state_dict, mae_grid, random_masking
+from pixtok.models.vit import ViT, patchify, vit_config
 
 SIZE = (6, 8)   # 48 pixel tokens
 

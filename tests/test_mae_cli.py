@@ -14,11 +14,11 @@ from clirun import pixtok
 from PIL import Image
 from safetensors.torch import load_file
 
+from pixtok.checkpoint import save_weights, write_json
 from pixtok.errors import UserError
-from training.checkpoint import save_weights, write_json
+from pixtok.models.vit import ViT, vit_config
 from training.data import build_dataset
 from training.distributed import Dist
-from training.models.vit import ViT, vit_config
 from training.recipe import load_recipe
 from training.tasks.classify import ClassifyTask
 from training.tasks.mae import load_mae_encoder

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_pipeline
 
 from pixtok.errors import UserError
-from training.pipeline import make_scheduler
+from pixtok.pipeline import make_scheduler
 
 LABELS = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
           "Ankle boot"]
@@ -113,7 +113,7 @@ def test_save_and_load_offline_in_one_call(pipe, tmp_path):
     # a fresh process, offline: one from_pretrained call brings back the model and the labels
     script = (
         "import hashlib, sys, torch\n"
-        "from training.pipeline import PixelDiTPipeline\n"
+        "from pixtok.pipeline import PixelDiTPipeline\n"
         "pipe = PixelDiTPipeline.from_pretrained(sys.argv[1])\n"
         "pipe.set_progress_bar_config(disable=True)\n"
         "im = pipe(['Sneaker', 0], num_inference_steps=3,"

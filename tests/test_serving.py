@@ -18,11 +18,11 @@ import pytest
 from clirun import pixtok
 from PIL import Image
 
+from pixtok.inference.backend import load_classifier
+from pixtok.inference.validate import GENERATE_DEFAULTS, RequestError, parse_generate_request
+from pixtok.models import build_model
+from pixtok.resize import resize_image
 from serving.client import ServerError
-from serving.inference import load_classifier
-from serving.validate import GENERATE_DEFAULTS, RequestError, parse_generate_request
-from training.data.resize import resize_image
-from training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from export.archive import ExportError, export_archive
-from serving.depth_estimator import load_depth_estimator
-from training.checkpoint import load_model
-from training.data.resize import resize_image
-from training.models import build_model
+from pixtok.checkpoint import load_model
+from pixtok.inference.depth_estimator import load_depth_estimator
+from pixtok.models import build_model
+from pixtok.resize import resize_image
 
 RNG = np.random.default_rng(1)
 QUIET = {"log": lambda *_: None}
@@ -92,9 +92,9 @@ def test_depth_archive_and_onnx_agree_with_pytorch(tiny_depth, tmp_path):
     mar = export_archive(tiny_depth, tmp_path / "store", onnx=True, **QUIET)
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(mar).extractall(unpacked)
-    code = {p.name for p in (unpacked / "pixtok_model").glob("*.py")}
-    assert {"vit.py", "depth.py", "resize.py", "depth_estimator.py"} <= code
-    assert "from .vit import" in (unpacked / "pixtok_model" / "depth.py").read_text()
+    code = {str(p.relative_to(unpacked)) for p in (unpacked / "pixtok").rglob("*.py")}
+    assert {"pixtok/models/vit.py", "pixtok/models/depth.py", "pixtok/resize.py",
+            "pixtok/inference/depth_estimator.py"} <= code
     assert json.loads((unpacked / "config.json").read_text())["task"] == "depth"
     # the ONNX graph: a dynamic batch axis, depth (N, 1, H, W) as PyTorch computes it
     model, _ = load_model(tiny_depth)

@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
-from export.archive import ExportError, check_self_contained, copy_module, export_archive
+from export.archive import ExportError, check_self_contained, export_archive, stage_code
 from export.generator import DECODER_PREFIXES
-from serving.image_generator import load_generator
-from serving.validate import GENERATE_DEFAULTS, MAX_STEPS, SAMPLERS, parse_generate_request
-from training.models.dit import PixelDiT
-from training.pipeline import DEFAULT_STEPS, PixelDiTPipeline, make_scheduler
-from training.sampling_defaults import SAMPLING_DEFAULTS
+from pixtok.inference.image_generator import load_generator
+from pixtok.inference.validate import GENERATE_DEFAULTS, MAX_STEPS, SAMPLERS, parse_generate_request
+from pixtok.models.dit import PixelDiT
+from pixtok.pipeline import PixelDiTPipeline, make_scheduler
+from pixtok.sampling import DEFAULT_STEPS, SAMPLING_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,10 +152,9 @@ def test_the_archive_holds_the_dit_and_only_the_vqgan_decoder(archive, tiny_gene
     assert config["task"] == "generate" and config["labels"][4] == "coat"
     assert config["schedule"]["num_train_timesteps"] == 1000
     assert "diffusers" in (archive / "requirements.txt").read_text().split()
-    package = archive / "pixtok_model"
-    assert "from .dit import PixelDiT" in (package / "pipeline.py").read_text()
-    assert ((package / "sampling_defaults.py").read_bytes()
-            == (ROOT / "training" / "sampling_defaults.py").read_bytes())
+    for module in ("models/dit.py", "pipeline.py", "sampling.py", "inference/image_generator.py"):
+        assert ((archive / "pixtok" / module).read_bytes()
+                == (ROOT / "pixtok" / module).read_bytes()), module
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -179,14 +178,16 @@ def test_onnx_of_a_generator_is_refused(tiny_generator, tmp_path):
 
 
 def test_an_archive_module_that_reaches_into_the_repository_fails_the_export(tmp_path):
-    package = tmp_path / "pixtok_model"
-    package.mkdir()
-    source = tmp_path / "core.py"
-    source.write_text("from training.models.vit import ViT\n")
-    copy_module(source, package)
-    assert (package / "core.py").read_text() == "from .vit import ViT\n"
-    with pytest.raises(ExportError, match="core.py imports code the archive does not ship: vit"):
-        check_self_contained(package)          # vit.py is not shipped
-    (package / "vit.py").write_text("import training.models\n")
-    with pytest.raises(ExportError, match="vit.py .* import training"):
-        check_self_contained(package)
+    stage = tmp_path / "stage"
+    stage_code(ROOT / "serving" / "handlers" / "generator.py", stage)    # the real core: passes
+    extra = stage / "files" / "pixtok" / "extra.py"
+    extra.write_text("from training.train import train\n")
+    with pytest.raises(ExportError, match="pixtok/extra.py imports training.train"):
+        check_self_contained(stage)
+    extra.write_text("from .models import missing\n")
+    with pytest.raises(ExportError, match="imports pixtok.models.missing"):
+        check_self_contained(stage)
+    extra.unlink()
+    (stage / "handler.py").write_text("from pixtok.nowhere import x\n")
+    with pytest.raises(ExportError, match="handler.py imports pixtok.nowhere"):
+        check_self_contained(stage)

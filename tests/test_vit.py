@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.models.vit import (
+from pixtok.models.vit import (
     SIZES,
     ViT,
     ViTConfig,

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from export.taming import load_taming_checkpoint
 from pixtok.errors import UserError
-from training.models.vqgan import (
+from pixtok.models.vqgan import (
     CodebookUsage,
     PatchDiscriminator,
     PerceptualLoss,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pixtok.errors import UserError
-from training.sampling_defaults import SAMPLING_DEFAULTS
+from pixtok.sampling import SAMPLING_DEFAULTS
 from training.tasks.generate import (
     ROOT,
     Classifier,

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import torch
 
+from pixtok.models import build_model
 from training.flops import count_forward_flops
-from training.models import build_model
 from training.recipe import load_recipe
 
 STORE = Path(__file__).resolve().parent.parent / "model_store"
@@ -37,7 +37,7 @@ def recipe_model(recipe):
     size = tuple(recipe.image_size or (32, 32))
     shape_only = SimpleNamespace(image_size=size, in_channels=channels, classes=range(classes))
     if recipe.task == "dit":
-        from training.models.dit import dit_config
+        from pixtok.models.dit import dit_config
         c, h, w = DIT_LATENT
         spec = {"arch": "dit", "args": dit_config(recipe.model, sample_size=h, in_channels=c,
                                                   num_classes=classes)}
@@ -73,8 +73,8 @@ def recipe_capacity(name: str) -> dict:
 
 # serving cases: (name, what, model spec builder, inputs, forward passes per image)
 def serving_cases() -> list[tuple]:
-    from training.models.dit import dit_config
-    from training.models.vit import vit_config
+    from pixtok.models.dit import dit_config
+    from pixtok.models.vit import vit_config
 
     def vit(name, size, channels, classes):
         cfg = vit_config(name, image_size=size, in_channels=channels, num_classes=classes)

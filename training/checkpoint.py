@@ -1,54 +1,16 @@
-"""The checkpoint folder contract: config.json, model.safetensors, metrics.jsonl, train_state.pt.
-
-Every file is written atomically (temp file in the same folder, fsync, rename), so a run killed at
-any moment leaves either the previous complete checkpoint or the new one, never a torn file.
+"""What training adds to the checkpoint folder (pixtok/checkpoint.py): train_state.pt for an exact
+resume, and init_from, which starts a later phase from another run's weights.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from pixtok.checkpoint import CheckpointError, atomic_write, read_config
 from pixtok.errors import UserError
-
-FORMAT = "pixtok-checkpoint/1"
-
-
-class CheckpointError(UserError):
-    """A checkpoint folder that is missing, incomplete or of another format."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and move the result onto path in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; give the file normal modes
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def save_train_state(path: Path, state: dict) -> None:
@@ -57,35 +19,6 @@ def save_train_state(path: Path, state: dict) -> None:
 
 def load_train_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def git_commit() -> str | None:
-    """The commit the code came from, or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, timeout=5).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def read_config(ckpt: Path) -> dict:
-    ckpt = Path(ckpt)
-    path = ckpt / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt}: not a checkpoint folder (no config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
-    return config
 
 
 def read_init_config(path) -> dict:
@@ -150,16 +83,3 @@ def load_same_task(path, task: str, spec: dict, model: torch.nn.Module) -> bool:
     result = model.load_state_dict(load_file(weights), strict=False)
     check_fit(path, "weights", result.missing_keys, result.unexpected_keys)
     return True
-
-
-def load_model(ckpt: Path, device: str | torch.device = "cpu"):
-    """Rebuild the model a checkpoint folder describes and load its weights -> (model, config)."""
-    from training.models import build_model
-
-    config = read_config(ckpt)
-    weights = Path(ckpt) / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{ckpt}: no model.safetensors")
-    model = build_model(config["model"])
-    model.load_state_dict(load_file(weights, device=str(device)))
-    return model.to(device).eval(), config

@@ -5,8 +5,8 @@ import importlib
 import json
 from pathlib import Path
 
+from pixtok.checkpoint import read_config
 from pixtok.errors import UserError
-from training.checkpoint import read_config
 
 # task -> module holding evaluate_checkpoint(ckpt, config, args) -> dict
 EVALUATORS = {

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pixtok.checkpoint import atomic_write, write_json
 from pixtok.errors import UserError
-from training.checkpoint import atomic_write, write_json
 from training.loader import fetch_batches
 
 FORMAT = "pixtok-latents/1"

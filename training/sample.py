@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from pixtok.errors import UserError
-from training.sampling_defaults import SAMPLING_DEFAULTS
+from pixtok.sampling import SAMPLING_DEFAULTS
 
 MAX_IMAGES = 1024
 
 
 def sampling_settings(sampler: str | None, steps: int | None, guidance: float | None) -> dict:
     """Fill in omitted settings: SAMPLING_DEFAULTS, or the sampler's own step count."""
-    from training.pipeline import DEFAULT_STEPS, SAMPLERS
+    from pixtok.sampling import DEFAULT_STEPS, SAMPLERS
 
     sampler = sampler or SAMPLING_DEFAULTS["sampler"]
     if sampler not in SAMPLERS:
@@ -51,7 +51,7 @@ def image_grid(images: torch.Tensor) -> Image.Image:
 
 
 def run_cli(args) -> int:
-    from training.pipeline import make_scheduler
+    from pixtok.pipeline import make_scheduler
     from training.tasks.generate import device, load_pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES:

@@ -22,17 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pixtok.checkpoint import FORMAT, git_commit, read_config, save_weights, write_json
 from pixtok.errors import UserError
 from training import distributed
-from training.checkpoint import (
-    FORMAT,
-    git_commit,
-    load_train_state,
-    read_config,
-    save_train_state,
-    save_weights,
-    write_json,
-)
+from training.checkpoint import load_train_state, save_train_state
 from training.fsdp import full_model_state, full_optim_state, load_optim_state, shard
 from training.recipe import Recipe, from_dict, load_recipe
 

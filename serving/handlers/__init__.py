@@ -1,2 +1,2 @@
-"""TorchServe handler files. Each is copied into an archive as handler.py and imports the model
-code shipped beside it (the pixtok_model package inside the .mar), never this repository."""
+"""TorchServe handler files. Each is copied into an archive as handler.py and imports the core
+package shipped beside it (pixtok/ inside the .mar), which it puts first on sys.path."""

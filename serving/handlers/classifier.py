@@ -1,12 +1,18 @@
 """TorchServe handler of a pixtok classifier archive (handler.py at the root of the .mar).
 
-It runs from the archive alone: pixtok_model/ beside it holds the inference core, the ViT code
-and the resize function training used; the weights are model.safetensors (or model.onnx).
+It runs from the archive alone: the pixtok/ package beside it holds the inference core, the ViT
+code and the resize function training used; the weights are model.safetensors (or model.onnx).
 """
-from pixtok_model.handler_base import PixtokHandler
-from pixtok_model.inference import load_classifier
-from pixtok_model.resize import resize_image
-from pixtok_model.vit import ViT, ViTConfig
+import os
+import sys
+
+# the archive's own copy of the pixtok core runs, whatever else the Python environment holds
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pixtok.inference.backend import load_classifier  # noqa: E402
+from pixtok.inference.handler_base import PixtokHandler  # noqa: E402
+from pixtok.models.vit import ViT, ViTConfig  # noqa: E402
+from pixtok.resize import resize_image  # noqa: E402
 
 
 def build_vit(spec: dict) -> ViT:

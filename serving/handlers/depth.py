@@ -1,13 +1,19 @@
 """TorchServe handler of a pixtok depth archive (handler.py at the root of the .mar).
 
-It runs from the archive alone: pixtok_model/ beside it holds the inference core, the ViT and
+It runs from the archive alone: the pixtok/ package beside it holds the inference core, the ViT and
 DepthViT code and the resize function training used; the weights are model.safetensors (or
 model.onnx).
 """
-from pixtok_model.depth import DepthViT
-from pixtok_model.depth_estimator import load_depth_estimator
-from pixtok_model.handler_base import PixtokHandler
-from pixtok_model.resize import resize_image
+import os
+import sys
+
+# the archive's own copy of the pixtok core runs, whatever else the Python environment holds
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pixtok.inference.depth_estimator import load_depth_estimator  # noqa: E402
+from pixtok.inference.handler_base import PixtokHandler  # noqa: E402
+from pixtok.models.depth import DepthViT  # noqa: E402
+from pixtok.resize import resize_image  # noqa: E402
 
 
 def build_depth_vit(spec: dict) -> DepthViT:

@@ -1,13 +1,20 @@
 """TorchServe handler of a pixtok generator archive (handler.py at the root of the .mar).
 
-It runs from the archive alone: pixtok_model/ beside it holds the sampling core, the DiT code and
-the sampler presets (a copy of training/pipeline.py); the weights are transformer.safetensors and
+It runs from the archive alone: the pixtok/ package beside it holds the sampling core, the DiT
+code and the sampler presets (pixtok/pipeline.py); the weights are transformer.safetensors and
 vq_decoder.safetensors (the VQGAN's decoding half).
 """
-from pixtok_model.dit import PixelDiT
-from pixtok_model.handler_base import PixtokHandler, v2_generate_body
-from pixtok_model.image_generator import load_generator
-from pixtok_model.pipeline import DEFAULT_STEPS, make_scheduler
+import os
+import sys
+
+# the archive's own copy of the pixtok core runs, whatever else the Python environment holds
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pixtok.inference.handler_base import PixtokHandler, v2_generate_body  # noqa: E402
+from pixtok.inference.image_generator import load_generator  # noqa: E402
+from pixtok.models.dit import PixelDiT  # noqa: E402
+from pixtok.pipeline import make_scheduler  # noqa: E402
+from pixtok.sampling import DEFAULT_STEPS  # noqa: E402
 
 
 class GeneratorHandler(PixtokHandler):

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from pixtok.errors import UserError
-
-from .resize import MODES as RESIZE_MODES
-from .resize import resize_batch
+from pixtok.resize import MODES as RESIZE_MODES
+from pixtok.resize import resize_batch
 
 NAMES = ("fashion-mnist", "cifar100", "cifar100-coarse", "imagefolder")
 SPLITS = ("train", "test")

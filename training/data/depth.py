@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pixtok.resize import nearest_index, resize_image
 from training.data import DataError, parse_image_size
-from training.data.resize import nearest_index, resize_image
 
 NAMES = ("nyu", "scenes", "folder")
 NYU_FILE = "nyu_depth_v2_labeled.mat"

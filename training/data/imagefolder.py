@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from training.checkpoint import atomic_write
+from pixtok.checkpoint import atomic_write
+from pixtok.resize import resize_image
 
 from . import DataError
-from .resize import resize_image
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CACHE_FORMAT = 1  # bump when decoding changes, so old caches are not reused

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write
+from pixtok.checkpoint import atomic_write
 from training.data import DataError
 from training.data.depth import DepthDataset
 

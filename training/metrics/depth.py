@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from training.models.depth import log_error_moments, valid_mask
+from pixtok.models.depth import log_error_moments, valid_mask
 
 MIN_DEPTH = 1e-3   # predictions are clamped to 1 mm so that log and ratios stay finite
 KEYS = ("rmse", "rel", "delta1", "delta2", "delta3", "log10", "rmse_scaled", "silog", "n",

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from pixtok.errors import UserError
+from pixtok.models import build_model
+from pixtok.models.vit import shuffle_tokens, vit_config
 from training.checkpoint import load_same_task
 from training.data import build_dataset
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
 from training.loader import channel_stats, crop_flip_batches, fetch_batches
-from training.models import build_model
-from training.models.vit import shuffle_tokens, vit_config
 from training.recipe import Recipe
 
 
@@ -165,7 +165,7 @@ def evaluate_classifier(model, dataset, dist: Dist, batch_size: int = 256, amp=N
 
 def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
     """`pixtok eval` for a classifier: Acc@1/Acc@5 on a split of its data set (or --data)."""
-    from training.checkpoint import load_model
+    from pixtok.checkpoint import load_model
     from training.distributed import Dist
 
     model, config = load_model(ckpt)

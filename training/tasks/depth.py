@@ -11,15 +11,15 @@ from dataclasses import asdict
 import torch
 
 from pixtok.errors import UserError
+from pixtok.models import build_model
+from pixtok.models.depth import DepthHeadConfig, depth_loss
+from pixtok.models.vit import gather_tokens, patchify
 from training.checkpoint import load_same_task
 from training.data.augment import CropFlip
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
-from training.models import build_model
-from training.models.depth import DepthHeadConfig, depth_loss
-from training.models.vit import gather_tokens, patchify
 from training.recipe import Recipe
 from training.tasks.classify import TokenDropout, load_splits, recipe_vit_config
 
@@ -148,7 +148,7 @@ def evaluate_depth(model, dataset, dist: Dist, train_mean_depth: float,
 def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
     """`pixtok eval` for a depth model: metrics on a split of its data set (or --data), beside
     the mean-depth baseline."""
-    from training.checkpoint import CheckpointError, load_model
+    from pixtok.checkpoint import CheckpointError, load_model
 
     if "train_mean_depth" not in config:
         raise CheckpointError(f"{ckpt}/config.json: no train_mean_depth (not written by "

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from pixtok.errors import UserError
+from pixtok.models.dit import PixelDiT, dit_config
+from pixtok.pipeline import PixelDiTPipeline, make_scheduler
+from pixtok.sampling import SAMPLING_DEFAULTS
 from training.diffusion import diffusion_loss, training_scheduler
 from training.distributed import Dist
 from training.latents import ensure_cache
-from training.models.dit import PixelDiT, dit_config
-from training.pipeline import PixelDiTPipeline, make_scheduler
 from training.recipe import Recipe
-from training.sampling_defaults import SAMPLING_DEFAULTS
 from training.tasks.classify import data_spec, load_split
 from training.tasks.generate import DEFAULT_CLASSIFIER, classifier_path, generation_metrics
 from training.tasks.vqgan import load_vqgan

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pixtok.errors import UserError
+from pixtok.sampling import SAMPLING_DEFAULTS
 from training.metrics.generation import class_agreement, fid_from_features
-from training.sampling_defaults import SAMPLING_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLASSIFIER = Path("model_store") / "fashion-vit1"
@@ -35,7 +35,7 @@ def load_pipeline(ckpt, device: str | torch.device = "cpu"):
     """A generator checkpoint folder -> PixelDiTPipeline (progress bar off)."""
     from diffusers.utils import logging as diffusers_logging
 
-    from training.pipeline import PixelDiTPipeline
+    from pixtok.pipeline import PixelDiTPipeline
 
     ckpt = Path(ckpt)
     if not (ckpt / "model_index.json").is_file():
@@ -77,7 +77,7 @@ class Classifier:
     pooled tokens before the head (N, D), and logits."""
 
     def __init__(self, path, device: str | torch.device = "cpu"):
-        from training.checkpoint import load_model
+        from pixtok.checkpoint import load_model
 
         self.model, self.config = load_model(path, device)
         if self.config.get("task") != "classify" or not hasattr(self.model, "forward_features"):
@@ -122,7 +122,7 @@ def sample_images(pipe, labels: list[int], sampler: str, steps: int, guidance: f
                   seed: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, float]:
     """Generate one image per label -> (images (N, C, H, W) in [0, 1] on the CPU, seconds).
     One CPU generator seeded once runs through the batches: same arguments, same images."""
-    from training.pipeline import make_scheduler
+    from pixtok.pipeline import make_scheduler
 
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config,
                                     pipe.transformer.config.learn_sigma)
@@ -197,7 +197,7 @@ def generation_metrics(pipe, classifier, n: int = DEFAULT_SAMPLES, pad: int = 0,
 
 
 def default_steps(sampler: str) -> int:
-    from training.pipeline import DEFAULT_STEPS
+    from pixtok.sampling import DEFAULT_STEPS
 
     if sampler not in DEFAULT_STEPS:
         raise UserError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFAULT_STEPS)}")

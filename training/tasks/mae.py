@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
+from pixtok.checkpoint import load_model
 from pixtok.errors import UserError
-from training.checkpoint import check_fit, load_model, read_init_config
+from pixtok.models import build_model
+from pixtok.models.mae import MAEConfig, encoder_state_dict, mae_grid
+from pixtok.models.vit import ViT
+from training.checkpoint import check_fit, read_init_config
 from training.data.augment import CropFlip
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
-from training.models import build_model
-from training.models.mae import MAEConfig, encoder_state_dict, mae_grid
-from training.models.vit import ViT
 from training.recipe import Recipe
 from training.tasks.classify import data_spec, load_split, load_splits, recipe_vit_config
 

@@ -22,11 +22,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from pixtok.errors import UserError
-from training.data.augment import CropFlip
-from training.distributed import Dist
-from training.latents import prepare_images
-from training.loader import crop_flip_batches, fetch_batches
-from training.models.vqgan import (
+from pixtok.models.vqgan import (
     CodebookUsage,
     PatchDiscriminator,
     PerceptualLoss,
@@ -38,6 +34,10 @@ from training.models.vqgan import (
     vqgan_config,
     vqgan_losses,
 )
+from training.data.augment import CropFlip
+from training.distributed import Dist
+from training.latents import prepare_images
+from training.loader import crop_flip_batches, fetch_batches
 from training.recipe import Recipe
 from training.tasks.classify import data_spec, load_split, load_splits
 

@@ -326,7 +326,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-if __name__ == "__main__":   # quick look: python -m training.models.vit
+if __name__ == "__main__":   # quick look: python -m pixtok.models.vit
     for size in SIZES:
         cfg = vit_config(f"ViT-{size}/1", image_size=(32, 32), num_classes=100)
         print(f"ViT-{size}/1", f"{count_params(ViT(cfg)) / 1e6:.2f}M params",

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .backend import load_backend
 from .images import MAX_PIXELS, decode_image
-from .inference import load_backend
 from .validate import check_image_request
 
 MAX_MILLIMETRES = 65535     # the largest depth a 16-bit PNG holds: 65.535 m

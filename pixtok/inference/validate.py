@@ -10,14 +10,13 @@ import json
 import math
 import os
 
-from training.sampling_defaults import SAMPLING_DEFAULTS  # an archive ships its own copy
+from pixtok.sampling import DEFAULT_STEPS, SAMPLERS, SAMPLING_DEFAULTS
 
 MAX_BODY_BYTES = int(os.environ.get("PIXTOK_MAX_BODY_BYTES", 10 * 2**20))    # 10 MB
 MAX_STEPS = 1000
 MAX_IMAGES = 16
-SAMPLERS = ("ddpm", "ddim", "dpm")
 # what an omitted generator field means: the sampler, steps and guidance of `pixtok sample` and
-# the Gradio page (one constant, training/sampling_defaults.py), seed 0 and one image
+# the Gradio page (one constant, pixtok/sampling.py), seed 0 and one image
 GENERATE_DEFAULTS = {"seed": 0, **SAMPLING_DEFAULTS, "num_images": 1}
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
 
@@ -85,13 +84,13 @@ def _label_index(label, labels: list[str]) -> int:
 
 def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
                            max_images: int = MAX_IMAGES,
-                           sampler_steps: dict[str, int] | None = None) -> dict:
+                           sampler_steps: dict[str, int] = DEFAULT_STEPS) -> dict:
     """A generator request (JSON bytes/str or an already decoded dict) -> a complete dict.
 
     Returns {"label": name, "index": int, "seed", "steps", "sampler", "guidance", "num_images"}
     with omitted fields taken from GENERATE_DEFAULTS, except that a sampler other than the
     default, given without steps, takes its own step count from sampler_steps (as `pixtok
-    sample` does; the pipeline's DEFAULT_STEPS).
+    sample` does; pixtok/sampling.py's DEFAULT_STEPS).
     """
     if isinstance(body, (bytes, bytearray, str)):
         if len(body) == 0:

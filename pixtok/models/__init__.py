@@ -10,15 +10,15 @@ from torch import nn
 def build_model(spec: dict) -> nn.Module:
     arch = spec.get("arch")
     if arch == "vit":
-        from training.models.vit import ViT, ViTConfig
+        from pixtok.models.vit import ViT, ViTConfig
         return ViT(ViTConfig(**spec["args"]))
     elif arch == "dit":
-        from training.models.dit import PixelDiT
+        from pixtok.models.dit import PixelDiT
         return PixelDiT(**spec["args"])
     elif arch == "vit-depth":
-        from training.models.depth import DepthViT
+        from pixtok.models.depth import DepthViT
         return DepthViT.from_args(spec["args"])
     elif arch == "mae":
-        from training.models.mae import MAE, MAEConfig
+        from pixtok.models.mae import MAE, MAEConfig
         return MAE(MAEConfig(**spec["args"]))
     raise ValueError(f"unknown model architecture {arch!r}")

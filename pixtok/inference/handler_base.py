@@ -16,17 +16,18 @@ import binascii
 import io
 import json
 import logging
+import os
 import sys
 from http import HTTPStatus
 
 import numpy as np
 from PIL import Image
 
-from .inference import pick_device
+from .backend import pick_device
 from .validate import RequestError
 
 log = logging.getLogger(__name__)
-REPOSITORY_PACKAGES = {"pixtok", "training", "serving", "export"}
+REPOSITORY_PACKAGES = {"training", "serving", "export"}    # never shipped in an archive
 
 
 def content_type(headers: dict) -> str | None:
@@ -127,6 +128,20 @@ def v2_generate_body(inputs: list[dict]) -> dict:
     return body
 
 
+def foreign_modules(model_dir) -> list[str]:
+    """Loaded modules of this repository that did not come from the archive in model_dir: the
+    rest of the repository, or a `pixtok` core found elsewhere than the archive's own copy."""
+    root = os.path.realpath(model_dir or ".") + os.sep
+    found = []
+    for name, module in list(sys.modules.items()):
+        top = name.split(".")[0]
+        origin = getattr(module, "__file__", None)
+        if top in REPOSITORY_PACKAGES or (
+                top == "pixtok" and origin and not os.path.realpath(origin).startswith(root)):
+            found.append(name)
+    return sorted(found)
+
+
 class PixtokHandler:
     """Subclasses implement load(model_dir, device) -> a core with preprocess() and predict()."""
 
@@ -146,7 +161,7 @@ class PixtokHandler:
         self.initialized = True
         log.info("pixtok: %s ready on %s (%s)", context.model_name, device, self.backend)
         # an archive must run on a stock TorchServe: say so loudly if it leaned on an install
-        leaked = sorted(m for m in sys.modules if m.split(".")[0] in REPOSITORY_PACKAGES)
+        leaked = foreign_modules(props.get("model_dir"))
         if leaked:
             log.warning("pixtok: archive is not self-contained, it imported %s", leaked)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from training.models.vit import ViT, ViTConfig, unpatchify
+from pixtok.models.vit import ViT, ViTConfig, unpatchify
 
 
 @dataclass

@@ -7,6 +7,8 @@ restores everything. Unlike diffusers' DiTPipeline, the null class is the model'
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import (
@@ -21,11 +23,9 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from pixtok.errors import UserError
-from training.models.dit import PixelDiT
+from pixtok.models.dit import PixelDiT
+from pixtok.sampling import SAMPLERS
 
-SAMPLERS = ("ddpm", "ddim", "dpm", "euler")
-# steps that give good samples for each sampler at interactive speed
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 20, "euler": 50}
 # the training schedule (diffusion.training_scheduler); make_scheduler copies these numbers
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                  "trained_betas", "prediction_type")
@@ -69,6 +69,16 @@ class PixelDiTPipeline(DiffusionPipeline):
                              f"{transformer.config.num_classes} classes")
         # a plain list in model_index.json: from_pretrained hands it back to __init__
         self.register_to_config(labels=list(labels) if labels is not None else None)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """Load a pipeline folder offline. The transformer is loaded as PixelDiT whatever module
+        model_index.json names, so folders saved before the model moved into the `pixtok` core
+        (they name `training.models.dit`) load too."""
+        if "transformer" not in kwargs and (Path(path) / "transformer").is_dir():
+            kwargs["transformer"] = PixelDiT.from_pretrained(
+                Path(path) / "transformer", torch_dtype=kwargs.get("torch_dtype"))
+        return super().from_pretrained(path, **kwargs)
 
     @property
     def labels(self) -> list[str] | None:

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from pixtok.errors import UserError
-from training.models.vit import (
+from pixtok.models.vit import (
     Block,
     ViT,
     ViTConfig,

@@ -17,7 +17,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from training.models.vit import Attention, patchify, sincos_pos_embed, unpatchify
+from pixtok.models.vit import Attention, patchify, sincos_pos_embed, unpatchify
 
 # name: (depth, width, heads). S/B/L/XL are DiT's; F/P are small sizes for tests and CPUs.
 SIZES = {
@@ -221,7 +221,7 @@ def flops_per_image(config) -> int:
     return embed + cfg["depth"] * per_block + final
 
 
-if __name__ == "__main__":   # quick look: python -m training.models.dit
+if __name__ == "__main__":   # quick look: python -m pixtok.models.dit
     for size in SIZES:
         cfg = dit_config(f"DiT-{size}/1", sample_size=32, in_channels=4)
         with torch.device("meta"):   # count parameters without allocating them
