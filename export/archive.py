@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pixtok.checkpoint import load_model, read_config
 from pixtok.errors import UserError
+from pixtok.tasks import TASKS, TaskInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "pixtok"
@@ -37,14 +38,6 @@ CLI_ONLY = ("cli.py", "__main__.py", "bench.py")    # the core's top: not needed
 VERSION = "1.0"    # the model version TorchServe registers; config.properties refers to it
 REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors"]
 HANDLERS = ROOT / "serving" / "handlers"
-TASKS = {   # task -> the handler, what it needs installed, the ONNX output's name
-    "classify": {"handler": HANDLERS / "classifier.py", "requirements": REQUIREMENTS,
-                 "onnx_output": "logits"},
-    "depth": {"handler": HANDLERS / "depth.py", "requirements": REQUIREMENTS,
-              "onnx_output": "depth"},
-    "generate": {"handler": HANDLERS / "generator.py",
-                 "requirements": [*REQUIREMENTS, "diffusers"]},
-}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPOSITORY_PACKAGES = ("training", "serving", "export")
 
@@ -88,7 +81,15 @@ def check_depth_config(config: dict, ckpt: Path) -> None:
     check_input_spec(config, ckpt)
 
 
-CHECKS = {"classify": check_classifier_config, "depth": check_depth_config}
+CHECKS = {"classify": check_classifier_config, "depth": check_depth_config}   # per task
+
+def handler_path(task: TaskInfo) -> Path:
+    return HANDLERS / f"{task.handler}.py"
+
+
+def requirements(task: TaskInfo) -> list[str]:
+    """What the archive needs installed: a generator's pipeline also needs diffusers."""
+    return [*REQUIREMENTS, "diffusers"] if task.pipeline else REQUIREMENTS
 
 
 def imported_modules(module: Path, root: Path) -> list[str]:
@@ -174,51 +175,54 @@ def check_name(name: str) -> str:
     return name
 
 
-def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool = False,
-                   log=print) -> Path:
-    """Build out/NAME.mar (and out/NAME.onnx with onnx=True) from a checkpoint folder, or from a
-    generator's diffusers pipeline folder (model_index.json)."""
-    from export.generator import is_pipeline_folder, read_pipeline, stage_generator
+def read_source(ckpt: Path, onnx: bool) -> tuple[TaskInfo, dict | None, object]:
+    """(task, config.json or None, the loaded model or the pipeline) of what is exported."""
+    from export.generator import is_pipeline_folder, read_pipeline
 
-    ckpt, out = Path(ckpt), Path(out)
-    name = check_name(name or ckpt.resolve().name)
-    pipeline = model = config = None
     if is_pipeline_folder(ckpt):
         if onnx:
             raise ExportError(f"{ckpt}: --onnx is for image models; a generator's archive runs "
                               "PyTorch")
-        task, pipeline = TASKS["generate"], read_pipeline(ckpt)
-    else:
-        config = read_config(ckpt)
-        if config.get("task") not in CHECKS:
-            raise ExportError(f"{ckpt}: task {config.get('task')!r} cannot be exported yet; "
-                              f"supported: {', '.join(CHECKS)} and generator pipeline folders")
-        task = TASKS[config["task"]]
-        CHECKS[config["task"]](config, ckpt)
-        try:
-            model, _ = load_model(ckpt)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ExportError(f"{ckpt}: the weights do not fit the configured model "
-                              f"({e})") from None
+        return TASKS["dit"], None, read_pipeline(ckpt)
+    config = read_config(ckpt)
+    if config.get("task") not in CHECKS:
+        raise ExportError(f"{ckpt}: task {config.get('task')!r} cannot be exported yet; "
+                          f"supported: {', '.join(CHECKS)} and generator pipeline folders")
+    CHECKS[config["task"]](config, ckpt)
+    try:
+        model, _ = load_model(ckpt)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ExportError(f"{ckpt}: the weights do not fit the configured model ({e})") from None
+    return TASKS[config["task"]], config, model
+
+
+def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool = False,
+                   log=print) -> Path:
+    """Build out/NAME.mar (and out/NAME.onnx with onnx=True) from a checkpoint folder, or from a
+    generator's diffusers pipeline folder (model_index.json)."""
+    from export.generator import stage_generator
+
+    ckpt, out = Path(ckpt), Path(out)
+    name = check_name(name or ckpt.resolve().name)
+    task, config, source = read_source(ckpt, onnx)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixtok-export-") as tmp:
         stage = Path(tmp)
-        stage_code(task["handler"], stage)
-        if pipeline is not None:
-            stage_generator(pipeline, stage / "files")
+        stage_code(handler_path(task), stage)
+        if config is None:
+            stage_generator(source, stage / "files")
         else:
             stage_files(ckpt, config, stage / "files")
         if onnx:
             from export.onnx import export_onnx
 
             spec = config["input"]
-            shape = (spec["channels"], *spec["image_size"])
-            diff = export_onnx(model, shape, out / f"{name}.onnx",
-                               output_name=task["onnx_output"])
+            diff = export_onnx(source, (spec["channels"], *spec["image_size"]),
+                               out / f"{name}.onnx", output_name=task.onnx_output)
             log(f"onnx: {out / f'{name}.onnx'} (onnxruntime vs torch: {diff:.2e})")
             shutil.copy2(out / f"{name}.onnx", stage / "files" / "model.onnx")
         mar = run_archiver(name, stage / "handler.py", stage / "files", stage,
-                           task["requirements"])
+                           requirements(task))
         os.replace(mar, out / f"{name}.mar")     # TorchServe never sees a half-written archive
     log(f"archive: {out / f'{name}.mar'}")
     return out / f"{name}.mar"

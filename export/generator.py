@@ -18,6 +18,7 @@ from pathlib import Path
 
 from export.archive import ExportError, write_index_to_name
 from pixtok.checkpoint import save_weights, write_json
+from pixtok.tasks import TASKS
 
 DECODER_PREFIXES = ("quantize.", "post_quant_conv.", "decoder.")
 PARTS = ("transformer", "vae", "scheduler")
@@ -65,7 +66,8 @@ def read_pipeline(ckpt: Path) -> dict:
                           f"channels but the VQGAN makes {vae.config.latent_channels}")
     decoder = {k: v.float() for k, v in vae.state_dict().items()
                if k.startswith(DECODER_PREFIXES)}
-    config = {"format": "pixtok-generator-archive/1", "task": "generate", "labels": labels,
+    config = {"format": "pixtok-generator-archive/1", "task": TASKS["dit"].served_as,
+              "labels": labels,
               "transformer": read_json(ckpt / "transformer" / "config.json"),
               "vq_decoder": read_json(ckpt / "vae" / "config.json"),
               "schedule": read_json(ckpt / "scheduler" / "scheduler_config.json")}

@@ -21,7 +21,7 @@ from training.data import build_dataset
 from training.distributed import Dist
 from training.recipe import load_recipe
 from training.tasks.classify import ClassifyTask
-from training.tasks.mae import load_mae_encoder
+from training.tasks.common import load_mae_encoder
 
 # the real recipes, shrunk: ViT-F/1 on 8x8 images, a one-block decoder, 8 steps an epoch, and
 # no crop or flip (a 4-pixel shift of an 8x8 ramp leaves little to learn in a few steps)

@@ -1,21 +1,12 @@
 """`pixtok eval CKPT`: evaluate a checkpoint folder and print one JSON object of metrics."""
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 from pixtok.checkpoint import read_config
 from pixtok.errors import UserError
-
-# task -> module holding evaluate_checkpoint(ckpt, config, args) -> dict
-EVALUATORS = {
-    "classify": "training.tasks.classify",
-    "depth": "training.tasks.depth",
-    "mae": "training.tasks.mae",
-    "generate": "training.tasks.generate",
-    "vqgan": "training.tasks.vqgan",
-}
+from training.tasks import TASKS, trainer_class
 
 
 def run_cli(args) -> int:
@@ -23,12 +14,12 @@ def run_cli(args) -> int:
     if not ckpt.is_dir():
         raise UserError(f"{ckpt}: no such checkpoint folder")
     if (ckpt / "model_index.json").is_file():           # a diffusers pipeline: a generator
-        config = {"task": "generate"}
+        config = {"task": "dit"}
     else:
         config = read_config(ckpt)
     task = config.get("task")
-    if task not in EVALUATORS:
+    if task not in TASKS:
         raise UserError(f"{ckpt}: cannot evaluate task {task!r}")
-    metrics = importlib.import_module(EVALUATORS[task]).evaluate_checkpoint(ckpt, config, args)
+    metrics = trainer_class(task).evaluate_checkpoint(ckpt, config, args)
     print(json.dumps(metrics))
     return 0

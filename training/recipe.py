@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixtok.errors import UserError
+from pixtok.tasks import TASKS
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -103,6 +104,30 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# recipe keys the training loop itself reads, for every task (training/train.py), and the data
+# and augmentation keys every task's data set takes; a task adds its own (Task.RECIPE_KEYS)
+COMMON_KEYS = frozenset({
+    "name", "source", "task", "model", "epochs", "max_steps", "budget_minutes", "batch_size",
+    "lr", "min_lr", "warmup_epochs", "schedule", "weight_decay", "beta1", "beta2",
+    "layer_decay", "grad_clip", "ema", "amp", "fsdp", "seed", "threads", "eval_every",
+    "ckpt_minutes", "eval_batch_size", "dataset", "data_dir", "image_size", "resize",
+    "cache_dir", "num_workers", "crop_padding", "hflip"})
+# the ViT's architecture keys, for every task built on one (classify, depth, MAE)
+VIT_KEYS = frozenset({"width", "depth", "heads", "embed", "dict_dim", "pos_embed", "pool",
+                      "drop_path"})
+
+
+def check_task_keys(recipe: Recipe, taken: frozenset[str]) -> None:
+    """A recipe key the recipe's task does not take must keep its default: one line otherwise
+    (e.g. init_from= on an MAE recipe, mask_ratio= on a classifier)."""
+    default = Recipe()
+    unused = [f.name for f in dataclasses.fields(Recipe)
+              if f.name not in taken and getattr(recipe, f.name) != getattr(default, f.name)]
+    if unused:
+        raise UserError(f"task {recipe.task!r} does not take {', '.join(unused)} "
+                        f"(set in recipe {recipe.name or '?'!s} or on the command line)")
+
+
 def _convert(name: str, kind, text: str):
     """Parse an override's text as the field's type."""
     if kind is bool or kind == "bool":
@@ -182,15 +207,13 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
     if isinstance(recipe.image_size, int):
         recipe.image_size = [recipe.image_size, recipe.image_size]
     for key, allowed in (("amp", ("auto", "bf16", "off")), ("resize", ("bicubic", "nearest")),
-                         ("task", ("classify", "depth", "mae", "vqgan", "dit")),
+                         ("task", tuple(TASKS)),
                          ("schedule", ("cosine", "constant")), ("recon_loss", ("l1", "l2")),
                          ("depth_loss", ("l1", "silog"))):
         if getattr(recipe, key) not in allowed:
             raise UserError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(allowed)}")
     if not 0 <= recipe.token_drop < 1:
         raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
-    if recipe.token_drop and recipe.task not in ("classify", "depth"):
-        raise UserError(f"token_drop applies to classify and depth runs, not {recipe.task}")
     if not 0 <= recipe.silog_lambda <= 1:
         raise UserError(f"silog_lambda={recipe.silog_lambda}: expected a weight in [0, 1]")
     if recipe.budget_minutes < 0:
@@ -198,4 +221,7 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
                         "(0 = train for `epochs`)")
     if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.lr <= 0:
         raise UserError("batch_size, epochs and lr must be positive")
+    from training.tasks import trainer_class  # the task modules import this one
+
+    check_task_keys(recipe, trainer_class(recipe.task).RECIPE_KEYS)
     return recipe

@@ -22,31 +22,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pixtok.checkpoint import FORMAT, git_commit, read_config, save_weights, write_json
+from pixtok.checkpoint import FORMAT, git_commit, read_config, write_json
 from pixtok.errors import UserError
 from training import distributed
 from training.checkpoint import load_train_state, save_train_state
 from training.fsdp import full_model_state, full_optim_state, load_optim_state, shard
 from training.recipe import Recipe, from_dict, load_recipe
-
-
-def build_task(recipe: Recipe, dist):
-    if recipe.task == "classify":
-        from training.tasks.classify import ClassifyTask
-        return ClassifyTask(recipe, dist)
-    if recipe.task == "depth":
-        from training.tasks.depth import DepthTask
-        return DepthTask(recipe, dist)
-    if recipe.task == "mae":
-        from training.tasks.mae import MAETask
-        return MAETask(recipe, dist)
-    if recipe.task == "vqgan":
-        from training.tasks.vqgan import VQGANTask
-        return VQGANTask(recipe, dist)
-    if recipe.task == "dit":
-        from training.tasks.dit import DiTTask
-        return DiTTask(recipe, dist)
-    raise UserError(f"unknown task {recipe.task!r}")
+from training.tasks import trainer_class
+from training.tasks.base import Task
 
 
 def schedule_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -186,204 +169,266 @@ def trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] = ()) -> dict:
-    """Run (or continue) a recipe into the checkpoint folder `out`; returns the last metrics."""
-    t_begin = time.time()
-    out = Path(out)
-    dist = distributed.setup()
-    state = None
-    if (out / "train_state.pt").is_file():
-        if not resume:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it "
-                            "or choose another --out")
-        state = load_train_state(out / "train_state.pt")
-        recipe = from_dict(read_config(out)["recipe"], overrides)  # stored recipe + new overrides
-    if recipe.threads > 0:
-        torch.set_num_threads(recipe.threads)
+def resume_state(recipe: Recipe, out: Path, resume: bool, overrides) -> tuple[Recipe, dict | None]:
+    """(the recipe to run, the saved training state or None): a folder that holds a run is
+    continued with its stored recipe plus the new overrides, and only with --resume."""
+    if not (out / "train_state.pt").is_file():
+        return recipe, None
+    if not resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it "
+                        "or choose another --out")
+    state = load_train_state(out / "train_state.pt")
+    return from_dict(read_config(out)["recipe"], overrides), state
+
+
+def build_task(recipe: Recipe, dist) -> Task:
+    """The recipe's task, its model built from the recipe seed on every rank alike."""
+    cls = trainer_class(recipe.task)          # its recipe keys were checked by from_dict
     torch.manual_seed(recipe.seed)              # every rank builds the same initial weights
-    task = build_task(recipe, dist)
-    model = task.model.to(dist.device)
+    task = cls(recipe, dist)
+    task.model.to(dist.device)
     torch.manual_seed(recipe.seed + dist.rank)  # then each rank its own drop path / masks
-    if recipe.init_from and state is None:
-        task.init_from(recipe.init_from)
+    return task
 
-    b_local, rem = divmod(recipe.batch_size, dist.world)
-    if rem:
-        raise UserError(f"batch_size={recipe.batch_size} is not divisible by {dist.world}")
-    steps_per_epoch = len(task.train_set) // recipe.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"batch_size={recipe.batch_size} exceeds the {len(task.train_set)} "
-                        "training items")
-    total = schedule_steps(recipe.epochs, steps_per_epoch)
-    if recipe.max_steps > 0:
-        total = min(total, recipe.max_steps)
-    eval_every = max(1, round(recipe.eval_every * steps_per_epoch))
-    budget = None
-    if recipe.budget_minutes > 0:
-        budget = Budget(recipe.budget_minutes, state["step"] if state else 0, t_begin, dist.device)
-        if not recipe.max_steps or recipe.max_steps > budget.end:
-            total = budget.end + 1          # until the budget has been turned into steps
 
-    ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-    sharded = recipe.fsdp and dist.world > 1
-    template = None
-    if sharded:     # an unsharded copy to evaluate and export the gathered weights with
-        template = copy.deepcopy(ema.model if ema else model)
-        shard(model)
-        if ema is not None:
-            shard(ema.model)
-    opt = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr,
-                            betas=(recipe.beta1, recipe.beta2))
-    step = 0
-    if state is not None:
-        load_optim_state(model, opt, state["optimizer"], sharded)
+class Run:
+    """One training run: set up by start(), then loop() runs step(), evaluate(), checkpoint()
+    and, with budget_minutes, fit_to_budget() until the schedule's last step."""
+
+    def __init__(self, recipe: Recipe, out: Path, dist, task: Task, state: dict | None,
+                 t_begin: float):
+        self.recipe, self.out, self.dist, self.task = recipe, out, dist, task
+        self.model, self.state, self.t_begin = task.model, state, t_begin
+        self.step, self.metrics = 0, {}
+        self.plan_schedule()
+        self.build_weights()
+        self.config = {"format": FORMAT, **task.config(), "recipe": recipe.to_dict(),
+                       "recipe_name": recipe.name, "git_commit": git_commit()}
+
+    @classmethod
+    def start(cls, recipe: Recipe, out: Path, resume: bool = False, overrides=()) -> Run:
+        t_begin = time.time()
+        dist = distributed.setup()
+        recipe, state = resume_state(recipe, out, resume, overrides)
+        if recipe.threads > 0:
+            torch.set_num_threads(recipe.threads)
+        task = build_task(recipe, dist)
+        if recipe.init_from and state is None:
+            task.init_from(recipe.init_from)
+        return cls(recipe, out, dist, task, state, t_begin)
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def plan_schedule(self) -> None:
+        """Steps per epoch, the run's last step, the evaluation interval and the budget."""
+        recipe, dist, n = self.recipe, self.dist, len(self.task.train_set)
+        self.b_local, rem = divmod(recipe.batch_size, dist.world)
+        if rem:
+            raise UserError(f"batch_size={recipe.batch_size} is not divisible by {dist.world}")
+        self.steps_per_epoch = n // recipe.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"batch_size={recipe.batch_size} exceeds the {n} training items")
+        self.total = schedule_steps(recipe.epochs, self.steps_per_epoch)
+        if recipe.max_steps > 0:
+            self.total = min(self.total, recipe.max_steps)
+        self.eval_every = max(1, round(recipe.eval_every * self.steps_per_epoch))
+        self.budget = None
+        if recipe.budget_minutes > 0:
+            start = self.state["step"] if self.state else 0
+            self.budget = Budget(recipe.budget_minutes, start, self.t_begin, dist.device)
+            if not recipe.max_steps or recipe.max_steps > self.budget.end:
+                self.total = self.budget.end + 1   # until the budget has been turned into steps
+
+    def build_weights(self) -> None:
+        """EMA, the saved weights and optimizer state on a resume, FSDP shards, AdamW, DDP."""
+        recipe, model, state, dist = self.recipe, self.model, self.state, self.dist
+        self.ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.ema.model.load_state_dict(state["ema"])
+        self.sharded = recipe.fsdp and dist.world > 1
+        self.template = None
+        if self.sharded:     # an unsharded copy to evaluate and export the gathered weights with
+            self.template = copy.deepcopy(self.ema.model if self.ema else model)
+            shard(model)
+            if self.ema is not None:
+                shard(self.ema.model)
+        self.opt = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr,
+                                     betas=(recipe.beta1, recipe.beta2))
+        if state is not None:
+            self.restore(state)
+        self.ddp = (DistributedDataParallel(model) if dist.world > 1 and not self.sharded
+                    else model)
+
+    def restore(self, state: dict) -> None:
+        """The optimizer, RNG, task state and step of a saved run (after its weights)."""
+        dist = self.dist
+        load_optim_state(self.model, self.opt, state["optimizer"], self.sharded)
         set_rng_state(state["rng"][min(dist.rank, len(state["rng"]) - 1)], dist.device)
         if state.get("task") is not None:            # a task's own state (a discriminator ...)
-            task.load_state_dict(state["task"])
-        step = state["step"]
+            self.task.load_state_dict(state["task"])
+        self.step = state["step"]
         if dist.main:
-            trim_metrics(out / "metrics.jsonl", step)
-    ddp = DistributedDataParallel(model) if dist.world > 1 and not sharded else model
+            trim_metrics(self.out / "metrics.jsonl", self.step)
 
-    def exported() -> nn.Module:
+    # --- the parts of a step ----------------------------------------------------------------
+    def exported(self) -> nn.Module:
         """The weights to evaluate and export (EMA where on), unsharded. A collective."""
-        source = ema.model if ema else model
-        if not sharded:
+        source = self.ema.model if self.ema else self.model
+        if not self.sharded:
             return source
-        template.load_state_dict(full_model_state(source, sharded, everywhere=True))
-        return template
+        self.template.load_state_dict(full_model_state(source, self.sharded, everywhere=True))
+        return self.template
 
-    config = {"format": FORMAT, **task.config(), "recipe": recipe.to_dict(),
-              "recipe_name": recipe.name, "git_commit": git_commit()}
-
-    def checkpoint(metrics: dict | None):
+    def checkpoint(self, metrics: dict | None) -> None:
+        """Write the checkpoint folder: the exported model, config.json, train_state.pt."""
+        dist, out, step = self.dist, self.out, self.step
         rngs = [None] * dist.world
         if dist.world > 1:
             torch.distributed.all_gather_object(rngs, rng_state(dist.device))
         else:
             rngs = [rng_state(dist.device)]
-        export = exported()
-        raw = full_model_state(model, sharded)
-        ema_state = full_model_state(ema.model, sharded) if ema else None
-        opt_state = full_optim_state(model, opt, sharded)
+        export = self.exported()
+        raw = full_model_state(self.model, self.sharded)
+        ema_state = full_model_state(self.ema.model, self.sharded) if self.ema else None
+        opt_state = full_optim_state(self.model, self.opt, self.sharded)
         if not dist.main:
             return
-        if hasattr(task, "on_checkpoint"):    # the task writes the exported model (DiT: pipeline)
-            task.on_checkpoint(out, export)
-        else:
-            save_weights(out / "model.safetensors", export.state_dict())
-        write_json(out / "config.json", {**config, "step": step, "epoch": step / steps_per_epoch,
-                                         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                                         **({"metrics": metrics} if metrics else {})})
+        self.task.on_checkpoint(out, export)
+        write_json(out / "config.json", {
+            **self.config, "step": step, "epoch": step / self.steps_per_epoch,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **({"metrics": metrics} if metrics else {})})
         save_train_state(out / "train_state.pt", {
             "model": raw, "optimizer": opt_state, "step": step, "ema": ema_state, "rng": rngs,
-            "task": task.state_dict() if hasattr(task, "state_dict") else None,
-            "data_position": {"epoch": step // steps_per_epoch,
-                              "batch": step % steps_per_epoch}})
+            "task": self.task.state_dict(),
+            "data_position": {"epoch": step // self.steps_per_epoch,
+                              "batch": step % self.steps_per_epoch}})
 
-    def evaluate() -> dict:
-        metrics = task.evaluate(exported(), recipe.eval_batch_size)
-        metrics = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
-                   "time": round(time.time() - t_start, 1)}
-        if dist.main:
-            with open(out / "metrics.jsonl", "a") as f:
+    def evaluate(self) -> dict:
+        metrics = self.task.evaluate(self.exported(), self.recipe.eval_batch_size)
+        metrics = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                   **metrics, "time": round(time.time() - self.t_start, 1)}
+        if self.dist.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        model.train()
+        self.model.train()
         return metrics
 
-    def fit_to_budget() -> tuple[int, dict]:
+    def fit_to_budget(self) -> None:
         """At the end of the budget's calibration: time an evaluation, then fit the schedule."""
+        recipe, budget, dist = self.recipe, self.budget, self.dist
         step_s = budget.step_s()
         t_eval = time.time()
-        metrics = evaluate()
+        self.metrics = self.evaluate()
         step_s, eval_s = (v / dist.world for v in dist.sum([step_s, time.time() - t_eval]))
-        total = step + budget.steps_left(step_s, eval_s, eval_every)
+        total = self.step + budget.steps_left(step_s, eval_s, self.eval_every)
         if recipe.max_steps > 0:
             total = min(total, recipe.max_steps)
-        recipe.epochs, recipe.budget_minutes = total / steps_per_epoch, 0.0
-        config["recipe"] = recipe.to_dict()
-        config["budget"] = {"minutes": budget.seconds / 60, "step_s": round(step_s, 5),
-                            "eval_s": round(eval_s, 3), "steps": total,
-                            "epochs": round(recipe.epochs, 3)}
+        recipe.epochs, recipe.budget_minutes = total / self.steps_per_epoch, 0.0
+        self.config["recipe"] = recipe.to_dict()
+        self.config["budget"] = {"minutes": budget.seconds / 60, "step_s": round(step_s, 5),
+                                 "eval_s": round(eval_s, 3), "steps": total,
+                                 "epochs": round(recipe.epochs, 3)}
         if dist.main:
-            bar.write(json.dumps(metrics))
-            bar.write(f"budget {budget.seconds / 60:g} min: {total} steps ({recipe.epochs:.2f} "
-                      f"epochs) at {step_s * 1e3:.1f} ms a step, {eval_s:.1f} s an evaluation")
-        bar.total = total
-        bar.refresh()
-        checkpoint(metrics)
-        return total, metrics
+            self.bar.write(json.dumps(self.metrics))
+            self.bar.write(f"budget {budget.seconds / 60:g} min: {total} steps "
+                           f"({recipe.epochs:.2f} epochs) at {step_s * 1e3:.1f} ms a step, "
+                           f"{eval_s:.1f} s an evaluation")
+        self.total = self.bar.total = total
+        self.bar.refresh()
+        self.checkpoint(self.metrics)
+        self.budget = None
 
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    t_start = last_ckpt = time.time()
-    bar = tqdm(total=total, initial=step, disable=not dist.main, dynamic_ncols=True,
-               mininterval=1 if sys.stderr.isatty() else 30, desc=recipe.name or recipe.task)
-    metrics: dict = {}
-    model.train()
-    batches = None
-    seen, t_seen = 0, time.time()
-    while step < total:
-        epoch, b = divmod(step, steps_per_epoch)
-        if batches is None or b == 0:
-            order = epoch_order(len(task.train_set), recipe.seed, epoch)
-            lists = [order[i * recipe.batch_size + dist.rank * b_local:
-                           i * recipe.batch_size + (dist.rank + 1) * b_local].tolist()
-                     for i in range(b, min(steps_per_epoch, b + (total - step)))]
-            seeds = [recipe.seed * 1_000_003 + epoch * steps_per_epoch + i
-                     for i in range(b, b + len(lists))]
-            batches = task.batches(lists, seeds)
-        batch = next(batches)
-        lr = lr_at(step, recipe, steps_per_epoch)
+    def batches_from(self, step: int):
+        """The batches of this process from `step` to the end of its epoch (or the run)."""
+        recipe, dist, spe = self.recipe, self.dist, self.steps_per_epoch
+        epoch, b = divmod(step, spe)
+        order = epoch_order(len(self.task.train_set), recipe.seed, epoch)
+        lists = [order[i * recipe.batch_size + dist.rank * self.b_local:
+                       i * recipe.batch_size + (dist.rank + 1) * self.b_local].tolist()
+                 for i in range(b, min(spe, b + (self.total - step)))]
+        seeds = [recipe.seed * 1_000_003 + epoch * spe + i for i in range(b, b + len(lists))]
+        return self.task.batches(lists, seeds)
+
+    def train_step(self, batch) -> tuple[torch.Tensor, float]:
+        """One optimizer step on one batch -> (loss, learning rate)."""
+        recipe, opt = self.recipe, self.opt
+        lr = lr_at(self.step, recipe, self.steps_per_epoch)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        with autocast(recipe, dist.device):
-            loss = task.loss(ddp, batch, recipe.seed * 1_000_003 + step)
+        with autocast(recipe, self.dist.device):
+            loss = self.task.loss(self.ddp, batch, recipe.seed * 1_000_003 + self.step)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at step {step}; lower lr= or check the data")
+            raise RuntimeError(f"loss is {loss.item()} at step {self.step}; lower lr= or check "
+                               "the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
         opt.step()
-        if ema is not None:
-            ema.update(model, step)
-        step += 1
-        seen += recipe.batch_size
-        bar.update(1)
-        if step % 10 == 0 or step == total:
-            now = time.time()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{seen / max(now - t_seen, 1e-9):.0f}", refresh=False)
-            seen, t_seen = 0, now
-        if budget is not None:
-            budget.lap(step)
-        if budget is not None and step == budget.end:
-            total, metrics = fit_to_budget()
-            budget, batches = None, None        # batches: rebuilt for the new length from here
-            last_ckpt = time.time()
-            continue
-        done = step == total
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        self.step += 1
+        return loss, lr
+
+    def after_step(self) -> bool:
+        """Evaluate and checkpoint when due; True when the batches must be rebuilt (the budget
+        has just fixed the schedule's length)."""
+        if self.budget is not None:
+            self.budget.lap(self.step)
+        if self.budget is not None and self.step == self.budget.end:
+            self.fit_to_budget()
+            self.last_ckpt = time.time()
+            return True
         paused = time.time()
-        if step % eval_every == 0 or done:
-            metrics = evaluate()
-            if dist.main:
-                bar.write(json.dumps(metrics))
-            checkpoint(metrics)
-            last_ckpt = time.time()
-        elif dist.any(time.time() - last_ckpt > recipe.ckpt_minutes * 60):
-            checkpoint(None)
-            last_ckpt = time.time()
-        if budget is not None:              # the calibration times training steps alone
-            budget.pause(time.time() - paused)
-    bar.close()
-    dist.barrier()
-    distributed.teardown()
-    return metrics
+        if self.step % self.eval_every == 0 or self.step == self.total:
+            self.metrics = self.evaluate()
+            if self.dist.main:
+                self.bar.write(json.dumps(self.metrics))
+            self.checkpoint(self.metrics)
+            self.last_ckpt = time.time()
+        elif self.dist.any(time.time() - self.last_ckpt > self.recipe.ckpt_minutes * 60):
+            self.checkpoint(None)
+            self.last_ckpt = time.time()
+        if self.budget is not None:              # the calibration times training steps alone
+            self.budget.pause(time.time() - paused)
+        return False
+
+    # --- the loop -------------------------------------------------------------------------------
+    def loop(self) -> dict:
+        """Train to the schedule's end; returns the last evaluation's metrics."""
+        recipe, dist = self.recipe, self.dist
+        if dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.t_start = self.last_ckpt = time.time()
+        self.bar = tqdm(total=self.total, initial=self.step, disable=not dist.main,
+                        dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30,
+                        desc=recipe.name or recipe.task)
+        self.model.train()
+        batches, seen, t_seen = None, 0, time.time()
+        while self.step < self.total:
+            if batches is None or self.step % self.steps_per_epoch == 0:
+                batches = self.batches_from(self.step)
+            loss, lr = self.train_step(next(batches))
+            seen += recipe.batch_size
+            self.bar.update(1)
+            if self.step % 10 == 0 or self.step == self.total:
+                now = time.time()
+                self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                                     img_s=f"{seen / max(now - t_seen, 1e-9):.0f}", refresh=False)
+                seen, t_seen = 0, now
+            if self.after_step():
+                batches = None        # rebuilt for the new length from here
+        self.bar.close()
+        dist.barrier()
+        distributed.teardown()
+        return self.metrics
+
+
+def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] = ()) -> dict:
+    """Run (or continue) a recipe into the checkpoint folder `out`; returns the last metrics."""
+    return Run.start(recipe, Path(out), resume, overrides).loop()
 
 
 def run_cli(args) -> int:

@@ -6,51 +6,20 @@ import torch.nn.functional as F
 
 from pixtok.errors import UserError
 from pixtok.models import build_model
-from pixtok.models.vit import shuffle_tokens, vit_config
 from training.checkpoint import load_same_task
-from training.data import build_dataset
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
-from training.loader import channel_stats, crop_flip_batches, fetch_batches
+from training.loader import crop_flip_batches, fetch_batches
 from training.recipe import Recipe
-
-
-def recipe_vit_config(recipe: Recipe, dataset, num_classes: int = 0):
-    """The recipe's ViT sized for a training set (its shape and channel statistics); every
-    ViT-based task (classify, depth, MAE) builds its encoder from this."""
-    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
-    mean, std = channel_stats(dataset)
-    try:
-        return vit_config(recipe.model, image_size=tuple(dataset.image_size),
-                          in_channels=dataset.in_channels, mean=mean, std=std,
-                          num_classes=num_classes, embed=recipe.embed, dict_dim=recipe.dict_dim,
-                          pos_embed=recipe.pos_embed, pool=recipe.pool,
-                          drop_path=recipe.drop_path, **sizes)
-    except ValueError as e:            # the model code raises ValueError: a bad recipe
-        raise UserError(str(e)) from None
-
-
-class TokenDropout:
-    """A recipe's token dropout over the run: which tokens each training image keeps.
-
-    `token_drop` of each image's tokens are dropped at random (a new draw per image and step,
-    seeded by the step, so a resumed run draws the same); evaluation sees every token. Dropping
-    75% of a ViT/1's 784 tokens makes a training step about 7x cheaper on a CPU, as attention's
-    cost falls with the square.
-    """
-
-    def __init__(self, recipe: Recipe, num_tokens: int):
-        self.drop, self.num_tokens = recipe.token_drop, num_tokens
-
-    def keep_ids(self, n: int, step_seed: int, dist: Dist) -> torch.Tensor | None:
-        """(n, K) token indices for this process's n images in this step, or None for all.
-        The draw is made for the global batch and each process takes its slice, so 1 and N
-        processes train alike."""
-        if self.drop == 0:
-            return None
-        gen = torch.Generator().manual_seed(step_seed * 7919)
-        ids, keep = shuffle_tokens(n * dist.world, self.num_tokens, self.drop, gen, dist.device)
-        return ids[dist.rank * n:(dist.rank + 1) * n, :keep]
+from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
+from training.tasks.common import (
+    TokenDropout,
+    data_spec,
+    load_mae_encoder,
+    load_split,
+    load_splits,
+    recipe_vit_config,
+)
 
 
 def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
@@ -59,33 +28,15 @@ def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
     return {"arch": "vit", "name": recipe.model, "args": cfg.to_dict()}
 
 
-def data_spec(recipe: Recipe) -> dict:
-    return {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
-            "image_size": recipe.image_size or None, "resize": recipe.resize}
-
-
-def load_split(data: dict, split: str, cache_dir: str = ""):
-    """A split of the data set a recipe or a checkpoint names."""
-    size = tuple(data["image_size"]) if data.get("image_size") else None
-    return build_dataset(data["dataset"], data.get("data_dir"), split=split, image_size=size,
-                         resize=data.get("resize", "bicubic"), cache_dir=cache_dir or None)
-
-
-def load_splits(data: dict, recipe: Recipe, dist: Dist, load=load_split):
-    """(train, test) of a training run, each load(data, split, cache_dir); with a cache_dir,
-    each node's first process builds the cache before the others read it."""
-    return dist.local_first(lambda: (load(data, "train", recipe.cache_dir),
-                                     load(data, "test", recipe.cache_dir)),
-                            enabled=bool(recipe.cache_dir))
-
-
-class ClassifyTask:
+class ClassifyTask(Task):
     """What the training loop needs to train and evaluate a classifier."""
 
     name = "classify"
+    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "mixup", "cutmix", "label_smoothing",
+                                            "token_drop"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
-        self.recipe, self.dist = recipe, dist
+        super().__init__(recipe, dist)
         self.data = data_spec(recipe)
         self.train_set, self.test_set = load_splits(self.data, recipe, dist)
         ds = self.train_set
@@ -109,7 +60,6 @@ class ClassifyTask:
     def init_from(self, path) -> None:
         """Start from a classify checkpoint of the same model (all weights: a later phase with its
         own schedule) or from an MAE checkpoint's encoder (fine-tuning; the head keeps its init)."""
-        from training.tasks.mae import load_mae_encoder
         if not load_same_task(path, self.name, self.spec, self.model):
             load_mae_encoder(path, self.model)
 
@@ -141,6 +91,10 @@ class ClassifyTask:
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 256) -> dict:
         return evaluate_classifier(model, self.test_set, self.dist, batch_size)
+
+    @staticmethod
+    def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+        return evaluate_checkpoint(ckpt, config, args)
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.recipe import Recipe
-from training.tasks.classify import TokenDropout, load_splits, recipe_vit_config
+from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
+from training.tasks.common import TokenDropout, load_mae_encoder, load_splits, recipe_vit_config
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -63,13 +64,15 @@ def model_spec(recipe: Recipe, dataset, init_depth: float) -> dict:
             "args": {**cfg.to_dict(), "head": asdict(head)}}
 
 
-class DepthTask:
+class DepthTask(Task):
     """What the training loop needs to train and evaluate a depth regressor."""
 
     name = "depth"
+    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "token_drop", "depth_loss",
+                                            "silog_lambda", "n_train", "n_test", "splits"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
-        self.recipe, self.dist = recipe, dist
+        super().__init__(recipe, dist)
         self.data = data_spec(recipe)
         self.train_set, self.test_set = load_splits(self.data, recipe, dist, load_split)
         try:
@@ -94,7 +97,6 @@ class DepthTask:
     def init_from(self, path) -> None:
         """Start from a depth checkpoint of the same model (all weights: a later phase with its
         own schedule) or the encoder from an MAE checkpoint's encoder."""
-        from training.tasks.mae import load_mae_encoder
         if not load_same_task(path, self.name, self.spec, self.model):
             load_mae_encoder(path, self.model.encoder)
 
@@ -117,6 +119,10 @@ class DepthTask:
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 256) -> dict:
         return evaluate_depth(model, self.test_set, self.dist, self.train_mean_depth, batch_size)
+
+    @staticmethod
+    def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+        return evaluate_checkpoint(ckpt, config, args)
 
 
 def pooled(metrics: DepthMetrics, dist: Dist) -> dict:

@@ -29,8 +29,14 @@ from training.diffusion import diffusion_loss, training_scheduler
 from training.distributed import Dist
 from training.latents import ensure_cache
 from training.recipe import Recipe
-from training.tasks.classify import data_spec, load_split
-from training.tasks.generate import DEFAULT_CLASSIFIER, classifier_path, generation_metrics
+from training.tasks.base import COMMON_KEYS, Task
+from training.tasks.common import data_spec, load_split
+from training.tasks.generate import (
+    DEFAULT_CLASSIFIER,
+    classifier_path,
+    evaluate_checkpoint,
+    generation_metrics,
+)
 from training.tasks.vqgan import load_vqgan
 
 EVAL_ITEMS = 10_000          # held-out items for the test diffusion loss (a fixed random subset)
@@ -67,13 +73,15 @@ def write_pipeline(out: Path, pipe: PixelDiTPipeline) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class DiTTask:
+class DiTTask(Task):
     """What the training loop needs to train and evaluate a class-conditional DiT/p."""
 
     name = "dit"
+    RECIPE_KEYS = COMMON_KEYS | {"width", "depth", "heads", "pos_embed", "vqgan", "latent_dir",
+                                 "latent_scale", "class_dropout", "classifier", "eval_samples"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
-        self.recipe, self.dist = recipe, dist
+        super().__init__(recipe, dist)
         if not recipe.vqgan:
             raise UserError("a dit recipe needs vqgan=PATH: a VQGAN checkpoint folder "
                             "(pixtok train vqgan-...) or a diffusers VQModel folder")
@@ -168,6 +176,11 @@ class DiTTask:
         if self.classifier is not None and d.main:
             metrics |= self.sample_metrics(model)
         return metrics
+
+    @staticmethod
+    def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+        """`pixtok eval` of a generator: its pipeline folder (training/tasks/generate.py)."""
+        return evaluate_checkpoint(ckpt, config, args)
 
     def sample_metrics(self, model) -> dict:
         """fid_proxy and class_agreement of eval_samples samples with the default sampler."""

@@ -14,20 +14,15 @@ import torch
 from pixtok.checkpoint import load_model
 from pixtok.errors import UserError
 from pixtok.models import build_model
-from pixtok.models.mae import MAEConfig, encoder_state_dict, mae_grid
-from pixtok.models.vit import ViT
-from training.checkpoint import check_fit, read_init_config
+from pixtok.models.mae import MAEConfig, mae_grid
 from training.data.augment import CropFlip
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
 from training.recipe import Recipe
-from training.tasks.classify import data_spec, load_split, load_splits, recipe_vit_config
+from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
+from training.tasks.common import data_spec, load_split, load_splits, recipe_vit_config
 
 EVAL_SEED = 0
-# ViTConfig fields that must agree for an MAE encoder's weights to fit another ViT ([cls] may
-# differ: a mean-pooled model drops it, a [cls] model without one keeps its own initial token)
-ARCH_FIELDS = ("image_size", "in_channels", "patch_size", "width", "depth", "heads",
-               "mlp_ratio", "embed", "dict_dim", "pos_embed")
 
 
 def mae_spec(recipe: Recipe, dataset) -> dict:
@@ -42,13 +37,15 @@ def mae_spec(recipe: Recipe, dataset) -> dict:
     return {"arch": "mae", "name": f"MAE-{recipe.model}", "args": cfg.to_dict()}
 
 
-class MAETask:
+class MAETask(Task):
     """What the training loop needs to pre-train a masked autoencoder on an image data set."""
 
     name = "mae"
+    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"mask_ratio", "norm_pix_loss", "decoder_width",
+                                            "decoder_depth", "decoder_heads"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
-        self.recipe, self.dist = recipe, dist
+        super().__init__(recipe, dist)
         self.data = data_spec(recipe)
         self.train_set, self.test_set = load_splits(self.data, recipe, dist)
         self.spec = mae_spec(recipe, self.train_set)
@@ -78,6 +75,10 @@ class MAETask:
     @torch.no_grad()
     def evaluate(self, model, batch_size: int = 256) -> dict:
         return evaluate_mae(model, self.test_set, self.dist, batch_size)
+
+    @staticmethod
+    def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+        return evaluate_checkpoint(ckpt, config, args)
 
 
 @torch.no_grad()
@@ -112,29 +113,3 @@ def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
     out = Path(getattr(args, "out", None) or Path(ckpt) / "reconstruction.png")
     grid = mae_grid(model, images.float().div_(255), out, seed=EVAL_SEED)
     return {**metrics, "grid": str(grid)}
-
-
-def load_mae_encoder(path, vit: ViT) -> None:
-    """Load the encoder of the MAE checkpoint folder `path` into `vit` (in place).
-
-    Raises UserError when `path` is not an MAE checkpoint or its encoder's architecture differs.
-    Normalisation stays this model's own (from its training set), so a resumed fine-tuning run,
-    which does not load the MAE again, builds exactly the same model.
-    """
-    config = read_init_config(path)
-    model_spec = config.get("model", {})
-    if config.get("task") != "mae" or model_spec.get("arch") != "mae":
-        raise UserError(f"init_from={path}: not an MAE checkpoint (task {config.get('task')!r}, "
-                        f"arch {model_spec.get('arch')!r}); give a folder written by a "
-                        f"task = \"mae\" recipe")
-    theirs = MAEConfig(**model_spec["args"]).encoder.to_dict()
-    ours = vit.cfg.to_dict()
-    differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ARCH_FIELDS if theirs[k] != ours[k]]
-    if differ:
-        raise UserError(f"init_from={path}: its encoder does not match this model "
-                        f"({'; '.join(differ)}); use the same model size and image size")
-    mae, _ = load_model(path)
-    result = vit.load_state_dict(encoder_state_dict(mae), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("head.") and k != "cls_token"]
-    unexpected = [k for k in result.unexpected_keys if k != "cls_token"]
-    check_fit(path, "encoder weights", missing, unexpected)

@@ -39,7 +39,8 @@ from training.distributed import Dist
 from training.latents import prepare_images
 from training.loader import crop_flip_batches, fetch_batches
 from training.recipe import Recipe
-from training.tasks.classify import data_spec, load_split, load_splits
+from training.tasks.base import COMMON_KEYS, Task
+from training.tasks.common import data_spec, load_split, load_splits
 
 
 class LossVQModel(VQModel):
@@ -125,13 +126,16 @@ def load_vqgan(path, device: str | torch.device = "cpu") -> tuple[VQModel, dict]
     return vq.to(device).eval().requires_grad_(False), info
 
 
-class VQGANTask:
+class VQGANTask(Task):
     """What the training loop needs to train and evaluate a VQGAN."""
 
     name = "vqgan"
+    RECIPE_KEYS = COMMON_KEYS | {"pad_to", "vq_width", "codebook_size", "recon_loss",
+                                 "commit_beta", "restart_every", "gan_weight", "gan_start",
+                                 "disc_lr", "perceptual_weights", "perceptual_weight"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
-        self.recipe, self.dist = recipe, dist
+        super().__init__(recipe, dist)
         self.data = data_spec(recipe)
         self.train_set, self.test_set = load_splits(self.data, recipe, dist)
         ds = self.train_set
@@ -245,6 +249,10 @@ class VQGANTask:
         metrics = evaluate_vqgan(model, self.test_set, self.pad, self.dist, batch_size,
                                  self.recipe.recon_loss, self.recipe.commit_beta)
         return {**metrics, "restarts": self.restarts}
+
+    @staticmethod
+    def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
+        return evaluate_checkpoint(ckpt, config, args)
 
 
 @torch.no_grad()

@@ -1,0 +1,104 @@
+"""Helpers every image task shares: the recipe's ViT sized for its data, token dropout, the data
+set a recipe names and its splits, and the MAE encoder that classify and depth can start from."""
+from __future__ import annotations
+
+import torch
+
+from pixtok.checkpoint import load_model
+from pixtok.errors import UserError
+from pixtok.models.mae import MAEConfig, encoder_state_dict
+from pixtok.models.vit import ViT, shuffle_tokens, vit_config
+from training.checkpoint import check_fit, read_init_config
+from training.data import build_dataset
+from training.distributed import Dist
+from training.loader import channel_stats
+from training.recipe import Recipe
+
+# ViTConfig fields that must agree for an MAE encoder's weights to fit another ViT ([cls] may
+# differ: a mean-pooled model drops it, a [cls] model without one keeps its own initial token)
+ARCH_FIELDS = ("image_size", "in_channels", "patch_size", "width", "depth", "heads",
+               "mlp_ratio", "embed", "dict_dim", "pos_embed")
+
+
+def recipe_vit_config(recipe: Recipe, dataset, num_classes: int = 0):
+    """The recipe's ViT sized for a training set (its shape and channel statistics); every
+    ViT-based task (classify, depth, MAE) builds its encoder from this."""
+    sizes = {k: getattr(recipe, k) for k in ("width", "depth", "heads") if getattr(recipe, k)}
+    mean, std = channel_stats(dataset)
+    try:
+        return vit_config(recipe.model, image_size=tuple(dataset.image_size),
+                          in_channels=dataset.in_channels, mean=mean, std=std,
+                          num_classes=num_classes, embed=recipe.embed, dict_dim=recipe.dict_dim,
+                          pos_embed=recipe.pos_embed, pool=recipe.pool,
+                          drop_path=recipe.drop_path, **sizes)
+    except ValueError as e:            # the model code raises ValueError: a bad recipe
+        raise UserError(str(e)) from None
+
+
+class TokenDropout:
+    """A recipe's token dropout over the run: which tokens each training image keeps.
+
+    `token_drop` of each image's tokens are dropped at random (a new draw per image and step,
+    seeded by the step, so a resumed run draws the same); evaluation sees every token. Dropping
+    75% of a ViT/1's 784 tokens makes a training step about 7x cheaper on a CPU, as attention's
+    cost falls with the square.
+    """
+
+    def __init__(self, recipe: Recipe, num_tokens: int):
+        self.drop, self.num_tokens = recipe.token_drop, num_tokens
+
+    def keep_ids(self, n: int, step_seed: int, dist: Dist) -> torch.Tensor | None:
+        """(n, K) token indices for this process's n images in this step, or None for all.
+        The draw is made for the global batch and each process takes its slice, so 1 and N
+        processes train alike."""
+        if self.drop == 0:
+            return None
+        gen = torch.Generator().manual_seed(step_seed * 7919)
+        ids, keep = shuffle_tokens(n * dist.world, self.num_tokens, self.drop, gen, dist.device)
+        return ids[dist.rank * n:(dist.rank + 1) * n, :keep]
+
+
+def data_spec(recipe: Recipe) -> dict:
+    return {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
+            "image_size": recipe.image_size or None, "resize": recipe.resize}
+
+
+def load_split(data: dict, split: str, cache_dir: str = ""):
+    """A split of the data set a recipe or a checkpoint names."""
+    size = tuple(data["image_size"]) if data.get("image_size") else None
+    return build_dataset(data["dataset"], data.get("data_dir"), split=split, image_size=size,
+                         resize=data.get("resize", "bicubic"), cache_dir=cache_dir or None)
+
+
+def load_splits(data: dict, recipe: Recipe, dist: Dist, load=load_split):
+    """(train, test) of a training run, each load(data, split, cache_dir); with a cache_dir,
+    each node's first process builds the cache before the others read it."""
+    return dist.local_first(lambda: (load(data, "train", recipe.cache_dir),
+                                     load(data, "test", recipe.cache_dir)),
+                            enabled=bool(recipe.cache_dir))
+
+
+def load_mae_encoder(path, vit: ViT) -> None:
+    """Load the encoder of the MAE checkpoint folder `path` into `vit` (in place).
+
+    Raises UserError when `path` is not an MAE checkpoint or its encoder's architecture differs.
+    Normalisation stays this model's own (from its training set), so a resumed fine-tuning run,
+    which does not load the MAE again, builds exactly the same model.
+    """
+    config = read_init_config(path)
+    model_spec = config.get("model", {})
+    if config.get("task") != "mae" or model_spec.get("arch") != "mae":
+        raise UserError(f"init_from={path}: not an MAE checkpoint (task {config.get('task')!r}, "
+                        f"arch {model_spec.get('arch')!r}); give a folder written by a "
+                        f"task = \"mae\" recipe")
+    theirs = MAEConfig(**model_spec["args"]).encoder.to_dict()
+    ours = vit.cfg.to_dict()
+    differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ARCH_FIELDS if theirs[k] != ours[k]]
+    if differ:
+        raise UserError(f"init_from={path}: its encoder does not match this model "
+                        f"({'; '.join(differ)}); use the same model size and image size")
+    mae, _ = load_model(path)
+    result = vit.load_state_dict(encoder_state_dict(mae), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head.") and k != "cls_token"]
+    unexpected = [k for k in result.unexpected_keys if k != "cls_token"]
+    check_fit(path, "encoder weights", missing, unexpected)
