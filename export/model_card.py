@@ -47,17 +47,44 @@ def learning_curve(metrics: list[dict], keys: list[str], path: Path, title: str)
     plt.close(fig)
 
 
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))       # a TOML basic string: JSON's escapes are TOML's
+
+
+def recipe_toml(config: dict) -> str:
+    """The recipe exactly as it ran (config.json's "recipe", every key, budget resolved into
+    epochs), as a recipe file that `pixtok train` reads."""
+    recipe = {k: v for k, v in config.get("recipe", {}).items() if v is not None}
+    head = (f"# The recipe exactly as it ran, from config.json (git commit "
+            f"{config.get('git_commit')}); it ran as {config.get('recipe_name')!r} with "
+            "command-line overrides.\n")
+    return head + "".join(f"{k} = {toml_value(v)}\n" for k, v in recipe.items())
+
+
 def write_card(folder: Path, name: str, config: dict, evaluation: dict, commands: list[str],
                notes: str, samples: str | None, hours: float, compute: str = COMPUTE,
-               machine: str = MACHINE) -> str:
+               machine: str = MACHINE, recipe_file: str | None = None) -> str:
+    """README.md of a shipped model, and recipe.toml beside it: the last phase as it ran.
+    recipe_file: the frozen recipe of training/recipes that equals that phase (default: the
+    name it ran under)."""
     recipe = config.get("recipe", {})
     task = config.get("task", recipe.get("task", "?"))
+    recipe_file = recipe_file or config.get("recipe_name", recipe.get("name", "?"))
+    (folder / "recipe.toml").write_text(recipe_toml(config))
     lines = [
         f"# {name}",
         "",
-        f"Task: **{task}**. Model: **{recipe.get('model', '?')}**, trained by the recipe "
-        f"`{config.get('recipe_name', recipe.get('name', '?'))}` "
-        f"(source: {recipe.get('source', '?')}) on `{recipe.get('dataset', '?')}`.",
+        f"Task: **{task}**. Model: **{recipe.get('model', '?')}**, on "
+        f"`{recipe.get('dataset', '?')}` (source: {recipe.get('source', '?')}). Its last phase "
+        f"is the recipe `{recipe_file}` (training/recipes/{recipe_file}.toml, frozen: a test "
+        "checks it against what ran); [recipe.toml](recipe.toml) is that phase exactly as it "
+        "ran, from config.json.",
         "",
         f"Trained for {config.get('epoch', 0):.2f} epochs ({config.get('step', 0)} steps of "
         f"batch {recipe.get('batch_size', '?')}) in {hours:.2f} hours of wall time on "
@@ -67,6 +94,8 @@ def write_card(folder: Path, name: str, config: dict, evaluation: dict, commands
         "## Reproduce",
         "",
         "```sh",
+        f"pixtok train model_store/{name}/recipe.toml --out runs/{name}   # the last phase "
+        "exactly as it ran (its init_from: the previous phase's folder)",
         *commands,
         "```",
         "",
@@ -98,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval", type=Path, required=True, help="JSON printed by pixtok eval")
     parser.add_argument("--command", action="append", default=[], help="a reproduce command")
     parser.add_argument("--notes", default="")
+    parser.add_argument("--recipe", help="the frozen recipe that equals the last phase "
+                        "(default: the recipe name it ran under)")
     parser.add_argument("--samples", type=Path, help="a PNG grid to put on the card")
     parser.add_argument("--hours", type=float, required=True, help="wall-clock training time")
     parser.add_argument("--compute", default=COMPUTE,
@@ -125,7 +156,7 @@ def main(argv=None) -> int:
         shutil.copy(args.samples, dst / "samples.png")
         samples = "samples.png"
     write_card(dst, args.name, config, json.loads(args.eval.read_text()), args.command,
-               args.notes, samples, args.hours, args.compute, args.machine)
+               args.notes, samples, args.hours, args.compute, args.machine, args.recipe)
     print(dst)
     return 0
 

@@ -6,6 +6,7 @@ import torch
 
 from pixtok.models import build_model
 from pixtok.models.dit import DIT_MODELS, PixelDiT, dit_config, flops_per_image
+from pixtok.models.vit import VIT_MODELS
 from training.diffusion import (
     diffusion_loss,
     discretized_gaussian_log_likelihood,
@@ -33,6 +34,10 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
 def test_named_sizes_and_flops():
     assert dit_config("DiT-XL/2")["depth"] == 28 and dit_config("DiT-XL/2")["width"] == 1152
     assert DIT_MODELS["DiT-L/1"] == (24, 1024, 16, 1)
+    # one size table: a letter means the same (depth, width, heads) in both families
+    for name, (depth, width, heads, p) in DIT_MODELS.items():
+        vit = VIT_MODELS.get(name.replace("DiT", "ViT"))
+        assert vit is None or vit == (depth, width, heads, p), name
     with pytest.raises(ValueError, match="DiT-XL/2"):
         dit_config("DiT-Q/2")
     # DiT paper, Table 4, on 256x256 images (32x32x4 latents), in multiply-adds

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from PIL import Image
+
+from export.model_card import recipe_toml
+from training.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_folder(tmp_path, task="classify", metrics=((1, 0.5), (2, 0.7), (3, 0.8))):
@@ -39,9 +47,12 @@ def test_card_carries_commands_metrics_and_curve(tmp_path):
     run_folder(tmp_path)
     dst = card(tmp_path, "--notes", "Trained while other work ran.")
     assert sorted(p.name for p in dst.iterdir()) == [
-        "README.md", "config.json", "curve.png", "metrics.jsonl", "model.safetensors"]
+        "README.md", "config.json", "curve.png", "metrics.jsonl", "model.safetensors",
+        "recipe.toml"]
     text = (dst / "README.md").read_text()
     assert "pixtok train vit1-fashion --out runs/x" in text
+    assert "Its last phase is the recipe `vit1-fashion`" in text
+    assert 'model = "ViT-P/1"' in (dst / "recipe.toml").read_text()
     assert '"acc1": 0.81' in text and "1.50 hours" in text and "3.00 epochs" in text
     assert "![learning curve](curve.png)" in text and "Trained while other work ran." in text
     assert Image.open(dst / "curve.png").size == (500, 320)
@@ -68,3 +79,38 @@ def test_a_run_without_evaluations_says_so(tmp_path):
     dst = card(tmp_path)
     assert not (dst / "curve.png").exists()
     assert "No evaluation during training yet" in (dst / "README.md").read_text()
+
+
+# recipe keys that say where and how fast a run went, not what it computed
+MACHINE_KEYS = {"name", "source", "init_from", "threads", "ckpt_minutes", "cache_dir",
+                "num_workers", "data_dir"}
+SHIPPED = sorted(p.parent for p in (ROOT / "model_store").glob("*/config.json"))
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda p: p.name)
+def test_a_shipped_model_names_a_frozen_recipe_that_equals_what_ran(model):
+    """The card's recipe file computes what config.json says ran; recipe.toml is that run."""
+    config = json.loads((model / "config.json").read_text())
+    card = (model / "README.md").read_text()
+    found = re.search(r"Its last phase is the recipe `([^`]+)`", card)
+    assert found, "the card names no recipe"
+    frozen, default = load_recipe(found.group(1)).to_dict(), Recipe().to_dict()
+    ran = {k: (default[k] if v is None else v) for k, v in config["recipe"].items()}
+    differ = {k: (ran.get(k, default[k]), v) for k, v in frozen.items()
+              if k not in MACHINE_KEYS and ran.get(k, default[k]) != v
+              and not (k == "epochs" and round(ran[k], 3) == round(v, 3))}
+    assert not differ, f"{found.group(1)} differs from what ran: {differ}"
+    as_ran = load_recipe(str(model / "recipe.toml")).to_dict()
+    assert as_ran == {**default, **ran}
+    assert f"pixtok train model_store/{model.name}/recipe.toml" in card
+
+
+def test_recipe_toml_round_trips_every_kind_of_value(tmp_path):
+    config = {"git_commit": "abc", "recipe_name": "x", "recipe": {
+        "name": "x", "source": 'a "quoted" source\\with a backslash', "model": "ViT-F/1",
+        "image_size": [14, 14], "hflip": True, "lr": 1e-6, "epochs": 22.162393162393162,
+        "budget_minutes": None}}
+    (tmp_path / "r.toml").write_text(recipe_toml(config))
+    got = load_recipe(str(tmp_path / "r.toml")).to_dict()
+    want = {k: v for k, v in config["recipe"].items() if v is not None}
+    assert {k: got[k] for k in want} == want

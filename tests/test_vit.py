@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pixtok.models.sizes import SIZES
 from pixtok.models.vit import (
-    SIZES,
+    VIT_MODELS,
     ViT,
     ViTConfig,
     flops_per_image,
@@ -127,8 +128,8 @@ def test_grayscale_and_any_size():
 def test_named_sizes_match_the_paper():
     assert SIZES["T"] == (12, 192, 3) and SIZES["S"] == (12, 384, 6)
     assert SIZES["B"] == (12, 768, 12) and SIZES["L"] == (24, 1024, 16)
-    assert parse_name("ViT-S/2") == (12, 384, 6, 2)
-    for bad in ("ViT-Q/1", "vit-t/1", "ViT-T"):
+    assert parse_name("ViT-S/2") == (12, 384, 6, 2) == VIT_MODELS["ViT-S/2"]
+    for bad in ("ViT-Q/1", "vit-t/1", "ViT-T", "ViT-T/3", "ViT-XL/1"):
         with pytest.raises(ValueError, match="unknown model"):
             parse_name(bad)
 

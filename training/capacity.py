@@ -95,8 +95,8 @@ def serving_cases() -> list[tuple]:
     return [
         ("fashion-vit1 (default)", "ViT-N/1 28x28 classify", *shipped("fashion-vit1"), 1),
         ("scenes-vit1-depth (default)", "ViT-N/1 48x64 depth", *shipped("scenes-vit1-depth"), 1),
-        ("fashion-dit1 (default)", "DiT-P/1 8x8x4, DPM-Solver++ 20 steps, guidance (2 passes)",
-         *dit("DiT-P/1", 4, 8, 10), 2 * 20),
+        ("fashion-dit1 (default)", "DiT-N/1 8x8x4, DPM-Solver++ 20 steps, guidance (2 passes)",
+         *dit("DiT-N/1", 4, 8, 10), 2 * 20),
         ("ViT-B/1 ImageNet 28x28", "classify", *vit("ViT-B/1", (28, 28), 3, 1000), 1),
         ("DiT-L/1 ImageNet 256", "32x32x4, DDPM 250 steps, guidance (2 passes)",
          *dit("DiT-L/1", 4, 32, 1000), 2 * 250),

@@ -92,7 +92,7 @@ class Recipe:
     disc_lr: float = 0.0          # discriminator learning rate; 0 -> lr
     perceptual_weights: str = ""  # LPIPS-VGG weight file(s) on disk, comma-separated; "" = no LPIPS
     perceptual_weight: float = 1.0
-    # DiT (task dit; model is a DiT name such as DiT-P/1)
+    # DiT (task dit; model is a DiT name such as DiT-N/1)
     vqgan: str = ""               # VQGAN checkpoint (or diffusers VQModel) folder
     latent_dir: str = ""          # latent cache folder; "" -> <vqgan>/latents
     latent_scale: float = 0.0     # latents are multiplied by this; 0 -> 1 / their std

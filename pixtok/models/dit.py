@@ -10,38 +10,24 @@ num_classes, so classifier-free guidance works for any class count.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from pixtok.models.sizes import lookup, registry
 from pixtok.models.vit import Attention, patchify, sincos_pos_embed, unpatchify
 
-# name: (depth, width, heads). S/B/L/XL are DiT's; F/P are small sizes for tests and CPUs.
-SIZES = {
-    "F": (2, 32, 2),       # femto: unit tests
-    "P": (6, 128, 4),      # pico: Fashion-MNIST on 2 CPU cores
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
 # the registry of named models, as in DiT's models.py: 'DiT-XL/2' -> (depth, width, heads, patch)
-DIT_MODELS = {f"DiT-{s}/{p}": (*SIZES[s], p) for s in SIZES for p in (1, 2, 4, 8)}
-_NAME = re.compile(r"^DiT-([A-Z]+)/(\d+)$")
+DIT_SIZES = ("F", "P", "N", "S", "B", "L", "XL")
+DIT_MODELS = registry("DiT", DIT_SIZES, (1, 2, 4, 8))
 
 
 def dit_config(name: str, **kwargs) -> dict:
     """PixelDiT arguments for a named size, e.g. dit_config('DiT-L/1', sample_size=32)."""
-    m = _NAME.match(name)
-    if not m or m.group(1) not in SIZES:
-        raise ValueError(f"unknown model {name!r}; expected DiT-<size>/<patch> with size in "
-                         f"{'/'.join(SIZES)}, e.g. DiT-XL/2")
-    depth, width, heads = SIZES[m.group(1)]
-    return {"depth": depth, "width": width, "heads": heads, "patch_size": int(m.group(2)),
-            **kwargs}
+    depth, width, heads, p = lookup(DIT_MODELS, name, "DiT-XL/2")
+    return {"depth": depth, "width": width, "heads": heads, "patch_size": p, **kwargs}
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -222,7 +208,7 @@ def flops_per_image(config) -> int:
 
 
 if __name__ == "__main__":   # quick look: python -m pixtok.models.dit
-    for size in SIZES:
+    for size in DIT_SIZES:
         cfg = dit_config(f"DiT-{size}/1", sample_size=32, in_channels=4)
         with torch.device("meta"):   # count parameters without allocating them
             model = PixelDiT(**cfg)

@@ -8,24 +8,17 @@ dictionary embedding (which indexes raw 0..255 intensities) see the same input.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name: (depth, width, heads). T/S/B/L are the paper's; F/P/N are small sizes for CPUs and tests.
-SIZES = {
-    "F": (2, 32, 2),      # femto: unit tests
-    "P": (4, 64, 2),      # pico: trains on 2 CPU cores
-    "N": (6, 128, 4),     # nano
-    "T": (12, 192, 3),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-}
-_NAME = re.compile(r"^ViT-([A-Z]+)/(\d+)$")
+from pixtok.models.sizes import lookup, registry
+
+# the registry of named ViTs, as in DiT's models.py: 'ViT-T/1' -> (depth, width, heads, patch);
+# the paper's sizes and the CPU ones, at every patch size that divides its image sizes
+VIT_MODELS = registry("ViT", ("F", "P", "N", "T", "S", "B", "L"), (1, 2, 4, 7, 8, 14, 16, 32))
 
 
 @dataclass
@@ -82,11 +75,7 @@ class ViTConfig:
 
 def parse_name(name: str) -> tuple[int, int, int, int]:
     """'ViT-T/1' -> (depth, width, heads, patch_size)."""
-    m = _NAME.match(name)
-    if not m or m.group(1) not in SIZES:
-        raise ValueError(f"unknown model {name!r}; expected ViT-<size>/<patch> with size in "
-                         f"{'/'.join(SIZES)}, e.g. ViT-T/1")
-    return (*SIZES[m.group(1)], int(m.group(2)))
+    return lookup(VIT_MODELS, name, "ViT-T/1")
 
 
 def vit_config(name: str, **kwargs) -> ViTConfig:
@@ -327,7 +316,7 @@ def count_params(model: nn.Module) -> int:
 
 
 if __name__ == "__main__":   # quick look: python -m pixtok.models.vit
-    for size in SIZES:
+    for size in ("F", "P", "N", "T", "S", "B", "L"):
         cfg = vit_config(f"ViT-{size}/1", image_size=(32, 32), num_classes=100)
         print(f"ViT-{size}/1", f"{count_params(ViT(cfg)) / 1e6:.2f}M params",
               f"{flops_per_image(cfg) / 1e9:.2f} GFLOPs", f"L={cfg.num_tokens}",
