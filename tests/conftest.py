@@ -140,3 +140,31 @@ def ui(server, tmp_path_factory):
     front.models = models
     yield front
     launcher.stop_ui(server.run_dir, log=lambda *_: None)
+
+
+# `make test-fast` leaves these out (pytest -m "not serve and not slow"): tests that start a real
+# TorchServe, Gradio page or browser (by the fixtures they use, or the whole module), and tests
+# that train or evaluate through the CLI in subprocesses
+SERVE_FIXTURES = {"server", "ui", "kserve", "foreground", "browser_page"}
+SERVE_MODULES = {"test_browser", "test_container", "test_gradio", "test_kserve"}
+SLOW_MODULES = {"test_train", "test_depth_cli", "test_mae_cli", "test_generation_cli",
+                "test_generation_eval", "test_vqgan_resume", "test_distributed", "test_bench"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SERVE_MODULES or SERVE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.serve)
+        if module in SLOW_MODULES or "pixtok(" in _source(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def _source(item) -> str:
+    """The test function's source: a test that runs the CLI is slow wherever it lives."""
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return ""

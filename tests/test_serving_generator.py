@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from clirun import pixtok
+from conftest import LABELS
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
@@ -184,10 +185,22 @@ def test_an_archive_module_that_reaches_into_the_repository_fails_the_export(tmp
     extra.write_text("from training.train import train\n")
     with pytest.raises(ExportError, match="pixtok/extra.py imports training.train"):
         check_self_contained(stage)
-    extra.write_text("from .models import missing\n")
-    with pytest.raises(ExportError, match="imports pixtok.models.missing"):
+    extra.write_text("from .nowhere import something\n")
+    with pytest.raises(ExportError, match="imports pixtok.nowhere"):
         check_self_contained(stage)
     extra.unlink()
     (stage / "handler.py").write_text("from pixtok.nowhere import x\n")
     with pytest.raises(ExportError, match="handler.py imports pixtok.nowhere"):
         check_self_contained(stage)
+
+
+def test_one_list_of_samplers_for_the_cli_rest_and_the_page():
+    import pixtok.cli
+    import serving.gradio_app
+    from pixtok import sampling
+
+    assert pixtok.cli.SAMPLERS is SAMPLERS is serving.gradio_app.SAMPLERS is sampling.SAMPLERS
+    for sampler in SAMPLERS:      # euler too, which the REST API used to refuse
+        request = parse_generate_request({"label": 1, "sampler": sampler}, LABELS)
+        assert request["sampler"] == sampler
+        assert request["steps"] == sampling.DEFAULT_STEPS[sampler]

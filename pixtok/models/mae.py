@@ -80,18 +80,21 @@ class MAEConfig:
                 "norm_pix_loss": self.norm_pix_loss}
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
-    """Keep round(L * (1 - ratio)) random tokens per sample.
-
-    x (N, L, D) -> (visible tokens (N, K, D), mask (N, L) with 1 = masked, ids_restore (N, L)).
-    """
-    n, length, _ = x.shape
-    ids_shuffle, keep = shuffle_tokens(n, length, mask_ratio, generator, x.device)
+def masking_ids(n: int, length: int, mask_ratio: float,
+                generator: torch.Generator | None = None, device=None):
+    """Keep round(L * (1 - ratio)) random tokens per sample -> (keep_ids (N, K), mask (N, L)
+    with 1 = masked, ids_restore (N, L))."""
+    ids_shuffle, keep = shuffle_tokens(n, length, mask_ratio, generator, device)
     ids_restore = ids_shuffle.argsort(dim=1)
-    visible = gather_tokens(x, ids_shuffle[:, :keep])          # (N, K, D)
-    mask = torch.ones(n, length, device=x.device)
+    mask = torch.ones(n, length, device=device)
     mask[:, :keep] = 0
-    return visible, mask.gather(1, ids_restore), ids_restore
+    return ids_shuffle[:, :keep], mask.gather(1, ids_restore), ids_restore
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+    """x (N, L, D) -> (visible tokens (N, K, D), mask (N, L) 1 = masked, ids_restore)."""
+    keep_ids, mask, ids_restore = masking_ids(len(x), x.shape[1], mask_ratio, generator, x.device)
+    return gather_tokens(x, keep_ids), mask, ids_restore
 
 
 class MAE(nn.Module):
@@ -137,15 +140,11 @@ class MAE(nn.Module):
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float,
                         generator: torch.Generator | None = None):
-        """(N, C, H, W) -> (latent (N, [1 +] K, D), mask (N, L), ids_restore (N, L))."""
-        enc = self.encoder
-        tokens = enc.tokens(imgs)                               # (N, L, D), positions added
-        tokens, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
-        if self.has_cls:
-            tokens = torch.cat([enc.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
-        for block in enc.blocks:
-            tokens = block(tokens)
-        return enc.norm(tokens), mask, ids_restore
+        """(N, C, H, W) -> (latent (N, [1 +] K, D), mask (N, L), ids_restore (N, L)): the ViT's
+        own forward_features on the visible tokens (the same path as its token dropout)."""
+        keep_ids, mask, ids_restore = masking_ids(len(imgs), self.cfg.encoder.num_tokens,
+                                                  mask_ratio, generator, imgs.device)
+        return self.encoder.forward_features(imgs, keep_ids), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Visible latents -> predicted pixels of every token (N, L, p*p*C)."""
