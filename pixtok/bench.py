@@ -123,7 +123,7 @@ def bench_infer(quick: bool = False) -> dict:
 
 
 SUITES = {"infer": "pixtok.bench:bench_infer", "sample": "training.bench_sample:bench_sample",
-          "serve": "serving.bench:bench_serve"}
+          "serve": "serving.bench:bench_serve", "load": "serving.bench_load:bench_load"}
 
 
 def run_cli(args) -> int:
@@ -134,7 +134,8 @@ def run_cli(args) -> int:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError):
         raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
-    result = fn(quick=args.quick)
+    # the load bench takes its own options (users, seconds, mix, ramp, soak, plot)
+    result = fn(quick=args.quick, args=args) if args.suite == "load" else fn(quick=args.quick)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

@@ -73,9 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay until SIGTERM/Ctrl-C, then stop everything (containers)")
 
     p = sub.add_parser("bench", help="benchmarks; results as JSON")
-    p.add_argument("suite", choices=["infer", "sample", "serve"])
+    p.add_argument("suite", choices=["infer", "sample", "serve", "load"])
     p.add_argument("--json", dest="json_out", help="write the results to this file too")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
+    load = p.add_argument_group("load (against the running `pixtok serve`; docs/reliability.md)")
+    load.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
+    load.add_argument("--seconds", type=float, default=60, help="duration, or of each ramp stage")
+    load.add_argument("--mix", default="classify=0.7,depth=0.2,generate=0.1",
+                      help="shares of the routes classify, depth, generate")
+    load.add_argument("--ramp", action="store_true",
+                      help="raise the rate until the classify p99 passes 2 s")
+    load.add_argument("--soak", type=float, metavar="MINUTES",
+                      help="a long flat load; reports the workers' memory slope (MB/h)")
+    load.add_argument("--plot", help="write a PNG of latency and worker memory over time")
     return parser
 
 
