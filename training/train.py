@@ -350,8 +350,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False, overrides: list[str] 
             g["lr"] = lr * g["lr_scale"]
         with autocast(recipe, dist.device):
             loss = task.loss(ddp, batch, recipe.seed * 1_000_003 + step)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at step {step}; lower lr= or check the data")
+        if not torch.isfinite(loss):     # stop before the step: nothing non-finite is saved
+            bar.close()                  # its line ends, so the error is a line of its own
+            raise UserError(f"loss is {loss.item()} at step {step}; stopped, the last good "
+                            f"checkpoint in {out} is kept (lower lr= or check the data)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
