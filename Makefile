@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java \
 	chromium:chromium
 
-.PHONY: install system-deps test lint serve stop clean
+.PHONY: install system-deps test test-reliability lint serve stop clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ lint: install
 
 test: install system-deps lint
 	$(BIN)/pytest
+
+# faults and overload against real servers (docs/reliability.md); about five minutes on 2 cores
+test-reliability: install system-deps
+	$(BIN)/pytest -m reliability
 
 # the shipped default models behind TorchServe, and the Gradio page (archives built when missing)
 serve: install system-deps

@@ -50,6 +50,13 @@ MAX_RESPONSE_BYTES = 64 * 2**20       # 16 generated images as base64 PNGs fit w
 SERVER_CLASS = "org.pytorch.serve.ModelServer"
 UI_MODULE = "serving.gradio_app"
 UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generate": "--generator"}
+# overload (docs/reliability.md): how many requests may wait per model (TorchServe's job queue;
+# one more is answered 503 at once), and how long a worker may take over one batch before
+# TorchServe kills and restarts it (responseTimeout; by default 120 s, a generator's 600 s).
+# TorchServe 0.12 ignores clientTimeoutInMills given here, so the wait in the queue is bounded
+# by the queue's size, not by a timeout.
+QUEUE_SIZE_ENV, RESPONSE_TIMEOUT_ENV = "PIXTOK_QUEUE_SIZE", "PIXTOK_RESPONSE_TIMEOUT_S"
+DEFAULT_QUEUE_SIZE = 100
 
 
 class ServeError(UserError):
@@ -64,6 +71,7 @@ class Server:
     host: str
     ports: dict
     models: list[str] = field(default_factory=list)
+    broken: dict = field(default_factory=dict)      # {name: why} of damaged models left out
 
     @property
     def inference_url(self) -> str:
@@ -154,18 +162,26 @@ def check_ports_free(host: str, ports: dict) -> None:
                                  f"({e.strerror}); set {PORTS[api][0]} to a free port") from None
 
 
-def collect_models(store: Path, log=print) -> dict[str, tuple[str, str, str]]:
+def collect_models(store: Path, log=print, broken: dict | None = None
+                   ) -> dict[str, tuple[str, str, str]]:
     """Build missing or stale archives, then {model name: (archive, version, task)} for the store.
 
-    TorchServe names a model by the archive's manifest, not by its file name."""
+    TorchServe names a model by the archive's manifest, not by its file name. A damaged model
+    (a checkpoint folder that cannot be built, an archive that cannot be read) is left out and
+    noted in `broken` as {name: one-line reason}; the others are served."""
     from export.archive import build_missing_archives, read_archive_json
 
-    build_missing_archives(store, log=log)
+    broken = {} if broken is None else broken
+    build_missing_archives(store, log=log, broken=broken)
     models = {}
     for mar in sorted(store.glob("*.mar")):
+        if mar.stem in broken:      # its folder is damaged: an older archive is not served
+            continue
         manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json")
         if manifest is None:
-            raise ServeError(f"{mar}: not a TorchServe archive (no MAR-INF/MANIFEST.json)")
+            broken[mar.stem] = (f"{mar}: not a readable TorchServe archive (damaged or cut "
+                                "short: no MAR-INF/MANIFEST.json)")
+            continue
         name = manifest.get("model", {}).get("modelName", mar.stem)
         version = manifest.get("model", {}).get("modelVersion", "1.0")
         if name in models:
@@ -175,12 +191,29 @@ def collect_models(store: Path, log=print) -> dict[str, tuple[str, str, str]]:
     return models
 
 
+def positive_int_env(name: str, default: int, minimum: int = 1) -> int:
+    value = os.environ.get(name, str(default)).strip()
+    if not value.isdigit() or int(value) < minimum:
+        raise ServeError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def overload_settings() -> tuple[dict, dict]:
+    """(settings for every model, settings that override the task's BATCHING) from
+    PIXTOK_QUEUE_SIZE and PIXTOK_RESPONSE_TIMEOUT_S."""
+    settings = {"jobQueueSize": positive_int_env(QUEUE_SIZE_ENV, DEFAULT_QUEUE_SIZE)}
+    timeout_s = positive_int_env(RESPONSE_TIMEOUT_ENV, 0, minimum=0)
+    return settings, ({"responseTimeout": timeout_s} if timeout_s else {})
+
+
 def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
                   token_expiration_min: float | None = None) -> Path:
     """Fill serving/config.properties in for this run; values are escaped for Java properties."""
+    overload, forced = overload_settings()
     per_model = {name: {version: {"defaultVersion": True, "marName": mar,
                                   "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120,
-                                  **BATCHING.get(task, BATCHING["classify"])}}
+                                  **overload, **BATCHING.get(task, BATCHING["classify"]),
+                                  **forced}}
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
@@ -192,6 +225,7 @@ def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: di
         "load_models": ",".join(mar for mar, _, _ in models.values()),
         "models": json.dumps(per_model),
         "max_request_size": MAX_REQUEST_BYTES, "max_response_size": MAX_RESPONSE_BYTES,
+        "job_queue_size": overload["jobQueueSize"],
     }
     # a .properties value treats a backslash as an escape: double them (allowed_urls has some)
     escaped = {k: str(v).replace("\\", "\\\\") for k, v in values.items()}
@@ -291,8 +325,14 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         raise ServeError("TorchServe needs Java 11 or newer: no java on PATH and no JAVA_HOME")
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, ports)
-    models = collect_models(store, log=log)
+    broken: dict[str, str] = {}
+    models = collect_models(store, log=log, broken=broken)
+    for why in broken.values():
+        print(f"pixtok serve: not serving a damaged model: {why}", file=sys.stderr, flush=True)
     if not models:
+        if broken:
+            raise ServeError(f"no model in {store} can be served: {len(broken)} damaged "
+                             f"({', '.join(sorted(broken))}); see the lines above")
         raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
                          f"(pixtok export CKPT --out {store})")
     if config is None:
@@ -313,7 +353,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         if time.monotonic() > deadline:
             raise ServeError(f"torchserve did not start; see {run_dir / 'logs'}")
         time.sleep(0.1)
-    server = Server(run_dir, pid, host, ports, list(models))
+    server = Server(run_dir, pid, host, ports, list(models), broken)
     wait_ready(server, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180)))
     key_file = run_dir / "key_file.json"
     if key_file.exists():
@@ -585,6 +625,8 @@ def run_cli(args) -> int:
         print(f"pixtok serve: Gradio front end up (pid {ui.pid})")
     print(f"  inference   {server.inference_url}/predictions/<model>   "
           f"models: {', '.join(server.models)}")
+    if server.broken:
+        print(f"  NOT served  {', '.join(sorted(server.broken))} (damaged; see above)")
     print(f"  management  {server.management_url}")
     print(f"  metrics     {server.metrics_url}")
     print(f"  key file    {rd / 'key_file.json'} (header: Authorization: Bearer <inference key>)")
