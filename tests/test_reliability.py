@@ -16,7 +16,6 @@ import threading
 import time
 import zipfile
 
-import numpy as np
 import pytest
 from clirun import ENV, ROOT
 from conftest import make_classifier, make_generator
@@ -248,18 +247,3 @@ def test_sigkill_of_the_frontend_under_foreground(tmp_path):
         assert answer["label"]
     finally:
         launcher.stop(run_dir, log=lambda *_: None)
-
-
-def test_backoff_is_bounded_and_jittered():
-    from serving.client import BACKOFF_MAX_S, backoff_delay
-
-    rng = np.random.default_rng(0)
-
-    class Rng:
-        def uniform(self, lo, hi):
-            return float(rng.uniform(lo, hi))
-
-    delays = [backoff_delay(a, None, Rng()) for a in range(12) for _ in range(20)]
-    assert max(delays) <= BACKOFF_MAX_S and min(delays) >= 0
-    assert len(set(delays)) > 100                          # jitter: no two clients in step
-    assert backoff_delay(3, "2.5") == 2.5 and backoff_delay(3, "soon", Rng()) <= 2.0
