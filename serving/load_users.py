@@ -28,10 +28,14 @@ ROUTE_TIMEOUT_S = {"classify": 60, "depth": 120, "generate": 600}
 
 
 def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile, interpolated linearly as numpy's default (the report's) does."""
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    pos = q / 100 * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def make_user(spec: dict, keys: Client, samples: list, stage: list):
