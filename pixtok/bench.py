@@ -123,7 +123,8 @@ def bench_infer(quick: bool = False) -> dict:
 
 
 SUITES = {"infer": "pixtok.bench:bench_infer", "sample": "training.bench_sample:bench_sample",
-          "serve": "serving.bench:bench_serve", "load": "serving.bench_load:bench_load"}
+          "serve": "serving.bench:bench_serve", "load": "serving.bench_load:bench_load",
+          "drill": "serving.fault_drill:bench_drill"}
 
 
 def run_cli(args) -> int:
@@ -134,8 +135,12 @@ def run_cli(args) -> int:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError):
         raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
-    # the load bench takes its own options (users, seconds, mix, ramp, soak, plot)
-    result = fn(quick=args.quick, args=args) if args.suite == "load" else fn(quick=args.quick)
+    if args.suite in ("load", "drill"):    # against a running server, with training's images
+        from training.load_inputs import load_inputs
+
+        result = fn(quick=args.quick, args=args, inputs=load_inputs)
+    else:
+        result = fn(quick=args.quick)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

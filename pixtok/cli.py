@@ -73,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay until SIGTERM/Ctrl-C, then stop everything (containers)")
 
     p = sub.add_parser("bench", help="benchmarks; results as JSON")
-    p.add_argument("suite", choices=["infer", "sample", "serve", "load"])
+    p.add_argument("suite", choices=["infer", "sample", "serve", "load", "drill"])
     p.add_argument("--json", dest="json_out", help="write the results to this file too")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
-    load = p.add_argument_group("load (against the running `pixtok serve`; docs/reliability.md)")
-    load.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
-    load.add_argument("--seconds", type=float, default=60, help="duration, or of each ramp stage")
+    load = p.add_argument_group("load and drill (against the running `pixtok serve`; "
+                                "docs/reliability.md)")
+    load.add_argument("--users", type=int,
+                      help="concurrent users (load: 16, drill: 6 threads)")
+    load.add_argument("--seconds", type=float,
+                      help="load: duration or each ramp stage (60); drill: between kills (20)")
     load.add_argument("--mix", default="classify=0.7,depth=0.2,generate=0.1",
                       help="shares of the routes classify, depth, generate")
     load.add_argument("--ramp", action="store_true",

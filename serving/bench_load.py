@@ -5,8 +5,9 @@
 
 The server is the one of $PIXTOK_RUN_DIR (its config.properties gives the address, its
 key_file.json the key); nothing is started here and only loopback addresses are loaded. This
-process makes the request bodies first (real Fashion-MNIST test images, scenes rendered by
-training/data/scenes.py, generator requests with a seed) and writes them to a temporary folder;
+process makes the request bodies first (real Fashion-MNIST test images and scenes rendered by
+training/data/scenes.py, from training/load_inputs.py, which pixtok's CLI hands in: serving
+imports no training code; generator requests with a seed) and writes them to a temporary folder;
 the load itself runs in serving/load_users.py, a locust process that imports no training code.
 While it runs, this process samples the resident memory (RSS) of TorchServe's worker processes
 every few seconds (psutil).
@@ -25,7 +26,6 @@ for a ramp). Figures and how they were taken: docs/reliability.md.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -39,7 +39,6 @@ import numpy as np
 from pixtok.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_MIX = "classify=0.7,depth=0.2,generate=0.1"
 RAMP_USERS = [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 RAMP_P99_S = 2.0
@@ -69,39 +68,19 @@ def parse_mix(text: str) -> dict[str, float]:
     return {r: v / total for r, v in mix.items() if v > 0}
 
 
-def png(array: np.ndarray) -> bytes:
-    from PIL import Image
+def make_bodies(mix: dict, folder: Path, inputs, labels: int = 10) -> dict[str, list[str]]:
+    """Request bodies per route, written as files into folder -> {route: [paths]}.
 
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_bodies(mix: dict, folder: Path, labels: int = 10) -> dict[str, list[str]]:
-    """Request bodies per route, written as files into folder -> {route: [paths]}."""
-    bodies: dict[str, list[bytes]] = {}
-    if "classify" in mix:
-        from training.data import DataError
-        from training.data.fashion_mnist import find_idx, read_idx
-
-        try:
-            images = read_idx(find_idx(FASHION_DIR, "t10k-images-idx3-ubyte"), 3)
-        except DataError as e:
-            raise UserError(f"no Fashion-MNIST test images for the classify route ({e}); "
-                            "install dataset-fashion-mnist") from None
-        pick = np.random.default_rng(0).choice(len(images), N_BODIES, replace=False)
-        bodies["classify"] = [png(images[i]) for i in pick]
-    if "depth" in mix:
-        from training.data.scenes import render_scene
-
-        bodies["depth"] = [png(render_scene((2026, 22, i), (48, 64))[0]) for i in range(16)]
+    inputs(routes) -> {"classify": [PNG bytes], "depth": [PNG bytes]}: the CLI passes
+    training.load_inputs.load_inputs (real Fashion-MNIST test images, rendered scenes)."""
+    bodies = dict(inputs([r for r in mix if r != "generate"]))
     if "generate" in mix:
         bodies["generate"] = [json.dumps({"label": i % labels, "seed": i}).encode()
                               for i in range(N_BODIES)]
     paths = {}
-    for route, items in bodies.items():
+    for route in mix:
         paths[route] = []
-        for i, body in enumerate(items):
+        for i, body in enumerate(bodies[route]):
             path = folder / f"{route}-{i:03d}.bin"
             path.write_bytes(body)
             paths[route].append(str(path))
@@ -171,7 +150,8 @@ def summarise(samples: list, seconds: float) -> dict:
 
 
 def plan(args) -> tuple[list[dict], dict]:
-    users, seconds = args.users, args.seconds
+    users = 16 if args.users is None else args.users
+    seconds = 60.0 if args.seconds is None else args.seconds
     if users < 1 or seconds <= 0:
         raise UserError("--users must be >= 1 and --seconds > 0")
     if args.soak is not None and args.soak <= 0:
@@ -202,7 +182,8 @@ def served(client, mix: dict) -> dict[str, str]:
     return models
 
 
-def bench_load(quick: bool = False, args=None) -> dict:
+def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
+    """The load bench; inputs: see make_bodies (pixtok's CLI passes it)."""
     from serving.client import Client, ServerUnreachable, default_run_dir
     from serving.launcher import running_pid
 
@@ -223,7 +204,7 @@ def bench_load(quick: bool = False, args=None) -> dict:
         raise UserError(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="pixtok-load-") as tmp:
         tmp = Path(tmp)
-        bodies = make_bodies(mix, tmp)
+        bodies = make_bodies(mix, tmp, inputs)
         t0 = time.time()
         spec = {"base_url": client.base_url, "run_dir": str(run_dir), "t0": t0,
                 "stages": stages, **extra,

@@ -1,9 +1,10 @@
-"""Worker-kill drill against the running `pixtok serve` of the run folder (docs/reliability.md).
+"""`pixtok bench drill`: a worker-kill drill against the running `pixtok serve` of the run folder.
 
-    python -m serving.fault_drill [--threads 6] [--settle 20] [--json OUT]
+    pixtok bench drill [--users 6] [--seconds 20] [--json OUT]       (docs/reliability.md)
 
-Threads of the retrying client (serving/client.py) send classify, depth and seeded generate
-requests in a loop; meanwhile one worker of each served default model is SIGKILLed in turn.
+--users threads of the retrying client (serving/client.py) send classify, depth and seeded generate
+requests in a loop; after --seconds, and then every --seconds, one worker of each served
+default model is SIGKILLed in turn.
 For each kill it measures the seconds until TorchServe has a new READY worker for that model;
 over the whole run it counts requests sent, answered and lost (an error the retrying client
 gave up on), and the client's retries. Prints one JSON object. It kills only workers of the
@@ -11,38 +12,47 @@ run folder's server (their pids come from its management API) and sends to loopb
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from pixtok.errors import UserError
-from serving.bench_load import CONTENT_TYPES, make_bodies, served
+from serving.bench_load import CONTENT_TYPES, LOOPBACK, make_bodies, served
 from serving.client import Client, default_run_dir
 from serving.launcher import running_pid
 
 
-def drill(threads: int = 6, settle: float = 20.0, ready_limit: float = 300.0) -> dict:
+def drill(inputs, threads: int = 6, settle: float = 20.0, ready_limit: float = 300.0) -> dict:
+    """inputs: as for serving.bench_load.make_bodies (pixtok's CLI passes it)."""
     run_dir = Path(default_run_dir()).expanduser().resolve()
     if running_pid(run_dir) is None:
         raise UserError(f"no `pixtok serve` running for the run folder {run_dir}")
     probe = Client(run_dir=run_dir, retry_seconds=0)
-    mix = {"classify": 0.7, "depth": 0.2, "generate": 0.1}
-    models = served(probe, mix)
+    if not any(host in probe.base_url for host in LOOPBACK):
+        raise UserError(f"{probe.base_url}: the drill only runs against a loopback server")
+    models = {}
+    for route in ("classify", "depth", "generate"):     # the routes whose model is served
+        try:
+            models.update(served(probe, {route: 1.0}))
+        except UserError:
+            continue
+    if not models:
+        raise UserError(f"no model of the server of {run_dir} is READY (PIXTOK_CLASSIFIER, "
+                        "PIXTOK_DEPTH_MODEL, PIXTOK_GENERATOR name them)")
+    mix = dict.fromkeys(models, 1.0)
     with tempfile.TemporaryDirectory(prefix="pixtok-drill-") as tmp:
-        paths = make_bodies(mix, Path(tmp))
+        paths = make_bodies(mix, Path(tmp), inputs)
         bodies = {r: [Path(p).read_bytes() for p in ps] for r, ps in paths.items()}
     client = Client(run_dir=run_dir, retry_seconds=120)
     stop = threading.Event()
     counts = {"sent": 0, "answered": 0, "lost": 0}
     lost: list[str] = []
     lock = threading.Lock()
-    routes = ["classify"] * 4 + ["depth"] * 1 + ["generate"] * 1
+    routes = [r for r, n in (("classify", 4), ("depth", 1), ("generate", 1)) if r in models
+              for _ in range(n)]
 
     def user(i: int):
         k = 0
@@ -90,25 +100,9 @@ def drill(threads: int = 6, settle: float = 20.0, ready_limit: float = 300.0) ->
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.fault_drill",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=6)
-    parser.add_argument("--settle", type=float, default=20.0,
-                        help="seconds of load before the first kill and after each")
-    parser.add_argument("--json", dest="json_out")
-    args = parser.parse_args(argv)
-    try:
-        result = drill(args.threads, args.settle)
-    except UserError as e:
-        print(f"fault_drill: error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def bench_drill(quick: bool = False, args=None, inputs=None) -> dict:
+    threads = args.users if args and args.users is not None else 6
+    settle = args.seconds if args and args.seconds is not None else 20.0
+    if threads < 1 or settle <= 0:
+        raise UserError("--users must be >= 1 and --seconds > 0")
+    return drill(inputs, threads, min(settle, 5.0) if quick else settle)

@@ -247,3 +247,21 @@ def test_sigkill_of_the_frontend_under_foreground(tmp_path):
         assert answer["label"]
     finally:
         launcher.stop(run_dir, log=lambda *_: None)
+
+
+def test_bench_drill_kills_each_worker_and_loses_nothing(busy_server):
+    """`pixtok bench drill`: the retrying client under load while each served model's worker is
+    SIGKILLed; every request is answered and every model gets a new READY worker."""
+    env = {**ENV, "PIXTOK_RUN_DIR": str(busy_server.run_dir), "PIXTOK_CLASSIFIER": "tiny-cls",
+           "PIXTOK_GENERATOR": "tiny-gen", "PIXTOK_DEPTH_MODEL": "not-served"}
+    before = {m: worker_pid(busy_server.client(), m) for m in ("tiny-cls", "tiny-gen")}
+    done = subprocess.run([sys.executable, "-m", "pixtok", "bench", "drill", "--users", "3",
+                           "--seconds", "3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["models"] == {"classify": "tiny-cls", "generate": "tiny-gen"}
+    assert [k["model"] for k in result["kills"]] == ["tiny-cls", "tiny-gen"]
+    assert [k["killed_pid"] for k in result["kills"]] == [before["tiny-cls"], before["tiny-gen"]]
+    assert all(k["ready_again_s"] is not None for k in result["kills"])
+    assert result["sent"] == result["answered"] > 0 and result["lost"] == 0
