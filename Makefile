@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java \
 	chromium:chromium
 
-.PHONY: install system-deps test test-fast lint serve stop clean
+.PHONY: install system-deps test test-fast test-reliability lint serve stop clean
 
 install: $(STAMP)
 
@@ -45,7 +45,11 @@ test: install system-deps lint
 # the unit tests alone (no TorchServe, Gradio, browser or CLI training runs): a couple of minutes
 test-fast: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "not serve and not slow"
+	$(BIN)/pytest -m "not serve and not slow and not reliability"
+
+# faults and overload against real servers (docs/reliability.md); about five minutes on 2 cores
+test-reliability: install system-deps
+	$(BIN)/pytest -m reliability
 
 # the shipped default models behind TorchServe, and the Gradio page (archives built when missing)
 serve: install system-deps

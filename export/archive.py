@@ -237,25 +237,42 @@ def is_stale(ckpt: Path, mar: Path) -> bool:
     return newest > mar.stat().st_mtime
 
 
-def build_missing_archives(store, log=print) -> list[Path]:
+def is_model_folder(path: Path) -> bool:
+    """A checkpoint or pipeline folder; a folder that cannot be read counts, so that building
+    it fails with the reason."""
+    from export.generator import is_pipeline_folder
+
+    try:
+        return (path / "config.json").is_file() or is_pipeline_folder(path)
+    except PermissionError:
+        return path.is_dir()
+
+
+def build_missing_archives(store, log=print, broken: dict | None = None) -> list[Path]:
     """(Re)build NAME.mar for every checkpoint or pipeline folder in the model store that lacks
-    a fresh one."""
+    a fresh one. With `broken` (a dict), a folder that cannot be built is noted there as
+    {folder name: one-line reason} and the others are still built; without, the error is raised."""
     from export.generator import is_pipeline_folder
 
     store = Path(store)
     built = []
-    for ckpt in sorted(p for p in store.iterdir()
-                       if (p / "config.json").is_file() or is_pipeline_folder(p)):
+    for ckpt in sorted(p for p in store.iterdir() if is_model_folder(p)):
         mar = store / f"{ckpt.name}.mar"
-        if not is_stale(ckpt, mar):
-            continue
-        if not is_pipeline_folder(ckpt):
-            task = read_config(ckpt).get("task")
-            if task not in CHECKS:
-                log(f"skipping {ckpt.name}: task {task!r} has no exporter yet")
+        try:
+            if not is_stale(ckpt, mar):
                 continue
-        log(f"building {mar.name} from {ckpt}")
-        # keep an image model's ONNX flavour
-        onnx = not is_pipeline_folder(ckpt) and (store / f"{ckpt.name}.onnx").is_file()
-        built.append(export_archive(ckpt, store, ckpt.name, onnx=onnx, log=log))
+            if not is_pipeline_folder(ckpt):
+                task = read_config(ckpt).get("task")
+                if task not in CHECKS:
+                    log(f"skipping {ckpt.name}: task {task!r} has no exporter yet")
+                    continue
+            log(f"building {mar.name} from {ckpt}")
+            # keep an image model's ONNX flavour
+            onnx = not is_pipeline_folder(ckpt) and (store / f"{ckpt.name}.onnx").is_file()
+            built.append(export_archive(ckpt, store, ckpt.name, onnx=onnx, log=log))
+        except (UserError, OSError) as e:
+            if broken is None:
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            broken[ckpt.name] = f"{ckpt}: {reason}" if isinstance(e, OSError) else reason
     return built

@@ -89,6 +89,25 @@ def load_model(ckpt: Path, device: str | torch.device = "cpu"):
     weights = Path(ckpt) / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{ckpt}: no model.safetensors")
-    model = build_model(config["model"])
-    model.load_state_dict(load_file(weights, device=str(device)))
+    try:
+        model = build_model(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: not a model pixtok can build "
+                              f"({first_line(e)})") from None
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a damaged file
+        raise CheckpointError(f"{weights}: cannot read the weights, the file is damaged or "
+                              f"cut short ({first_line(e)})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: the weights do not fit the model config.json "
+                              f"describes ({first_line(e)})") from None
     return model.to(device).eval(), config
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message as one short line (state_dict errors run over many)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -29,20 +29,19 @@ COMMANDS = {
 }
 # `pixtok bench SUITE`: each suite lives with the part it measures
 BENCH_SUITES = {"infer": "pixtok.bench:bench_infer", "sample": "training.bench_sample:bench_sample",
-                "serve": "serving.bench:bench_serve"}
+                "serve": "serving.bench:bench_serve", "load": "serving.bench_load:bench_load",
+                "drill": "serving.fault_drill:bench_drill"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixtok", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"pixtok {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a recipe; writes a checkpoint folder")
     p.add_argument("recipe", help="a recipe name from training/recipes, or a .toml file")
     p.add_argument("--out", help="checkpoint folder (default: runs/<recipe>)")
     p.add_argument("--resume", action="store_true", help="continue from the folder's last state")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
 
+
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint; prints one JSON object")
     p.add_argument("ckpt")
     p.add_argument("--data", help="data path (default: the one the checkpoint was trained on)")
@@ -57,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="generators: classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="generators: sampling seed")
 
+
+def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw class-conditional samples from a generator")
     p.add_argument("ckpt")
     p.add_argument("--label", required=True, help="class name or index")
@@ -67,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--out", required=True, help="PNG file for the grid")
 
+
+def add_export(sub) -> None:
     p = sub.add_parser("export", help="checkpoint -> TorchServe archive (and ONNX)")
     p.add_argument("ckpt")
     p.add_argument("--out", default="model_store")
     p.add_argument("--name", help="model name (default: the checkpoint folder's name)")
     p.add_argument("--onnx", action="store_true", help="also export an ONNX file")
 
+
+def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="start TorchServe (+ Gradio) on the model store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--model-store", default=None)
@@ -81,10 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true",
                    help="stay until SIGTERM/Ctrl-C, then stop everything (containers)")
 
+
+def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks; results as JSON")
     p.add_argument("suite", choices=list(BENCH_SUITES))
     p.add_argument("--json", dest="json_out", help="write the results to this file too")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke run)")
+    load = p.add_argument_group("load and drill (against the running `pixtok serve`; "
+                                "docs/reliability.md)")
+    load.add_argument("--users", type=int,
+                      help="concurrent users (load: 16, drill: 6 threads)")
+    load.add_argument("--seconds", type=float,
+                      help="load: duration or each ramp stage (60); drill: between kills (20)")
+    load.add_argument("--mix", default="classify=0.7,depth=0.2,generate=0.1",
+                      help="shares of the routes classify, depth, generate")
+    load.add_argument("--ramp", action="store_true",
+                      help="raise the rate until the classify p99 passes 2 s")
+    load.add_argument("--soak", type=float, metavar="MINUTES",
+                      help="a long flat load; reports the workers' memory slope (MB/h)")
+    load.add_argument("--plot", help="write a PNG of latency and worker memory over time")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixtok", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pixtok {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_train, add_eval, add_sample, add_export, add_serve, add_bench):
+        add(sub)
     return parser
 
 
@@ -112,6 +140,10 @@ def bench(args) -> int:
         from export.archive import export_archive
 
         extra["export_archive"] = export_archive
+    elif args.suite in ("load", "drill"):   # against a running server, with training's images
+        from training.load_inputs import load_inputs
+
+        extra.update(args=args, inputs=load_inputs)
     text = json.dumps(fn(quick=args.quick, **extra), indent=2)
     print(text)
     if args.json_out:

@@ -5,12 +5,20 @@ InvalidKeyException (401 in other versions). On either, the client re-reads key_
 client may already have rolled the key) and, if the key there is the one just refused, asks the
 management API for a fresh one with the never-expiring API key. A long-running server therefore
 never strands a client, the Gradio front end included.
+
+Idempotent calls (classify, depth, and generate with a seed: same request, same bytes) are retried
+when the server is overloaded or lost a worker (HTTP 503, 429, 507, 502, 504) or the connection
+failed, with exponential backoff and full jitter (honouring a Retry-After), for at most
+`retry_seconds` (PIXTOK_CLIENT_RETRY_S, default 30; 0 turns retries off); then a ServerError
+or ServerUnreachable says how many tries were made. See docs/reliability.md.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,17 +40,51 @@ PORTS = {   # api -> (environment variable, default port); `pixtok serve` listen
 }
 
 
+RETRY_STATUSES = {429, 502, 503, 504, 507}   # overload, a dying worker, a restarting frontend
+RETRY_ENV = "PIXTOK_CLIENT_RETRY_S"
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 5.0
+
+
 class ServerError(UserError):
     """The server refused a request; .status and .payload ({"code", "type", "message"}) say why."""
 
-    def __init__(self, status: int, payload: dict):
+    def __init__(self, status: int, payload: dict, note: str = ""):
         self.status, self.payload = status, payload
         super().__init__(f"HTTP {status} {payload.get('type', '')}: "
-                         f"{payload.get('message', payload)}")
+                         f"{payload.get('message', payload)}{note}")
 
 
 class ServerUnreachable(UserError):
     """Nothing answers at the server's address."""
+
+
+def explain(resp: Response, model: str) -> dict:
+    """The answer's JSON, with TorchServe's misleading words for a full queue made plain."""
+    payload = resp.json()
+    if resp.status == 503 and payload.get("type") == "ServiceUnavailableException":
+        payload = {**payload, "type": "server_busy",
+                   "message": f"model {model!r} is overloaded: its request queue is full "
+                   "(PIXTOK_QUEUE_SIZE) or it has no live worker; retry later"}
+    return payload
+
+
+def backoff_delay(attempt: int, retry_after: str | None = None, rng=random) -> float:
+    """Seconds to wait before try attempt+1: Retry-After when the server gave one, else
+    exponential backoff with full jitter (uniform in 0..min(max, first * 2^attempt))."""
+    if retry_after:
+        try:
+            return max(0.0, float(retry_after))
+        except ValueError:
+            pass
+    return rng.uniform(0, min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** attempt))
+
+
+def retry_budget() -> float:
+    value = os.environ.get(RETRY_ENV, "30")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise UserError(f"{RETRY_ENV}={value!r}: expected seconds (0 turns retries off)") from None
 
 
 @dataclass
@@ -104,7 +146,8 @@ class Client:
     """Client(base_url=None, run_dir=None): classify / depth / generate over the REST API."""
 
     def __init__(self, base_url: str | None = None, run_dir=None,
-                 management_url: str | None = None, timeout: float = 120.0):
+                 management_url: str | None = None, timeout: float = 120.0,
+                 retry_seconds: float | None = None):
         self.run_dir = Path(run_dir) if run_dir else default_run_dir()
         config = self.run_dir / "config.properties"
         props = read_properties(config) if config.is_file() else {}
@@ -114,6 +157,8 @@ class Client:
                                         or f"http://127.0.0.1:{port('management')}")
         self.key_file = self.run_dir / "key_file.json"
         self.timeout = timeout
+        self.retry_seconds = retry_budget() if retry_seconds is None else retry_seconds
+        self.retries = 0      # retried tries so far (the load bench reports them)
         self._keys: dict | None = None
         self._lock = threading.Lock()
         # never send a local request (and its key) through an http_proxy from the environment
@@ -176,12 +221,36 @@ class Client:
             self.refresh_key(kind, key)
         return resp
 
-    def predict(self, model: str, body: bytes, content_type: str) -> dict:
-        """POST /predictions/<model> -> the answer's JSON; ServerError on any non-200."""
-        resp = self.request("POST", f"{self.base_url}/predictions/{model}", body,
-                            {"Content-Type": content_type})
+    def predict(self, model: str, body: bytes, content_type: str,
+                idempotent: bool = True) -> dict:
+        """POST /predictions/<model> -> the answer's JSON; ServerError on any non-200.
+
+        An idempotent call is retried (see the module's docstring) for up to retry_seconds."""
+        url = f"{self.base_url}/predictions/{model}"
+        budget = self.retry_seconds if idempotent else 0.0
+        start, attempt = time.monotonic(), 0
+        while True:
+            try:
+                resp = self.request("POST", url, body, {"Content-Type": content_type})
+                failure = None if resp.status not in RETRY_STATUSES else resp
+            except ServerUnreachable as e:
+                resp, failure = None, e
+            if failure is None:
+                break
+            delay = backoff_delay(attempt, resp.header("Retry-After") if resp else None)
+            if time.monotonic() - start + delay > budget:
+                note = (f" (gave up after {attempt + 1} tries in "
+                        f"{time.monotonic() - start:.1f} s)" if attempt else "")
+                if resp is None:
+                    raise ServerUnreachable(f"{failure}{note}") from None
+                break
+            time.sleep(delay)
+            attempt += 1
+            self.retries += 1
         if resp.status != 200:
-            raise ServerError(resp.status, resp.json())
+            note = (f" (gave up after {attempt + 1} tries in {time.monotonic() - start:.1f} s)"
+                    if attempt else "")
+            raise ServerError(resp.status, explain(resp, model), note)
         return resp.json()
 
     # --- the three tasks --------------------------------------------------------------------
@@ -198,10 +267,11 @@ class Client:
     def generate(self, label, model: str = DEFAULT_MODELS["generate"], **opts) -> dict:
         """label (name or index), seed, steps, sampler, guidance, num_images -> {"images", ...}
 
-        An option left at None is left out, so the server's default applies."""
+        An option left at None is left out, so the server's default applies. Retried on
+        overload only with a seed (then a retry gives the same bytes)."""
         opts = {k: v for k, v in opts.items() if v is not None}
         body = json.dumps({"label": label, **opts}).encode()
-        return self.predict(model, body, "application/json")
+        return self.predict(model, body, "application/json", idempotent="seed" in opts)
 
     # --- management -------------------------------------------------------------------------
     def management(self, method: str, path: str) -> Response:

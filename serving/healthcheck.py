@@ -20,7 +20,7 @@ def main() -> int:
 
     model = os.environ.get("PIXTOK_CLASSIFIER", DEFAULT_MODELS["classify"])
     try:
-        answer = Client(timeout=20).classify(probe_image(), model=model)
+        answer = Client(timeout=20, retry_seconds=0).classify(probe_image(), model=model)
         if "label" not in answer:
             raise ValueError(f"unexpected answer {answer}")
     except Exception as e:  # noqa: BLE001 - any failure means unhealthy; say why in one line

@@ -51,6 +51,13 @@ MAX_RESPONSE_BYTES = 64 * 2**20       # 16 generated images as base64 PNGs fit w
 SERVER_CLASS = "org.pytorch.serve.ModelServer"
 UI_MODULE = "serving.gradio_app"
 UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generate": "--generator"}
+# overload (docs/reliability.md): how many requests may wait per model (TorchServe's job queue;
+# one more is answered 503 at once), and how long a worker may take over one batch before
+# TorchServe kills and restarts it (responseTimeout; by default 120 s, a generator's 600 s).
+# TorchServe 0.12 ignores clientTimeoutInMills given here, so the wait in the queue is bounded
+# by the queue's size, not by a timeout.
+QUEUE_SIZE_ENV, RESPONSE_TIMEOUT_ENV = "PIXTOK_QUEUE_SIZE", "PIXTOK_RESPONSE_TIMEOUT_S"
+DEFAULT_QUEUE_SIZE = 100
 
 
 class ServeError(UserError):
@@ -65,6 +72,7 @@ class Server:
     host: str
     ports: dict
     models: list[str] = field(default_factory=list)
+    broken: dict = field(default_factory=dict)      # {name: why} of damaged models left out
 
     @property
     def inference_url(self) -> str:
@@ -161,15 +169,23 @@ def model_store_path(model_store=None) -> Path:
     return store.expanduser().resolve()
 
 
-def collect_models(store: Path) -> dict[str, tuple[str, str, str]]:
+def collect_models(store: Path, broken: dict | None = None) -> dict[str, tuple[str, str, str]]:
     """{model name: (archive, version, task)} for the archives in the store.
 
-    TorchServe names a model by the archive's manifest, not by its file name."""
+    TorchServe names a model by the archive's manifest, not by its file name. A damaged model
+    (an archive that cannot be read, or one `broken` already names: its checkpoint folder could
+    not be built) is left out and noted in `broken` as {name: one-line reason}; the others are
+    served."""
+    broken = {} if broken is None else broken
     models = {}
     for mar in sorted(store.glob("*.mar")):
+        if mar.stem in broken:      # its folder is damaged: an older archive is not served
+            continue
         manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json")
         if manifest is None:
-            raise ServeError(f"{mar}: not a TorchServe archive (no MAR-INF/MANIFEST.json)")
+            broken[mar.stem] = (f"{mar}: not a readable TorchServe archive (damaged or cut "
+                                "short: no MAR-INF/MANIFEST.json)")
+            continue
         name = manifest.get("model", {}).get("modelName", mar.stem)
         version = manifest.get("model", {}).get("modelVersion", "1.0")
         if name in models:
@@ -179,12 +195,29 @@ def collect_models(store: Path) -> dict[str, tuple[str, str, str]]:
     return models
 
 
+def positive_int_env(name: str, default: int, minimum: int = 1) -> int:
+    value = os.environ.get(name, str(default)).strip()
+    if not value.isdigit() or int(value) < minimum:
+        raise ServeError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def overload_settings() -> tuple[dict, dict]:
+    """(settings for every model, settings that override the task's BATCHING) from
+    PIXTOK_QUEUE_SIZE and PIXTOK_RESPONSE_TIMEOUT_S."""
+    settings = {"jobQueueSize": positive_int_env(QUEUE_SIZE_ENV, DEFAULT_QUEUE_SIZE)}
+    timeout_s = positive_int_env(RESPONSE_TIMEOUT_ENV, 0, minimum=0)
+    return settings, ({"responseTimeout": timeout_s} if timeout_s else {})
+
+
 def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
                   token_expiration_min: float | None = None) -> Path:
     """Fill serving/config.properties in for this run; values are escaped for Java properties."""
+    overload, forced = overload_settings()
     per_model = {name: {version: {"defaultVersion": True, "marName": mar,
                                   "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120,
-                                  **BATCHING.get(task, BATCHING["classify"])}}
+                                  **overload, **BATCHING.get(task, BATCHING["classify"]),
+                                  **forced}}
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
@@ -196,6 +229,7 @@ def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: di
         "load_models": ",".join(mar for mar, _, _ in models.values()),
         "models": json.dumps(per_model),
         "max_request_size": MAX_REQUEST_BYTES, "max_response_size": MAX_RESPONSE_BYTES,
+        "job_queue_size": overload["jobQueueSize"],
     }
     # a .properties value treats a backslash as an escape: double them (allowed_urls has some)
     escaped = {k: str(v).replace("\\", "\\\\") for k, v in values.items()}
@@ -269,24 +303,13 @@ def wait_ready(server: Server, timeout: float) -> None:
             time.sleep(0.25)
 
 
-def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
-          log=print, ports: dict | None = None, token_expiration_min: float | None = None,
-          config=None, build=None) -> Server:
-    """Start TorchServe on the store's archives, return once every model answers.
-
-    build(store, log): called first, to build missing or stale archives (`pixtok serve` passes
-    export's build_missing_archives; serving itself never imports export).
-    ports ({api: port}) and token_expiration_min default to the PIXTOK_* environment variables.
-    config: a finished config.properties to run as it is instead of one rendered from
-    serving/config.properties (host and ports must then be its addresses); the models waited
-    for are its model_snapshot's.
-    """
-    run_dir = prepare_run_dir(run_dir)
+def check_can_start(run_dir: Path, store: Path) -> None:
+    """ServeError unless no server runs in run_dir, the store exists, and TorchServe and Java
+    are installed."""
     pid = running_pid(run_dir)
     if pid is not None:
         raise ServeError(f"already running (pid {pid}, run folder {run_dir}); stop it with "
                          "`pixtok serve --stop`")
-    store = model_store_path(model_store)
     if not store.is_dir():
         raise ServeError(f"{store}: no such model store folder")
     if importlib.util.find_spec("ts") is None:
@@ -294,14 +317,45 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
                          "torchserve==0.12.0 torch-model-archiver==0.12.0 pyyaml)")
     if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
         raise ServeError("TorchServe needs Java 11 or newer: no java on PATH and no JAVA_HOME")
-    ports = {**ports_from_env(), **(ports or {})}
-    check_ports_free(host, ports)
+
+
+def servable_models(store: Path, build=None, log=print) -> tuple[dict, dict[str, str]]:
+    """(the store's models that can be served, {damaged model: why}); build: as for start().
+    Each damaged model is named in a line on stderr; a store with none to serve is an error."""
+    broken: dict[str, str] = {}
     if build is not None:
-        build(store, log=log)
-    models = collect_models(store)
+        build(store, log=log, broken=broken)
+    models = collect_models(store, broken)
+    for why in broken.values():
+        print(f"pixtok serve: not serving a damaged model: {why}", file=sys.stderr, flush=True)
     if not models:
+        if broken:
+            raise ServeError(f"no model in {store} can be served: {len(broken)} damaged "
+                             f"({', '.join(sorted(broken))}); see the lines above")
         raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
                          f"(pixtok export CKPT --out {store})")
+    return models, broken
+
+
+def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
+          log=print, ports: dict | None = None, token_expiration_min: float | None = None,
+          config=None, build=None) -> Server:
+    """Start TorchServe on the store's archives, return once every model answers.
+
+    build(store, log=, broken=): called first, to build missing or stale archives, noting damaged
+    folders in `broken` (`pixtok serve` passes export's build_missing_archives; serving itself
+    never imports export).
+    ports ({api: port}) and token_expiration_min default to the PIXTOK_* environment variables.
+    config: a finished config.properties to run as it is instead of one rendered from
+    serving/config.properties (host and ports must then be its addresses); the models waited
+    for are its model_snapshot's.
+    """
+    run_dir = prepare_run_dir(run_dir)
+    store = model_store_path(model_store)
+    check_can_start(run_dir, store)
+    ports = {**ports_from_env(), **(ports or {})}
+    check_ports_free(host, ports)
+    models, broken = servable_models(store, build, log)
     if config is None:
         config = render_config(run_dir, store, host, ports, models, token_expiration_min)
     else:
@@ -320,7 +374,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         if time.monotonic() > deadline:
             raise ServeError(f"torchserve did not start; see {run_dir / 'logs'}")
         time.sleep(0.1)
-    server = Server(run_dir, pid, host, ports, list(models))
+    server = Server(run_dir, pid, host, ports, list(models), broken)
     wait_ready(server, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180)))
     key_file = run_dir / "key_file.json"
     if key_file.exists():
@@ -594,6 +648,8 @@ def run_cli(args, build=None, examples=None) -> int:
         print(f"pixtok serve: Gradio front end up (pid {ui.pid})")
     print(f"  inference   {server.inference_url}/predictions/<model>   "
           f"models: {', '.join(server.models)}")
+    if server.broken:
+        print(f"  NOT served  {', '.join(sorted(server.broken))} (damaged; see above)")
     print(f"  management  {server.management_url}")
     print(f"  metrics     {server.metrics_url}")
     print(f"  key file    {rd / 'key_file.json'} (header: Authorization: Bearer <inference key>)")

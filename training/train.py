@@ -359,9 +359,10 @@ class Run:
             g["lr"] = lr * g["lr_scale"]
         with autocast(recipe, self.dist.device):
             loss = self.task.loss(self.ddp, batch, recipe.seed * 1_000_003 + self.step)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at step {self.step}; lower lr= or check "
-                               "the data")
+        if not torch.isfinite(loss):     # stop before the step: nothing non-finite is saved
+            self.bar.close()             # its line ends, so the error is a line of its own
+            raise UserError(f"loss is {loss.item()} at step {self.step}; stopped, the last good "
+                            f"checkpoint in {self.out} is kept (lower lr= or check the data)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:
