@@ -53,6 +53,9 @@ BATCHING = {"classify": (16, 10), "depth": (4, 10), "generate": (1, 0)}
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES      # as TorchServe's max_request_size in `pixtok serve`
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/ping")    # probes: no key needed
 CLOSED_PREFIXES = ("/v2/repository", "/v1/", "/docs", "/openapi.json", "/redoc")
+# a body over the limit but under DRAIN_FACTOR times it is read and dropped before the 413, so
+# the client reads a JSON answer instead of a reset connection; a larger one is cut off
+DRAIN_FACTOR = 4
 PID_FILE = "kserve.pid"          # in the run folder's tmp/, beside TorchServe's pid file
 
 
@@ -521,6 +524,8 @@ class Guard:
                                          "key_file.json as `Authorization: Bearer <key>`")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            if length.isdigit() and int(length) <= DRAIN_FACTOR * self.max_body:
+                await drain(receive)     # read it, so the client is not reset mid-upload
             return await self.refuse(send, path, 413, "body_too_large",
                                      f"the body is {length} bytes; the limit is {self.max_body}")
         seen = 0
@@ -545,6 +550,28 @@ class BodyTooLarge(Exception):
     pass
 
 
+async def drain(receive) -> None:
+    """Read a request body to its end and drop it."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def request_body(request: Request, content_type: str | None) -> bytes:
+    """The payload of a REST request as TorchServe hands it to a handler: the raw body, or the
+    one field of a multipart form."""
+    if (content_type or "").lower().startswith("multipart/form-data"):
+        form = await request.form(max_files=2, max_fields=2)
+        values = list(form.values())
+        if len(values) != 1:
+            raise RequestError(400, "bad_request", f"a multipart upload must hold one field "
+                               f"(the image), got {len(values)}")
+        value = values[0]
+        return value.encode() if isinstance(value, str) else await value.read()
+    return await request.body()
+
+
 def install_routes(app, models: dict) -> None:
     """Our REST routes beside KServe's v2 ones, and the handlers that keep every refusal a 4xx
     in the route's own protocol."""
@@ -557,18 +584,10 @@ def install_routes(app, models: dict) -> None:
             code, body = rest_error(404, "ModelNotFoundException",
                                     f"Model not found: {model_name}")
             return Response(body, code, media_type="application/json")
-        body = await request.body()
-        if model.task == "generate":
-            content_type = request.headers.get("content-type")
-        else:
-            content_type = request.headers.get("content-type") or "application/octet-stream"
-            if content_type.split(";")[0].strip().lower() in ("application/json", "text/plain"):
-                code, payload = rest_error(
-                    415, "unsupported_media_type", "the body is not binary image data: send it "
-                    "as image/* or application/octet-stream")
-                return Response(payload, code, media_type="application/json")
+        content_type = request.headers.get("content-type")
         headers = {"X-Pixtok-Backend": model.backend}
         try:
+            body = await request_body(request, content_type)
             answer = await model.rest(body, content_type)
         except RequestError as e:
             return Response(e.to_json().encode(), e.code, media_type="application/json",

@@ -298,7 +298,7 @@ def test_generate_request_defaults_and_names():
     (b'{"label": 1, "guidance": "high"}', 400, "bad_field", "guidance"),
     (b'{"label": 1, "num_images": 17}', 400, "bad_field", "num_images"),
     (b'{"label": 1, "num_images": 0}', 400, "bad_field", "num_images"),
-    (b'{"label": 1, "sampler": "euler"}', 400, "bad_field", "sampler"),
+    (b'{"label": 1, "sampler": "heun"}', 400, "bad_field", "sampler"),
     (b'{"label": 1, "colour": "red"}', 400, "bad_field", "'colour'"),
     (b'{"label": [1]}', 400, "bad_field", "label"),
     (b'{"seed": 1}', 400, "bad_field", "label is required"),
