@@ -473,3 +473,35 @@ def test_a_second_serve_is_refused_and_pixtok_serve_stop_stops_it(ks):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert launcher.running_kserve_pid(ks.run_dir) is None
     assert not (ks.run_dir / "key_file.json").exists()
+
+
+# --- the manifests (no server needed) ----------------------------------------------------------
+DEPLOY = ROOT / "serving" / "deploy" / "kserve"
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_custom_predictor_manifests_run_our_image_without_the_torchserve_runtime(variant):
+    import yaml
+
+    from pixtok.cli import build_parser
+
+    (isvc,) = yaml.safe_load_all((DEPLOY / f"inferenceservice-pixtok-{variant}.yaml").read_text())
+    assert isvc["kind"] == "InferenceService"
+    predictor = isvc["spec"]["predictor"]
+    assert "model" not in predictor and "runtime" not in str(predictor)
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    args = build_parser().parse_args(container["args"])       # the CLI takes them as they are
+    assert (args.command, args.server, args.host, args.no_ui, args.foreground) == (
+        "serve", "kserve", "0.0.0.0", True, True)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = int(env["PIXTOK_INFERENCE_PORT"])
+    assert container["ports"][0]["containerPort"] == port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    from serving.kserve_server import OPEN_PATHS
+
+    assert {"/v2/health/ready", "/v2/health/live"} <= set(OPEN_PATHS)    # probes need no key
+    assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (variant == "gpu")
+    old = (DEPLOY / f"inferenceservice-{variant}.yaml").read_text()
+    assert old.startswith("# DEPRECATED") and "kserve-torchserve" in old.splitlines()[0]
