@@ -90,7 +90,8 @@ class Server:
         return f"http://{url_host(self.host)}:{self.ports['metrics']}/metrics"
 
     def client(self, timeout: float = 120.0) -> Client:
-        return Client(self.inference_url, self.run_dir, self.management_url, timeout)
+        management = self.management_url if self.kind == "torchserve" else None
+        return Client(self.inference_url, self.run_dir, management, timeout)
 
 
 def bracketed(host: str) -> str:

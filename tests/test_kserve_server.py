@@ -422,19 +422,23 @@ def test_requests_sent_together_are_batched_and_a_bad_one_fails_alone(ks):
         responses[i] = client.request("POST", f"{client.base_url}/predictions/tiny-cls",
                                       bodies[i], {"Content-Type": "image/png"})
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert responses[2].status == 400 and responses[2].json()["type"] == "bad_image"
     local = local_classifier(ks)
-    sizes = []
-    for i, r in enumerate(responses):
-        if i != 2:
-            assert r.status == 200, r.json()
-            assert_same_answer(r.json(), local.predict([local.preprocess(bodies[i], None)])[0])
-            sizes.append(int(r.header("X-Pixtok-Batch-Size")))
+    for _ in range(5):     # the window is 300 ms: a round may still miss it on a busy machine
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert responses[2].status == 400 and responses[2].json()["type"] == "bad_image"
+        sizes = []
+        for i, r in enumerate(responses):
+            if i != 2:
+                assert r.status == 200, r.json()
+                assert_same_answer(r.json(),
+                                   local.predict([local.preprocess(bodies[i], None)])[0])
+                sizes.append(int(r.header("X-Pixtok-Batch-Size")))
+        if max(sizes) > 1:
+            break
     assert max(sizes) > 1, f"no batching seen: batch sizes {sizes}"
 
 
