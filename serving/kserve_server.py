@@ -82,9 +82,9 @@ class Batcher:
         self.queue: asyncio.Queue | None = None
         self.carry = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pixtok-model")
-        self.last_batch = 0
 
-    async def submit(self, items: list) -> list:
+    async def submit(self, items: list) -> tuple[list, int]:
+        """-> (one result or exception per item, the size of the batch they ran in)"""
         loop = asyncio.get_running_loop()
         if self.queue is None:
             self.queue = asyncio.Queue()
@@ -119,7 +119,6 @@ class Batcher:
                 batch.append(found)
                 count += len(found[0])
             items = [item for request, _ in batch for item in request]
-            self.last_batch = len(items)
             try:
                 results = await loop.run_in_executor(self.executor, self.run_all, items)
             except Exception as e:               # never leave a client waiting
@@ -127,7 +126,7 @@ class Batcher:
             start = 0
             for request, future in batch:
                 if not future.done():
-                    future.set_result(results[start:start + len(request)])
+                    future.set_result((results[start:start + len(request)], len(items)))
                 start += len(request)
 
     def run_all(self, items: list) -> list:
@@ -240,13 +239,13 @@ class PixtokModel:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # REST: one request, one item; the answer as TorchServe's handler gives it
-    async def rest(self, body: bytes, content_type: str | None) -> dict:
+    async def rest(self, body: bytes, content_type: str | None) -> tuple[dict, int]:
         item = await self.in_thread(self.core.preprocess, body, content_type)
-        [result] = await self.batcher.submit([item])
+        [result], batch_size = await self.batcher.submit([item])
         error = first_error([result])
         if error:
             raise error
-        return self.rest_answer(result)
+        return self.rest_answer(result), batch_size
 
     # v2: one request, its inputs one batch; any bad input fails the request with its 4xx
     async def predict(self, payload, headers=None, response_headers=None):
@@ -257,7 +256,7 @@ class PixtokModel:
                           f"/v2/models/{self.name}/infer")
         try:
             items = await self.in_thread(self.v2_items, payload)
-            results = await self.batcher.submit(items)
+            results, _ = await self.batcher.submit(items)
             error = first_error(results)
             if error:
                 raise error
@@ -588,7 +587,7 @@ def install_routes(app, models: dict) -> None:
         headers = {"X-Pixtok-Backend": model.backend}
         try:
             body = await request_body(request, content_type)
-            answer = await model.rest(body, content_type)
+            answer, batch_size = await model.rest(body, content_type)
         except RequestError as e:
             return Response(e.to_json().encode(), e.code, media_type="application/json",
                             headers=headers)
@@ -596,7 +595,7 @@ def install_routes(app, models: dict) -> None:
             log.exception("pixtok: REST request failed")
             code, payload = rest_error(400, "bad_request", f"could not read the request ({e})")
             return Response(payload, code, media_type="application/json", headers=headers)
-        headers["X-Pixtok-Batch-Size"] = str(model.batcher.last_batch)
+        headers["X-Pixtok-Batch-Size"] = str(batch_size)
         return Response(json_bytes(answer), 200, media_type="application/json", headers=headers)
 
     async def ping():

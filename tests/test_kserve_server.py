@@ -442,6 +442,40 @@ def test_requests_sent_together_are_batched_and_a_bad_one_fails_alone(ks):
     assert max(sizes) > 1, f"no batching seen: batch sizes {sizes}"
 
 
+# --- the command line -------------------------------------------------------------------------
+def test_pixtok_serve_server_kserve_no_auth_from_the_command_line(ks, tmp_path):
+    """The CLI as a user runs it, on a run folder and port of its own: --no-auth serves without
+    a key (for a gateway that authenticates), then --stop stops it; --no-auth is refused for
+    TorchServe, which always asks for its key."""
+    port = launcher.free_ports()["inference"]
+    env = {"PIXTOK_RUN_DIR": str(tmp_path / "run"), "PIXTOK_INFERENCE_PORT": str(port),
+           "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    store = ks.checkpoint.parent
+    cmd = [sys.executable, "-m", "pixtok", "serve"]
+    refused = subprocess.run(cmd + ["--no-auth", "--no-ui", "--model-store", str(store)],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--no-auth" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    done = subprocess.run(cmd + ["--server", "kserve", "--no-auth", "--no-ui", "--model-store",
+                                 str(store)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "KServe ModelServer up" in done.stdout and "auth        off" in done.stdout
+        assert not (tmp_path / "run" / "key_file.json").exists()
+        url = f"http://127.0.0.1:{port}/v2/models/tiny-cls/infer"
+        req = urllib.request.Request(url, json.dumps({"inputs": [b64_images(
+            encode(noise(8, 8, 1)))]}).encode(), headers={"Content-Type": "application/json"})
+        with OPENER.open(req, timeout=120) as r:
+            assert r.status == 200
+            assert output(json.loads(r.read()), "label")["shape"] == [1]
+    finally:
+        stopped = subprocess.run(cmd + ["--stop"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+    assert stopped.returncode == 0 and "stopped KServe" in stopped.stdout
+    assert launcher.running_kserve_pid(tmp_path / "run") is None
+
+
 # --- the page and --stop (last: it stops the server) -------------------------------------------
 def test_the_gradio_page_works_against_it_unchanged(ks, tmp_path):
     import gradio_client
