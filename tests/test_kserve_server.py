@@ -476,6 +476,43 @@ def test_pixtok_serve_server_kserve_no_auth_from_the_command_line(ks, tmp_path):
     assert launcher.running_kserve_pid(tmp_path / "run") is None
 
 
+def test_foreground_as_in_the_manifests_stops_the_server_on_sigterm(ks, tmp_path):
+    """`pixtok serve --server kserve --foreground` (the custom predictor's command) stays until
+    SIGTERM, then stops the server and exits 0; if the server dies it exits 1."""
+    import signal
+
+    port = launcher.free_ports()["inference"]
+    run_dir = tmp_path / "run"
+    env = {"PIXTOK_RUN_DIR": str(run_dir), "PIXTOK_INFERENCE_PORT": str(port),
+           "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pixtok", "serve", "--server", "kserve", "--foreground",
+           "--no-ui", "--model-store", str(ks.checkpoint.parent)]
+    for ending, code in (("sigterm", 0), ("server dies", 1)):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "in the foreground" in line:
+                    break
+            assert any("inference key" in line for line in lines), lines   # printed once
+            pid = launcher.running_kserve_pid(run_dir)
+            assert pid is not None
+            if ending == "sigterm":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                psutil.Process(pid).kill()
+            assert proc.wait(timeout=120) == code
+            assert launcher.running_kserve_pid(run_dir) is None
+            assert not psutil.pid_exists(pid) or \
+                psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stdout.close()
+
+
 # --- the page and --stop (last: it stops the server) -------------------------------------------
 def test_the_gradio_page_works_against_it_unchanged(ks, tmp_path):
     import gradio_client
