@@ -577,6 +577,8 @@ def test_custom_predictor_manifests_run_our_image_without_the_torchserve_runtime
     from serving.kserve_server import OPEN_PATHS
 
     assert {"/v2/health/ready", "/v2/health/live"} <= set(OPEN_PATHS)    # probes need no key
-    assert ("nvidia.com/gpu" in container["resources"]["limits"]) == (variant == "gpu")
+    for kind in ("requests", "limits"):
+        gpus = int(container["resources"][kind].get("nvidia.com/gpu", 0))
+        assert gpus == (1 if variant == "gpu" else 0), kind
     old = (DEPLOY / f"inferenceservice-{variant}.yaml").read_text()
     assert old.startswith("# DEPRECATED") and "kserve-torchserve" in old.splitlines()[0]
