@@ -77,9 +77,19 @@ def add_export(sub) -> None:
     p.add_argument("--onnx", action="store_true", help="also export an ONNX file")
 
 
+
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="start TorchServe (+ Gradio) on the model store")
+    p = sub.add_parser("serve", help="start TorchServe or KServe (+ Gradio) on the model store")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--server", choices=["torchserve", "kserve"], default="torchserve",
+                   help="TorchServe (REST) or KServe's ModelServer (v2 protocol and the same "
+                        "REST routes); default torchserve")
+    p.add_argument("--no-auth", action="store_true",
+                   help="kserve only: no bearer key, for a cluster whose gateway authenticates")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="kserve only: most requests per batch (default per task)")
+    p.add_argument("--max-batch-delay", type=float, default=None,
+                   help="kserve only: ms a batch waits for more requests (default per task)")
     p.add_argument("--model-store", default=None)
     p.add_argument("--no-ui", action="store_true", help="do not start the Gradio front end")
     p.add_argument("--stop", action="store_true", help="stop a running server")

@@ -1,14 +1,18 @@
-"""`pixtok bench serve`: classifier throughput and latency through TorchServe vs. in process.
+"""`pixtok bench serve`: classifier throughput and latency through TorchServe, KServe's
+ModelServer and in process, in one run.
 
-Both paths run the same checkpoint with the same batching rule (up to BATCHING["classify"]
-requests, waiting at most its delay), so the gap between them is what HTTP, TorchServe's frontend
-and its worker protocol cost. The server gets its own run folder and free ports, so a user's
-running server is never touched. startup_s is `pixtok serve` (archives already built) to the
-first answer.
+Every path runs the same archive with the same batching rule (up to BATCHING["classify"]
+requests, waiting at most its delay), so the gaps are what each server's HTTP side and worker
+protocol cost. Paths: `torchserve` (REST), `kserve` (the same REST route on `pixtok serve
+--server kserve`), `kserve-v2` (the same image as a v2 `image` BYTES input), `in-process`. Each
+server gets its own run folder and free ports, so a user's running server is never touched.
+startup_s / startup_kserve_s: `pixtok serve` (archives already built) to the first answer.
 """
 from __future__ import annotations
 
+import base64
 import io
+import json
 import queue
 import tempfile
 import threading
@@ -21,6 +25,7 @@ from PIL import Image
 
 from pixtok.inference.backend import load_classifier, pick_device
 from serving import launcher
+from serving.client import ServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "model_store" / "fashion-vit1"
@@ -85,6 +90,22 @@ class InProcessBatcher:
         self.thread.join()
 
 
+class V2Caller:
+    """One image per v2 request (an `image` BYTES [1] input) to the KServe server."""
+
+    def __init__(self, client, model: str):
+        self.client, self.url = client, f"{client.base_url}/v2/models/{model}/infer"
+
+    def __call__(self, body: bytes) -> dict:
+        payload = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(body).decode()]}]}
+        resp = self.client.request("POST", self.url, json.dumps(payload).encode(),
+                                   {"Content-Type": "application/json"})
+        if resp.status != 200:
+            raise ServerError(resp.status, {"message": resp.json()})
+        return resp.json()
+
+
 def drive(call, bodies: list[bytes], clients: int, per_client: int) -> dict:
     """`clients` threads, each sending per_client requests back to back -> throughput, latency."""
     latencies, lock = [], threading.Lock()
@@ -143,6 +164,22 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
                 results.append({"path": "torchserve", **row})
         finally:
             launcher.stop(tmp / "run", log=lambda *_: None)
+        t0 = time.perf_counter()
+        server = launcher.start_kserve(store, run_dir=tmp / "run-kserve", log=lambda *_: None,
+                                       ports={"inference": launcher.free_ports()["inference"]})
+        try:
+            client = server.client()
+            client.classify(bodies[0], model="bench")
+            startup_kserve_s = time.perf_counter() - t0
+            v2 = V2Caller(client, "bench")
+            for clients in (1, 4, 16):
+                row = drive(lambda b: client.classify(b, model="bench"), bodies, clients,
+                            per_client)
+                results.append({"path": "kserve", **row})
+            for clients in (1, 4, 16):
+                results.append({"path": "kserve-v2", **drive(v2, bodies, clients, per_client)})
+        finally:
+            launcher.stop(tmp / "run-kserve", log=lambda *_: None)
         core = load_classifier(ckpt, build_model, resize_image, device)
         rule = launcher.BATCHING["classify"]
         batcher = InProcessBatcher(core, rule["batchSize"], rule["maxBatchDelay"] / 1000)
@@ -153,4 +190,5 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
         finally:
             batcher.close()
     return {"suite": "serve", "model": model_label, "device": str(device),
-            "results": results, "startup_s": round(startup_s, 2)}
+            "results": results, "startup_s": round(startup_s, 2),
+            "startup_kserve_s": round(startup_kserve_s, 2)}

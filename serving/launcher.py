@@ -13,6 +13,13 @@ at each start, kept in ui_password, mode 0600, and printed once).
 
 `pixtok serve --foreground` (a container's entry point) then stays until SIGTERM/SIGINT (exit 0)
 or until TorchServe dies (exit 1), and stops the page, TorchServe and its workers either way.
+
+`pixtok serve --server kserve` runs KServe's ModelServer (serving/kserve_server.py) on the same
+archives instead, as one process on the inference port (pid file tmp/kserve.pid, output
+logs/kserve.out). The launcher writes its key_file.json (a fresh inference key, TorchServe's
+format, mode 0600) and a config.properties that only describes it (server=kserve, the inference
+address, the model store and its models), so serving/client.py and the page find it as they find
+TorchServe. `pixtok serve --stop` stops whichever server runs.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -49,6 +57,8 @@ BATCHING = {   # task -> TorchServe batching; a generator batches inside one req
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES
 MAX_RESPONSE_BYTES = 64 * 2**20       # 16 generated images as base64 PNGs fit with room
 SERVER_CLASS = "org.pytorch.serve.ModelServer"
+KSERVE_MODULE = "serving.kserve_server"
+SERVERS = ("torchserve", "kserve")
 UI_MODULE = "serving.gradio_app"
 UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generate": "--generator"}
 # overload (docs/reliability.md): how many requests may wait per model (TorchServe's job queue;
@@ -73,6 +83,7 @@ class Server:
     ports: dict
     models: list[str] = field(default_factory=list)
     broken: dict = field(default_factory=dict)      # {name: why} of damaged models left out
+    kind: str = "torchserve"
 
     @property
     def inference_url(self) -> str:
@@ -87,7 +98,8 @@ class Server:
         return f"http://{url_host(self.host)}:{self.ports['metrics']}/metrics"
 
     def client(self, timeout: float = 120.0) -> Client:
-        return Client(self.inference_url, self.run_dir, self.management_url, timeout)
+        management = self.management_url if self.kind == "torchserve" else None
+        return Client(self.inference_url, self.run_dir, management, timeout)
 
 
 def bracketed(host: str) -> str:
@@ -150,6 +162,34 @@ def running_pid(run_dir: Path) -> int | None:
         pass
     path.unlink(missing_ok=True)
     return None
+
+
+def kserve_pid_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "tmp" / "kserve.pid"
+
+
+def running_kserve_pid(run_dir: Path) -> int | None:
+    """The pid of this run folder's KServe ModelServer if it is alive (a stale pid file goes)."""
+    import psutil
+
+    path = kserve_pid_file(run_dir)
+    try:
+        pid = int(path.read_text().strip())
+        if KSERVE_MODULE in psutil.Process(pid).cmdline():
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    path.unlink(missing_ok=True)
+    return None
+
+
+def running_server(run_dir: Path) -> tuple[str, int] | None:
+    """(kind, pid) of the server this run folder runs, or None."""
+    pid = running_pid(run_dir)
+    if pid is not None:
+        return "torchserve", pid
+    pid = running_kserve_pid(run_dir)
+    return ("kserve", pid) if pid is not None else None
 
 
 def check_ports_free(host: str, ports: dict) -> None:
@@ -306,10 +346,7 @@ def wait_ready(server: Server, timeout: float) -> None:
 def check_can_start(run_dir: Path, store: Path) -> None:
     """ServeError unless no server runs in run_dir, the store exists, and TorchServe and Java
     are installed."""
-    pid = running_pid(run_dir)
-    if pid is not None:
-        raise ServeError(f"already running (pid {pid}, run folder {run_dir}); stop it with "
-                         "`pixtok serve --stop`")
+    refuse_second_server(run_dir)
     if not store.is_dir():
         raise ServeError(f"{store}: no such model store folder")
     if importlib.util.find_spec("ts") is None:
@@ -382,11 +419,158 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     return server
 
 
+def refuse_second_server(run_dir: Path) -> None:
+    running = running_server(run_dir)
+    if running is not None:
+        kind, pid = running
+        raise ServeError(f"already running ({kind}, pid {pid}, run folder {run_dir}); stop it "
+                         "with `pixtok serve --stop`")
+
+
+# --- KServe's ModelServer ----------------------------------------------------------------------
+def write_key_file(run_dir: Path) -> str:
+    """A fresh inference key in key_file.json (TorchServe's format, mode 0600). It does not
+    expire: KServe's server reads it once, at start; every start makes a new one."""
+    key = secrets.token_urlsafe(24)
+    path = run_dir / "key_file.json"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"inference": {"key": key, "expiration time": "never"}}, f, indent=2)
+    return key
+
+
+def render_kserve_config(run_dir: Path, store: Path, host: str, port: int,
+                         models: dict) -> Path:
+    """config.properties that describes the KServe server for serving/client.py and the page
+    (not a TorchServe config): where it listens and which archives it serves."""
+    per_model = {name: {version: {"defaultVersion": True, "marName": mar}}
+                 for name, (mar, version, _task) in models.items()}
+    lines = ["# `pixtok serve --server kserve` (serving/kserve_server.py): not a TorchServe",
+             "# config; serving/client.py and the Gradio page read the address and models here",
+             "server=kserve", f"inference_address=http://{bracketed(host)}:{port}",
+             f"model_store={store}", f"models={json.dumps(per_model)}"]
+    path = run_dir / "config.properties"
+    path.write_text("\n".join(line.replace("\\", "\\\\") if "=" in line and not
+                              line.startswith("#") else line for line in lines) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def kserve_env(run_dir: Path) -> dict:
+    """The server's environment: this repository importable, temp files in the run folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    tmp = str(run_dir / "tmp")
+    env.update(TMPDIR=tmp, TEMP=tmp, PYTHONUNBUFFERED="1")
+    return env
+
+
+def kserve_log_tail(run_dir: Path, lines: int = 5) -> str:
+    path = run_dir / "logs" / "kserve.out"
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def wait_kserve_ready(server: Server, proc: subprocess.Popen, timeout: float) -> None:
+    """Until /v2/health/ready says every model is loaded, or the server exits."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    url = f"{local_url(server.inference_url)}/v2/health/ready"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            kserve_pid_file(server.run_dir).unlink(missing_ok=True)
+            raise ServeError(f"the KServe server exited while starting (code {proc.returncode}); "
+                             f"see {server.run_dir / 'logs' / 'kserve.out'} "
+                             f"({kserve_log_tail(server.run_dir)})")
+        try:
+            with opener.open(url, timeout=5) as r:
+                if r.status == 200 and json.loads(r.read()).get("ready"):
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            stop(server.run_dir, log=lambda *_: None)
+            raise ServeError(f"the KServe server was not ready after {timeout:.0f} s; see "
+                             f"{server.run_dir / 'logs' / 'kserve.out'} "
+                             f"({kserve_log_tail(server.run_dir)})")
+        time.sleep(0.25)
+
+
+def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
+                 timeout: float | None = None, log=print, ports: dict | None = None,
+                 build=None, auth: bool = True, batch_size: int | None = None,
+                 max_batch_delay: float | None = None) -> Server:
+    """Start KServe's ModelServer (serving/kserve_server.py) on the store's archives, on the
+    inference port; return once every model is ready. auth=False: no bearer key (only behind a
+    gateway that authenticates). build as for start()."""
+    run_dir = prepare_run_dir(run_dir)
+    refuse_second_server(run_dir)
+    store = model_store_path(model_store)
+    if not store.is_dir():
+        raise ServeError(f"{store}: no such model store folder")
+    if importlib.util.find_spec("kserve") is None:
+        raise ServeError("the KServe SDK is not installed (pip install -c constraints.txt "
+                         "-e '.[kserve]')")
+    ports = {**ports_from_env(), **(ports or {})}
+    check_ports_free(host, {"inference": ports["inference"]})
+    models, broken = servable_models(store, build, log)
+    render_kserve_config(run_dir, store, host, ports["inference"], models)
+    if auth:
+        write_key_file(run_dir)
+    else:
+        (run_dir / "key_file.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", KSERVE_MODULE, "--model-store", str(store), "--run-dir",
+           str(run_dir), "--host", host, "--port", str(ports["inference"])]
+    if not auth:
+        cmd.append("--no-auth")
+    if batch_size is not None:
+        cmd += ["--batch-size", str(batch_size)]
+    if max_batch_delay is not None:
+        cmd += ["--max-batch-delay", str(max_batch_delay)]
+    with open(run_dir / "logs" / "kserve.out", "ab") as out:
+        # a session of its own: the server outlives `pixtok serve` and its terminal's Ctrl-C
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=kserve_env(run_dir), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    kserve_pid_file(run_dir).write_text(f"{proc.pid}\n")
+    server = Server(run_dir, proc.pid, host, {"inference": ports["inference"]}, list(models),
+                    broken, kind="kserve")
+    wait_kserve_ready(server, proc, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT",
+                                                                    180)))
+    return server
+
+
+def stop_kserve(run_dir: Path, log=print, timeout: float = 30.0) -> bool:
+    import psutil
+
+    pid = running_kserve_pid(run_dir)
+    if pid is None:
+        return False
+    proc = psutil.Process(pid)
+    proc.terminate()         # uvicorn finishes the requests in flight, then exits
+    _, alive = psutil.wait_procs([proc], timeout=timeout)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    kserve_pid_file(run_dir).unlink(missing_ok=True)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tmp" / "kserve-models", ignore_errors=True)
+    log(f"pixtok serve: stopped KServe (pid {pid})")
+    return True
+
+
 def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
-    """Stop this run folder's TorchServe and every worker it started. False if none was running."""
+    """Stop this run folder's server (TorchServe and every worker it started, or KServe's
+    ModelServer). False if none was running."""
     import psutil
 
     run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
+    if stop_kserve(run_dir, log, timeout):
+        return True
     pid = running_pid(run_dir)
     if pid is None:
         log(f"pixtok serve: not running (run folder {run_dir})")
@@ -592,7 +776,8 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
     import psutil
 
     run_dir, workers, ui_gone = server.run_dir, [], False
-    while not caught and running_pid(run_dir) is not None:
+    alive = running_kserve_pid if server.kind == "kserve" else running_pid
+    while not caught and alive(run_dir) is not None:
         try:
             workers = psutil.Process(server.pid).children(recursive=True)
         except psutil.Error:
@@ -606,8 +791,10 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
     if caught:
         print(f"pixtok serve: {signal.Signals(caught[0]).name}, stopping", flush=True)
     else:
-        print(f"pixtok serve: TorchServe (pid {server.pid}) exited; see {run_dir / 'logs'} "
-              f"({log_tail(run_dir)})", file=sys.stderr, flush=True)
+        name, tail = (("KServe", kserve_log_tail(run_dir)) if server.kind == "kserve"
+                      else ("TorchServe", log_tail(run_dir)))
+        print(f"pixtok serve: {name} (pid {server.pid}) exited; see {run_dir / 'logs'} "
+              f"({tail})", file=sys.stderr, flush=True)
         for proc in workers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
@@ -616,6 +803,59 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
     reap_children()
     print("pixtok serve: stopped", flush=True)
     return 0 if caught else 1
+
+
+def check_serve_args(args, host: str, with_ui: bool) -> str:
+    """The server kind `pixtok serve` was asked for, once its options and the page's port are
+    known to be usable (checked before any server starts, not after)."""
+    if with_ui:
+        pid = running_ui_pid(prepare_run_dir())
+        if pid is not None:
+            raise ServeError(f"the Gradio front end is already running (pid {pid}); stop it "
+                             "with `pixtok serve --stop`")
+        check_ui_port_free(host, ui_port_from_env())
+    kind = getattr(args, "server", None) or "torchserve"
+    if kind not in SERVERS:
+        raise ServeError(f"--server {kind!r}: expected one of {', '.join(SERVERS)}")
+    if getattr(args, "no_auth", False) and kind != "kserve":
+        raise ServeError("--no-auth is for `--server kserve` behind a gateway that "
+                         "authenticates; TorchServe always asks for its key")
+    return kind
+
+
+def print_addresses(server: Server, ui: FrontEnd | None, foreground: bool) -> None:
+    """Where everything is: routes, key file (the key itself once in the foreground), logs."""
+    rd, kind = server.run_dir, server.kind
+    print(f"  inference   {server.inference_url}/predictions/<model>   "
+          f"models: {', '.join(server.models)}")
+    if server.broken:
+        print(f"  NOT served  {', '.join(sorted(server.broken))} (damaged; see above)")
+    if kind == "kserve":
+        print(f"  v2          {server.inference_url}/v2/models/<model>/infer   "
+              "(health: /v2/health/live, /v2/health/ready)")
+        print(f"  metrics     {server.inference_url}/metrics")
+    else:
+        print(f"  management  {server.management_url}")
+        print(f"  metrics     {server.metrics_url}")
+    key = server.client().key("inference")
+    if key:
+        print(f"  key file    {rd / 'key_file.json'} "
+              "(header: Authorization: Bearer <inference key>)")
+    else:
+        print("  auth        off (--no-auth): the gateway in front must authenticate")
+    if key and foreground:    # once, for `docker logs`; the key file always holds the current one
+        minutes = os.environ.get("PIXTOK_TOKEN_EXPIRATION_MIN", "60")
+        valid = "until the server stops" if kind == "kserve" else f"valid {minutes} min"
+        print(f"  inference key  {key}   ({valid}; the key file holds the current one)")
+    print(f"  logs        {rd / 'logs'}")
+    if ui:
+        print(f"  ui          {ui.url}   (Gradio; API names /generate /classify /depth)")
+    if ui and ui.login:    # a generated password is printed this once
+        from serving.gradio_app import UI_PASSWORD_FILE
+
+        where = (f"{ui.login[1]}   (also in {rd / UI_PASSWORD_FILE}, mode 0600)"
+                 if ui.password_generated else "from $PIXTOK_UI_PASSWORD")
+        print(f"  ui login    user {ui.login[0]}, password {where}")
 
 
 def run_cli(args, build=None, examples=None) -> int:
@@ -627,45 +867,27 @@ def run_cli(args, build=None, examples=None) -> int:
     host = getattr(args, "host", "127.0.0.1")
     with_ui = not getattr(args, "no_ui", False)
     foreground = getattr(args, "foreground", False)
-    if with_ui:   # fail before TorchServe starts, not after
-        pid = running_ui_pid(prepare_run_dir())
-        if pid is not None:
-            raise ServeError(f"the Gradio front end is already running (pid {pid}); stop it "
-                             "with `pixtok serve --stop`")
-        check_ui_port_free(host, ui_port_from_env())
+    kind = check_serve_args(args, host, with_ui)
     caught = catch_stop_signals() if foreground else []
     t0 = time.monotonic()
-    server = start(getattr(args, "model_store", None), host, build=build)
-    rd = server.run_dir
-    print(f"pixtok serve: TorchServe up in {time.monotonic() - t0:.1f} s (pid {server.pid})")
+    if kind == "kserve":
+        server = start_kserve(getattr(args, "model_store", None), host, build=build,
+                              auth=not getattr(args, "no_auth", False),
+                              batch_size=getattr(args, "batch_size", None),
+                              max_batch_delay=getattr(args, "max_batch_delay", None))
+    else:
+        server = start(getattr(args, "model_store", None), host, build=build)
+    name = "KServe ModelServer" if kind == "kserve" else "TorchServe"
+    print(f"pixtok serve: {name} up in {time.monotonic() - t0:.1f} s (pid {server.pid})")
     ui = None
     if with_ui:
         try:
-            ui = start_ui(rd, host, examples=examples)
+            ui = start_ui(server.run_dir, host, examples=examples)
         except ServeError:
-            stop(rd, log=lambda *_: None)
+            stop(server.run_dir, log=lambda *_: None)
             raise
         print(f"pixtok serve: Gradio front end up (pid {ui.pid})")
-    print(f"  inference   {server.inference_url}/predictions/<model>   "
-          f"models: {', '.join(server.models)}")
-    if server.broken:
-        print(f"  NOT served  {', '.join(sorted(server.broken))} (damaged; see above)")
-    print(f"  management  {server.management_url}")
-    print(f"  metrics     {server.metrics_url}")
-    print(f"  key file    {rd / 'key_file.json'} (header: Authorization: Bearer <inference key>)")
-    key = server.client().key("inference") if foreground else None
-    if key:    # once, for `docker logs`; it expires, the key file always holds the current one
-        minutes = os.environ.get("PIXTOK_TOKEN_EXPIRATION_MIN", "60")
-        print(f"  inference key  {key}   (valid {minutes} min; renewed keys: the key file)")
-    print(f"  logs        {rd / 'logs'}")
-    if ui:
-        print(f"  ui          {ui.url}   (Gradio; API names /generate /classify /depth)")
-    if ui and ui.login:    # a generated password is printed this once
-        from serving.gradio_app import UI_PASSWORD_FILE
-
-        where = (f"{ui.login[1]}   (also in {rd / UI_PASSWORD_FILE}, mode 0600)"
-                 if ui.password_generated else "from $PIXTOK_UI_PASSWORD")
-        print(f"  ui login    user {ui.login[0]}, password {where}")
+    print_addresses(server, ui, foreground)
     if not foreground:
         print("  stop with   pixtok serve --stop")
         return 0

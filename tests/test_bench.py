@@ -24,3 +24,19 @@ def test_bench_infer_json(tmp_path):
     by = {(m["tokens"], m["attention"]): m["peak_mb"] for m in data["memory"]}
     # the textbook attention materialises (heads, L, L) scores: it must cost more at 4096 tokens
     assert by[(4096, "naive")] > by[(4096, "sdpa")]
+
+
+def test_bench_serve_has_torchserve_kserve_and_in_process_rows(tmp_path):
+    """`pixtok bench serve --quick`: every path at 1, 4 and 16 clients in one run (numbers are
+    not asserted beyond being measured)."""
+    out = tmp_path / "serve.json"
+    res = pixtok("bench", "serve", "--quick", "--json", out, timeout=1200)
+    data = json.loads(out.read_text())
+    assert data == json.loads(res.stdout) and data["suite"] == "serve"
+    rows = {(r["path"], r["clients"]): r for r in data["results"]}
+    assert set(rows) == {(path, clients)
+                         for path in ("torchserve", "kserve", "kserve-v2", "in-process")
+                         for clients in (1, 4, 16)}
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+    assert data["startup_s"] > 0 and data["startup_kserve_s"] > 0

@@ -104,7 +104,7 @@ BAD_REQUESTS = [   # (body, content type, error type, words in the message)
     (b'{"label": 1, "steps": "20"}', "application/json", "bad_field", "steps must be an integer"),
     (b'{"label": 1, "guidance": NaN}', "application/json", "bad_field", "guidance"),
     (b'{"label": 1, "num_images": 17}', "application/json", "bad_field", "num_images"),
-    (b'{"label": 1, "sampler": "euler"}', "application/json", "bad_field", "sampler"),
+    (b'{"label": 1, "sampler": "heun"}', "application/json", "bad_field", "sampler"),
     (b'{"label": ', "application/json", "bad_json", "not valid JSON"),
     (b"label=1", "text/plain", "bad_json", "not valid JSON"),
     (b"[1, 2]", "application/json", "bad_json", "JSON object"),

@@ -99,8 +99,12 @@ class ImageClassifier:
 
     def predict(self, images: list[np.ndarray]) -> list[dict]:
         """A batch of preprocessed images -> one answer each, in order."""
+        return [self.postprocess(row) for row in self.probabilities(images)]
+
+    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        """A batch of preprocessed images -> float64 (N, classes) class probabilities."""
         logits = self.backend(np.stack(images))          # (N, classes)
-        return [self.postprocess(row) for row in softmax(logits.astype(np.float64))]
+        return softmax(logits.astype(np.float64))
 
     def postprocess(self, probs: np.ndarray) -> dict:
         order = np.argsort(-probs, kind="stable")[: self.top_k]

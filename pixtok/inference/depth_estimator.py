@@ -68,11 +68,16 @@ class DepthEstimator:
 
     def predict(self, items: list[tuple[np.ndarray, tuple[int, int]]]) -> list[dict]:
         """A batch of preprocessed images -> one answer each, in order."""
-        depths = self.backend(np.stack([x for x, _ in items]))         # (N, 1, H, W) metres
-        return [self.postprocess(d[0], size) for d, (_, size) in zip(depths, items)]
+        return [self.postprocess(d) for d in self.depth_maps(items)]
 
-    def postprocess(self, depth_m: np.ndarray, size: tuple[int, int]) -> dict:
-        depth_m = resize_depth(depth_m, size)                           # (h, w)
+    def depth_maps(self, items: list[tuple[np.ndarray, tuple[int, int]]]) -> list[np.ndarray]:
+        """A batch of preprocessed images -> float32 (h, w) metres, each at its upload's size."""
+        depths = self.backend(np.stack([x for x, _ in items]))         # (N, 1, H, W) metres
+        return [resize_depth(d[0], size) for d, (_, size) in zip(depths, items)]
+
+    def postprocess(self, depth_m: np.ndarray) -> dict:
+        """A depth map (h, w) in metres at the upload's size -> the REST answer."""
+        size = depth_m.shape
         lo, hi = float(depth_m.min()), float(depth_m.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise FloatingPointError("the model produced non-finite depths")

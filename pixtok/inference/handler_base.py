@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .backend import pick_device
-from .validate import RequestError
+from .validate import HF_NAMES, RequestError
 
 log = logging.getLogger(__name__)
 REPOSITORY_PACKAGES = {"training", "serving", "export"}    # never shipped in an archive
@@ -61,6 +61,7 @@ GENERATE_INPUTS = {   # a generator's named v2 inputs -> (datatypes accepted, th
     "sampler": (("BYTES",), "BYTES"), "guidance": ((*FLOAT_TYPES, *INT_TYPES), "FP32"),
     "num_images": (INT_TYPES, "INT64"),
 }
+GENERATE_INPUTS.update({theirs: GENERATE_INPUTS[ours] for theirs, ours in HF_NAMES.items()})
 
 
 def is_v2_inputs(data: list) -> bool:

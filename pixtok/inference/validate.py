@@ -19,6 +19,10 @@ MAX_IMAGES = 16
 # the Gradio page (one constant, pixtok/sampling.py), seed 0 and one image
 GENERATE_DEFAULTS = {"seed": 0, **SAMPLING_DEFAULTS, "num_images": 1}
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
+# the diffusers / Hugging Face names of three fields -> ours; a request may use either name, and
+# both only when they agree (docs/serving.md has the two side by side)
+HF_NAMES = {"guidance_scale": "guidance", "num_inference_steps": "steps",
+            "num_images_per_prompt": "num_images"}
 
 
 class RequestError(Exception):
@@ -82,6 +86,22 @@ def _label_index(label, labels: list[str]) -> int:
     return label
 
 
+def with_our_names(body: dict) -> dict:
+    """A request that may use the Hugging Face names -> the same request in ours. Both names of
+    one field are a 400 unless they hold the same value."""
+    body = dict(body)
+    for theirs, ours in HF_NAMES.items():
+        if theirs not in body:
+            continue
+        value = body.pop(theirs)
+        if ours in body and body[ours] != value:
+            raise RequestError(400, "conflicting_fields",
+                               f"{theirs}={value!r} and {ours}={body[ours]!r} disagree; "
+                               f"{theirs} is the Hugging Face name of {ours}: send one of them")
+        body[ours] = value
+    return body
+
+
 def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
                            max_images: int = MAX_IMAGES,
                            sampler_steps: dict[str, int] = DEFAULT_STEPS) -> dict:
@@ -103,10 +123,11 @@ def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
     if not isinstance(body, dict):
         raise RequestError(400, "bad_json",
                            f"the body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - {"label", *GENERATE_DEFAULTS})
+    unknown = sorted(set(body) - {"label", *GENERATE_DEFAULTS, *HF_NAMES})
     if unknown:
         raise RequestError(400, "bad_field", f"unknown field {unknown[0]!r}; expected label, "
-                           + ", ".join(GENERATE_DEFAULTS))
+                           + ", ".join(GENERATE_DEFAULTS) + " (or " + ", ".join(HF_NAMES) + ")")
+    body = with_our_names(body)
     if "label" not in body:
         raise RequestError(400, "bad_field", "label is required (a class name or index)")
     request = {**GENERATE_DEFAULTS, **body}

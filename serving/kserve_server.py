@@ -1,0 +1,706 @@
+"""`pixtok serve --server kserve`: KServe's Python ModelServer over the same inference core.
+
+One kserve.Model per task (classifier, depth, generator), each as thin as our TorchServe
+handlers: it unpacks the model's archive from the model store and runs it with pixtok's inference
+core (pixtok/inference/), so both servers answer alike. It speaks two protocols on one port:
+
+- the Open Inference Protocol v2 with typed tensors (/v2/health/live, /v2/health/ready,
+  /v2/models/NAME, /v2/models/NAME/ready, /v2/models/NAME/infer; names and types in
+  docs/architecture.md), errors as {"error": message} with a 4xx;
+- our REST routes as TorchServe answers them (POST /predictions/NAME, GET /ping), errors as
+  {"code", "type", "message"}, so serving/client.py and the Gradio page work unchanged.
+
+Requests of one model are batched across clients (up to --batch-size items, waiting at most
+--max-batch-delay ms after the first; defaults per task as TorchServe's in serving/launcher.py)
+and run on one thread per model; decoding runs on a thread pool. A bad input answers its own 4xx
+and nothing a client sends ends the process.
+
+Locked down as our TorchServe: it listens on 127.0.0.1 unless --host says otherwise; every route
+but the health checks asks for `Authorization: Bearer <key>`, the inference key of the run
+folder's key_file.json (TorchServe's format; the launcher writes a fresh one at each start);
+--no-auth only behind a gateway that authenticates. The model repository routes (load/unload)
+and KServe's gRPC server are off; bodies are limited as TorchServe's max_request_size.
+
+    python -m serving.kserve_server --model-store DIR --run-dir DIR [--host 127.0.0.1]
+        [--port 8080] [--no-auth] [--batch-size N] [--max-batch-delay MS] [--models a,b]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from fastapi import Request  # at module level: the route's annotation is resolved from here
+
+from pixtok.archive import read_archive_json
+from pixtok.inference.handler_base import v2_generate_body, v2_image
+from pixtok.inference.validate import MAX_BODY_BYTES, RequestError
+
+log = logging.getLogger("pixtok.kserve")
+
+# task -> (batch size, max batch delay in ms): TorchServe's rule of serving/launcher.py's BATCHING
+BATCHING = {"classify": (16, 10), "depth": (4, 10), "generate": (1, 0)}
+MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES      # as TorchServe's max_request_size in `pixtok serve`
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/ping")    # probes: no key needed
+CLOSED_PREFIXES = ("/v2/repository", "/v1/", "/docs", "/openapi.json", "/redoc")
+# a body over the limit but under DRAIN_FACTOR times it is read and dropped before the 413, so
+# the client reads a JSON answer instead of a reset connection; a larger one is cut off
+DRAIN_FACTOR = 4
+PID_FILE = "kserve.pid"          # in the run folder's tmp/, beside TorchServe's pid file
+
+
+class V2Error(Exception):
+    """A v2 request the model refuses: answered {"error": message} with `code`."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def bad(name: str, message: str) -> RequestError:
+    return RequestError(400, "bad_input", f"input {name!r}: {message}")
+
+
+# --- batching ----------------------------------------------------------------------------------
+class Batcher:
+    """Requests of one model -> batches: a request is a list of items; a batch takes whole
+    requests up to `size` items, waiting at most `delay_s` after the first (a request larger than
+    `size` runs alone). run(items) -> one result or exception per item, on one thread."""
+
+    def __init__(self, run, size: int, delay_s: float):
+        self.run, self.size, self.delay_s = run, max(1, size), max(0.0, delay_s)
+        self.queue: asyncio.Queue | None = None
+        self.carry = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pixtok-model")
+
+    async def submit(self, items: list) -> tuple[list, int]:
+        """-> (one result or exception per item, the size of the batch they ran in)"""
+        loop = asyncio.get_running_loop()
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            self.task = loop.create_task(self.loop())
+        future = loop.create_future()
+        await self.queue.put((items, future))
+        return await future
+
+    async def next_request(self, timeout: float | None):
+        if self.carry is not None:
+            found, self.carry = self.carry, None
+            return found
+        if timeout is None:
+            return await self.queue.get()
+        if timeout <= 0:
+            return self.queue.get_nowait()       # QueueEmpty when none is waiting
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def loop(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.next_request(None)]
+            count, deadline = len(batch[0][0]), loop.time() + self.delay_s
+            while count < self.size:
+                try:
+                    found = await self.next_request(deadline - loop.time())
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if count + len(found[0]) > self.size:
+                    self.carry = found           # first in the next batch
+                    break
+                batch.append(found)
+                count += len(found[0])
+            items = [item for request, _ in batch for item in request]
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_all, items)
+            except Exception as e:               # never leave a client waiting
+                results = [e] * len(items)
+            start = 0
+            for request, future in batch:
+                if not future.done():
+                    future.set_result((results[start:start + len(request)], len(items)))
+                start += len(request)
+
+    def run_all(self, items: list) -> list:
+        """One run over the batch; if it fails as a whole, item by item, so one input that trips
+        the model cannot fail the requests it was batched with."""
+        try:
+            return list(self.run(items))
+        except Exception:
+            log.exception("pixtok: batch of %d failed; retrying one by one", len(items))
+        out = []
+        for item in items:
+            try:
+                out.append(self.run([item])[0])
+            except Exception as e:
+                log.exception("pixtok: prediction failed")
+                out.append(e if isinstance(e, RequestError) else
+                           RequestError(500, "internal_error",
+                                        f"the model failed on this input ({e})"))
+        return out
+
+
+def first_error(results: list):
+    for r in results:
+        if isinstance(r, RequestError):
+            return r
+        if isinstance(r, Exception):
+            return RequestError(500, "internal_error", f"the model failed ({r})")
+    return None
+
+
+# --- the models --------------------------------------------------------------------------------
+def kserve_model_base():
+    from kserve import Model
+
+    return Model
+
+
+def tensor(name: str, datatype: str, array: np.ndarray):
+    from kserve import InferOutput
+
+    out = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
+    out.set_data_from_numpy(array, binary_data=False)
+    return out
+
+
+def only_input(request, names: tuple[str, ...]):
+    if len(request.inputs) != 1 or request.inputs[0].name not in names:
+        given = [i.name for i in request.inputs]
+        raise RequestError(400, "bad_input", f"send exactly one input, named "
+                           f"{' or '.join(repr(n) for n in names)}; got {given}")
+    return request.inputs[0]
+
+
+def input_array(item, dtype) -> np.ndarray:
+    """A v2 input's data as an array of its declared shape (JSON data may be flat or nested)."""
+    data = item.data
+    if item._raw_data is not None:       # the binary tensor extension
+        try:
+            return item.as_numpy()
+        except Exception as e:
+            raise bad(item.name, f"binary data does not fit shape {item.shape} ({e})") from None
+    array = np.asarray(data, dtype=object if dtype is object else None)
+    shape = [int(s) for s in item.shape]
+    if any(s < 0 for s in shape) or array.size != int(np.prod(shape)):
+        raise bad(item.name, f"shape {shape} holds {int(np.prod(shape))} values, the data "
+                  f"{array.size}")
+    return array.reshape(shape)
+
+
+def image_files(item) -> list[bytes]:
+    """An `image` (BYTES [N], base64 image files) or `pixels` (UINT8 [N, H, W, C]) input ->
+    N image files for the core, each checked as a REST upload is."""
+    if item.name == "image":
+        if item.datatype != "BYTES":
+            raise bad("image", f"datatype {item.datatype} is not accepted: send BYTES, each "
+                      "element the base64 of an image file (or send `pixels` as UINT8)")
+        if len(item.shape) != 1:
+            raise bad("image", f"shape must be [N], got {item.shape}")
+        files = input_array(item, object).ravel()
+        return [v2_image({"name": "image", "datatype": "BYTES", "data": f}) for f in files]
+    if item.datatype != "UINT8":
+        raise bad("pixels", f"datatype {item.datatype} is not accepted: send UINT8 shaped "
+                  "[N, H, W, C] (or `image` as BYTES)")
+    if len(item.shape) != 4:
+        raise bad("pixels", f"shape must be [N, H, W, C] with C 1 or 3, got {item.shape}")
+    pixels = input_array(item, None)
+    return [v2_image({"name": "pixels", "datatype": "UINT8", "data": p}) for p in pixels]
+
+
+class PixtokModel:
+    """What the three task models share: REST answers, v2 parsing, batching, metadata."""
+
+    task = ""
+    inputs: list[dict] = []
+    outputs: list[dict] = []
+
+    def setup(self, core, batch_size: int, delay_ms: float):
+        self.core = core
+        self.backend = getattr(getattr(core, "backend", None), "name", "torch")
+        self.batcher = Batcher(self.run, batch_size, delay_ms / 1000)
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return self.inputs
+
+    def get_output_types(self) -> list[dict]:
+        return self.outputs
+
+    async def in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # REST: one request, one item; the answer as TorchServe's handler gives it
+    async def rest(self, body: bytes, content_type: str | None) -> tuple[dict, int]:
+        item = await self.in_thread(self.core.preprocess, body, content_type)
+        [result], batch_size = await self.batcher.submit([item])
+        error = first_error([result])
+        if error:
+            raise error
+        return self.rest_answer(result), batch_size
+
+    # v2: one request, its inputs one batch; any bad input fails the request with its 4xx
+    async def predict(self, payload, headers=None, response_headers=None):
+        from kserve import InferRequest, InferResponse
+
+        if not isinstance(payload, InferRequest):
+            raise V2Error(400, f"model {self.name!r} speaks the v2 protocol: POST "
+                          f"/v2/models/{self.name}/infer")
+        try:
+            items = await self.in_thread(self.v2_items, payload)
+            results, _ = await self.batcher.submit(items)
+            error = first_error(results)
+            if error:
+                raise error
+            outputs, parameters = self.v2_outputs(items, results)
+        except RequestError as e:
+            raise V2Error(e.code, e.message) from None
+        except V2Error:
+            raise
+        except FloatingPointError as e:     # the model's fault, not the client's
+            raise V2Error(500, str(e)) from None
+        except Exception as e:       # a decoder failing in a way we did not foresee
+            log.exception("pixtok: could not answer a v2 request")
+            raise V2Error(400, f"could not read the request ({e})") from None
+        return InferResponse(response_id=payload.id or "", model_name=self.name,
+                             infer_outputs=outputs, parameters=parameters,
+                             use_binary_outputs=payload.use_binary_outputs,
+                             requested_outputs=payload.request_outputs)
+
+
+# noqa: C901 below: mccabe counts the methods of the three classes defined inside as this one
+# function's branches; each method is short
+def make_model_classes():  # noqa: C901
+    """The kserve.Model subclasses (built here, so importing this module needs no kserve)."""
+    Model = kserve_model_base()
+
+    class ClassifierModel(PixtokModel, Model):
+        """`image` BYTES [N] or `pixels` UINT8 [N, H, W, C] -> `probabilities` FP32 [N, K] and
+        `label` BYTES [N]; REST: an image -> {"label", "index", "score", "top_k"}."""
+
+        task = "classify"
+
+        def __init__(self, name: str, core, batch_size: int, delay_ms: float):
+            Model.__init__(self, name)
+            self.setup(core, batch_size, delay_ms)
+            k = len(core.labels)
+            self.inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, -1]}]
+            self.outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+
+        def run(self, items):
+            return list(self.core.probabilities(items))
+
+        def rest_answer(self, probs):
+            return self.core.postprocess(probs)
+
+        def v2_items(self, request):
+            files = image_files(only_input(request, ("image", "pixels")))
+            return [self.core.preprocess(f, "application/octet-stream") for f in files]
+
+        def v2_outputs(self, items, results):
+            probs = np.stack(results).astype(np.float32)
+            if not np.isfinite(probs).all():
+                raise FloatingPointError("the model produced non-finite scores")
+            labels = np.array([self.core.labels[i] for i in probs.argmax(axis=1)],
+                              dtype=object)
+            return [tensor("probabilities", "FP32", probs), tensor("label", "BYTES", labels)], None
+
+    class DepthModel(PixtokModel, Model):
+        """`image` or `pixels` as a classifier's -> `depth` FP32 [N, H, W] in metres at the
+        images' size (one size per request); REST: an image -> {"width", ..., "depth_png"}."""
+
+        task = "depth"
+
+        def __init__(self, name: str, core, batch_size: int, delay_ms: float):
+            Model.__init__(self, name)
+            self.setup(core, batch_size, delay_ms)
+            self.inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, -1]}]
+            self.outputs = [{"name": "depth", "datatype": "FP32", "shape": [-1, -1, -1]}]
+
+        def run(self, items):
+            return self.core.depth_maps(items)
+
+        def rest_answer(self, depth_m):
+            return self.core.postprocess(depth_m)
+
+        def v2_items(self, request):
+            files = image_files(only_input(request, ("image", "pixels")))
+            items = [self.core.preprocess(f, "application/octet-stream") for f in files]
+            sizes = sorted({size for _, size in items})
+            if len(sizes) > 1:
+                raise RequestError(400, "bad_input", "the images of one request must have one "
+                                   f"size (depth is [N, H, W]); got {sizes}")
+            return items
+
+        def v2_outputs(self, items, results):
+            depth = np.stack(results).astype(np.float32)
+            if not np.isfinite(depth).all():
+                raise FloatingPointError("the model produced non-finite depths")
+            return [tensor("depth", "FP32", depth)], {"unit": "m"}
+
+    class GeneratorModel(PixtokModel, Model):
+        """`label` BYTES/INT64, `seed`, `steps`, `num_images` INT64, `sampler` BYTES, `guidance`
+        FP32 (or the Hugging Face names) -> `images` BYTES [num_images], base64 PNGs; REST: the
+        JSON body of docs/architecture.md -> {"images", "label", "seed", ...}."""
+
+        task = "generate"
+
+        def __init__(self, name: str, core, batch_size: int, delay_ms: float):
+            Model.__init__(self, name)
+            self.setup(core, batch_size, delay_ms)
+            one = [1]
+            self.inputs = [{"name": "label", "datatype": "BYTES", "shape": one},
+                           {"name": "seed", "datatype": "INT64", "shape": one},
+                           {"name": "steps", "datatype": "INT64", "shape": one},
+                           {"name": "num_images", "datatype": "INT64", "shape": one},
+                           {"name": "sampler", "datatype": "BYTES", "shape": one},
+                           {"name": "guidance", "datatype": "FP32", "shape": one}]
+            self.outputs = [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
+
+        def run(self, items):
+            return self.core.predict(items)
+
+        def rest_answer(self, answer):
+            return answer
+
+        def v2_items(self, request):
+            inputs = []
+            for item in request.inputs:
+                data = input_array(item, object if item.datatype == "BYTES" else None).ravel()
+                if data.size != 1:
+                    raise bad(item.name, f"expected one value, got {data.size}")
+                value = data[0]
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", "replace")
+                inputs.append({"name": item.name, "datatype": item.datatype,
+                               "data": value if item.datatype == "BYTES" else [value]})
+            return [self.core.preprocess(v2_generate_body(inputs), "application/json")]
+
+        def v2_outputs(self, items, results):
+            answer = results[0]
+            images = np.array(answer["images"], dtype=object)
+            params = {k: answer[k] for k in ("label", "seed", "steps", "sampler", "guidance")}
+            return [tensor("images", "BYTES", images)], params
+
+    return {"classify": ClassifierModel, "depth": DepthModel, "generate": GeneratorModel}
+
+
+# --- loading the model store -------------------------------------------------------------------
+def archives(store: Path) -> dict[str, tuple[Path, str]]:
+    """{model name: (archive, task)} for the .mar archives in the store (named by manifest)."""
+    found = {}
+    for mar in sorted(Path(store).glob("*.mar")):
+        manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json") or {}
+        name = manifest.get("model", {}).get("modelName", mar.stem)
+        task = (read_archive_json(mar, "config.json") or {}).get("task", "classify")
+        found[name] = (mar, task)
+    return found
+
+
+def unpack(mar: Path, into: Path) -> Path:
+    """An archive's files (config.json, weights) unpacked into a fresh folder."""
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    with zipfile.ZipFile(mar) as z:
+        for member in z.namelist():
+            if member.startswith(("config.json", "index_to_name.json")) or \
+                    member.endswith((".safetensors", ".onnx")):
+                z.extract(member, into)     # zipfile drops absolute paths and ".." parts
+    return into
+
+
+def load_core(task: str, folder: Path, device):
+    """The inference core of one model folder, with the repository's model code."""
+    from pixtok.models import build_model
+    from pixtok.resize import resize_image
+
+    if task == "classify":
+        from pixtok.inference.backend import load_classifier
+
+        return load_classifier(folder, build_model, resize_image, device)
+    if task == "depth":
+        from pixtok.inference.depth_estimator import load_depth_estimator
+
+        return load_depth_estimator(folder, build_model, resize_image, device)
+    if task == "generate":
+        from pixtok.inference.image_generator import load_generator
+        from pixtok.models.dit import PixelDiT
+        from pixtok.pipeline import make_scheduler
+        from pixtok.sampling import DEFAULT_STEPS
+
+        return load_generator(folder, PixelDiT.from_config, make_scheduler, device, DEFAULT_STEPS)
+    raise ValueError(f"task {task!r} cannot be served")
+
+
+def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: int | None,
+                delay_ms: float | None) -> list:
+    from pixtok.inference.backend import pick_device
+
+    classes = make_model_classes()
+    device = pick_device(0)
+    models = []
+    for name, (mar, task) in archives(store).items():
+        if only and name not in only:
+            continue
+        folder = unpack(mar, run_dir / "tmp" / "kserve-models" / name)
+        size, delay = BATCHING.get(task, BATCHING["classify"])
+        core = load_core(task, folder, device)
+        models.append(classes[task](name, core, batch_size or size,
+                                    delay if delay_ms is None else delay_ms))
+        log.info("pixtok: %s (%s) ready on %s", name, task, device)
+    return models
+
+
+# --- the HTTP side ----------------------------------------------------------------------------
+def inference_key(run_dir: Path) -> str:
+    """The inference key of the run folder's key_file.json (TorchServe's format)."""
+    path = Path(run_dir) / "key_file.json"
+    try:
+        key = json.loads(path.read_text())["inference"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"kserve_server: {path} holds no inference key; start it with "
+                         "`pixtok serve --server kserve`, or pass --no-auth behind a gateway "
+                         "that authenticates") from None
+    if not isinstance(key, str) or len(key) < 16:
+        raise SystemExit(f"kserve_server: the inference key in {path} is too short")
+    return key
+
+
+def json_bytes(payload: dict) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def rest_error(code: int, type_: str, message: str) -> tuple[int, bytes]:
+    return code, json_bytes({"code": code, "type": type_, "message": message})
+
+
+def is_v2(path: str) -> bool:
+    return path.startswith("/v2")
+
+
+class Guard:
+    """ASGI middleware: the bearer key, closed routes and the body limit, before any route runs.
+    Refusals speak the protocol of the route: v2 {"error"}, REST {"code", "type", "message"}."""
+
+    def __init__(self, app, key: str | None, max_body: int):
+        self.app, self.key, self.max_body = app, key, max_body
+
+    async def refuse(self, send, path: str, code: int, type_: str, message: str):
+        body = (json_bytes({"error": message}) if is_v2(path)
+                else rest_error(code, type_, message)[1])
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        if code == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        if path.startswith(CLOSED_PREFIXES):
+            return await self.refuse(send, path, 403, "Forbidden", f"{path} is off on this "
+                                     "server (models come from the model store only)")
+        if self.key is not None and path not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode(), self.key.encode()):
+                return await self.refuse(send, path, 401, "Unauthorized",
+                                         "send the inference key of the run folder's "
+                                         "key_file.json as `Authorization: Bearer <key>`")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            if length.isdigit() and int(length) <= DRAIN_FACTOR * self.max_body:
+                await drain(receive)     # read it, so the client is not reset mid-upload
+            return await self.refuse(send, path, 413, "body_too_large",
+                                     f"the body is {length} bytes; the limit is {self.max_body}")
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except BodyTooLarge as e:      # a chunked body that grew past the limit
+            await self.refuse(send, path, 413, "body_too_large",
+                              f"the body is over {e.args[0]} bytes; the limit is {self.max_body}")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def drain(receive) -> None:
+    """Read a request body to its end and drop it."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def request_body(request: Request, content_type: str | None) -> bytes:
+    """The payload of a REST request as TorchServe hands it to a handler: the raw body, or the
+    one field of a multipart form."""
+    if (content_type or "").lower().startswith("multipart/form-data"):
+        form = await request.form(max_files=2, max_fields=2)
+        values = list(form.values())
+        if len(values) != 1:
+            raise RequestError(400, "bad_request", f"a multipart upload must hold one field "
+                               f"(the image), got {len(values)}")
+        value = values[0]
+        return value.encode() if isinstance(value, str) else await value.read()
+    return await request.body()
+
+
+def install_routes(app, models: dict) -> None:
+    """Our REST routes beside KServe's v2 ones, and the handlers that keep every refusal a 4xx
+    in the route's own protocol."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+
+    async def predictions(model_name: str, request: Request):
+        model = models.get(model_name)
+        if model is None:
+            code, body = rest_error(404, "ModelNotFoundException",
+                                    f"Model not found: {model_name}")
+            return Response(body, code, media_type="application/json")
+        content_type = request.headers.get("content-type")
+        headers = {"X-Pixtok-Backend": model.backend}
+        try:
+            body = await request_body(request, content_type)
+            answer, batch_size = await model.rest(body, content_type)
+        except RequestError as e:
+            return Response(e.to_json().encode(), e.code, media_type="application/json",
+                            headers=headers)
+        except Exception as e:
+            log.exception("pixtok: REST request failed")
+            code, payload = rest_error(400, "bad_request", f"could not read the request ({e})")
+            return Response(payload, code, media_type="application/json", headers=headers)
+        headers["X-Pixtok-Batch-Size"] = str(batch_size)
+        return Response(json_bytes(answer), 200, media_type="application/json", headers=headers)
+
+    async def ping():
+        ready = all(m.ready for m in models.values())
+        return JSONResponse({"status": "Healthy" if ready else "Unhealthy"},
+                            200 if ready else 500)
+
+    async def v2_error(request, exc):
+        return JSONResponse({"error": exc.message}, exc.code)
+
+    async def invalid_body(request, exc):
+        if not is_v2(request.url.path):
+            code, body = rest_error(400, "bad_request", str(exc))
+            return Response(body, code, media_type="application/json")
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                             for e in exc.errors()[:5])
+        return JSONResponse({"error": f"not a v2 inference request ({problems})"}, 400)
+
+    async def request_error(request, exc):
+        if is_v2(request.url.path):
+            return JSONResponse({"error": exc.message}, exc.code)
+        return Response(exc.to_json().encode(), exc.code, media_type="application/json")
+
+    app.add_api_route("/predictions/{model_name}", predictions, methods=["POST"])
+    app.add_api_route("/ping", ping, methods=["GET"])
+    app.add_exception_handler(V2Error, v2_error)
+    app.add_exception_handler(RequestError, request_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(args) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    key = None if args.no_auth else inference_key(run_dir)
+    sock = listen(args.host, args.port)       # fail early (port taken) before loading models
+    sys.argv = sys.argv[:1]                   # kserve parses sys.argv when it is imported
+    import kserve
+    from kserve.model_server import app
+    from kserve.protocol.rest.server import RESTServer
+
+    only = [m for m in (args.models or "").split(",") if m]
+    models = load_models(Path(args.model_store), run_dir, only, args.batch_size,
+                         args.max_batch_delay)
+    if not models:
+        raise SystemExit(f"kserve_server: no models in {args.model_store}")
+    server = kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1,
+                                enable_docs_url=False)
+    for model in models:
+        server.register_model(model)
+    install_routes(app, {m.name: m for m in models})
+    app.add_middleware(Guard, key=key, max_body=args.max_request_bytes)
+    rest = RESTServer("kserve.model_server:app", server.dataplane,
+                      server.model_repository_extension, args.port, workers=1,
+                      timeout_keep_alive=65)
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    (run_dir / "tmp" / PID_FILE).write_text(f"{os.getpid()}\n")
+    print(f"pixtok kserve: {len(models)} model(s) on http://{args.host}:{args.port} "
+          f"({'no auth' if key is None else 'bearer key'})", flush=True)
+    try:
+        rest.run(sockets=[sock])              # uvicorn: SIGTERM/SIGINT stop it gracefully
+    finally:
+        (run_dir / "tmp" / PID_FILE).unlink(missing_ok=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.kserve_server",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model-store", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PIXTOK_INFERENCE_PORT",
+                                                                   8080)))
+    p.add_argument("--no-auth", action="store_true",
+                   help="no bearer key: only behind a gateway that authenticates")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most items per batch (default per task: classify 16, depth 4, "
+                        "generate 1)")
+    p.add_argument("--max-batch-delay", type=float, default=None,
+                   help="ms a batch waits for more requests (default: classify and depth 10)")
+    p.add_argument("--models", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit("kserve_server: --batch-size must be >= 1")
+    if args.max_batch_delay is not None and args.max_batch_delay < 0:
+        raise SystemExit("kserve_server: --max-batch-delay must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
