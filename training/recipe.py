@@ -43,6 +43,11 @@ class Recipe:
     label_smoothing: float = 0.0
     token_drop: float = 0.0       # classify/depth: drop this fraction of tokens at random per
                                   # image in training (PatchDropout); evaluation sees them all
+    val_size: int = 0             # classify/depth: hold the last N training images out as the
+                                  # "val" split, which then replaces test in training's evaluations
+    permute_swaps: int = 0        # classify: a fixed pixel permutation of every image (train, val,
+    permute_distance: int = 0     # test) made of this many random swaps, each between pixels at
+    permute_seed: int = 0         # most this far apart (max-norm; 0 = any two pixels), paper Sec. 5
     # optimisation
     epochs: float = 10.0
     max_steps: int = 0            # > 0 stops there (the schedule still spans `epochs`)
@@ -191,6 +196,12 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
         raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
     if recipe.token_drop and recipe.task not in ("classify", "depth"):
         raise UserError(f"token_drop applies to classify and depth runs, not {recipe.task}")
+    if recipe.val_size < 0 or recipe.permute_swaps < 0 or recipe.permute_distance < 0:
+        raise UserError("val_size, permute_swaps and permute_distance must be >= 0")
+    if recipe.val_size and recipe.task not in ("classify", "depth"):
+        raise UserError(f"val_size applies to classify and depth runs, not {recipe.task}")
+    if recipe.permute_swaps and recipe.task != "classify":
+        raise UserError(f"permute_swaps applies to classify runs, not {recipe.task}")
     if not 0 <= recipe.silog_lambda <= 1:
         raise UserError(f"silog_lambda={recipe.silog_lambda}: expected a weight in [0, 1]")
     if recipe.budget_minutes < 0:

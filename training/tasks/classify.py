@@ -8,7 +8,7 @@ from pixtok.errors import UserError
 from pixtok.models import build_model
 from pixtok.models.vit import shuffle_tokens, vit_config
 from training.checkpoint import load_same_task
-from training.data import build_dataset
+from training.data import build_dataset, holdout
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
 from training.loader import channel_stats, crop_flip_batches, fetch_batches
@@ -60,22 +60,51 @@ def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
 
 
 def data_spec(recipe: Recipe) -> dict:
-    return {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
+    spec = {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
             "image_size": recipe.image_size or None, "resize": recipe.resize}
+    if recipe.val_size:
+        spec["val_size"] = recipe.val_size
+    if recipe.permute_swaps:
+        spec["permute"] = {"swaps": recipe.permute_swaps, "distance": recipe.permute_distance,
+                           "seed": recipe.permute_seed}
+    return spec
+
+
+def split_source(data: dict, split: str) -> str:
+    """The stored split that `split` is cut from: "val" is the end of "train" (val_size)."""
+    if split == "val" and not data.get("val_size"):
+        raise UserError("split 'val': this run was trained without val_size=N, so it has no "
+                        "validation split")
+    return "train" if split == "val" else split
+
+
+def cut_split(data: dict, split: str, dataset):
+    """Hold the validation items out of train (val_size), and permute the pixels (permute)."""
+    if data.get("val_size") and split in ("train", "val"):
+        dataset = holdout(dataset, data["val_size"], split)
+    if data.get("permute"):
+        from training.data.permute import PermutedPixels, pixel_permutation
+        h, w = dataset.image_size
+        dataset = PermutedPixels(dataset, pixel_permutation(h, w, **data["permute"]))
+    return dataset
 
 
 def load_split(data: dict, split: str, cache_dir: str = ""):
-    """A split of the data set a recipe or a checkpoint names."""
+    """A split of the data set a recipe or a checkpoint names: train, val or test."""
     size = tuple(data["image_size"]) if data.get("image_size") else None
-    return build_dataset(data["dataset"], data.get("data_dir"), split=split, image_size=size,
-                         resize=data.get("resize", "bicubic"), cache_dir=cache_dir or None)
+    dataset = build_dataset(data["dataset"], data.get("data_dir"), split=split_source(data, split),
+                            image_size=size, resize=data.get("resize", "bicubic"),
+                            cache_dir=cache_dir or None)
+    return cut_split(data, split, dataset)
 
 
 def load_splits(data: dict, recipe: Recipe, dist: Dist, load=load_split):
-    """(train, test) of a training run, each load(data, split, cache_dir); with a cache_dir,
-    each node's first process builds the cache before the others read it."""
+    """(train, the split training evaluates on) of a run, each load(data, split, cache_dir):
+    val when the recipe holds one out (val_size), else test. With a cache_dir, each node's
+    first process builds the cache before the others read it."""
+    held_out = "val" if data.get("val_size") else "test"
     return dist.local_first(lambda: (load(data, "train", recipe.cache_dir),
-                                     load(data, "test", recipe.cache_dir)),
+                                     load(data, held_out, recipe.cache_dir)),
                             enabled=bool(recipe.cache_dir))
 
 

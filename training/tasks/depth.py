@@ -21,7 +21,8 @@ from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.recipe import Recipe
-from training.tasks.classify import TokenDropout, load_splits, recipe_vit_config
+from training.tasks.classify import (TokenDropout, cut_split, load_splits, recipe_vit_config,
+                                     split_source)
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -34,21 +35,24 @@ def data_spec(recipe: Recipe) -> dict:
         spec.update(n_train=recipe.n_train or None, n_test=recipe.n_test or None)
     if recipe.dataset == "nyu":
         spec["splits"] = recipe.splits or None
+    if recipe.val_size:
+        spec["val_size"] = recipe.val_size
     return spec
 
 
 def load_split(data: dict, split: str, cache_dir: str = ""):
     """A split of the depth data set a recipe or a checkpoint names (rendered scenes are kept
     in cache_dir, where given)."""
-    options = {}
-    if data.get(f"n_{split}"):
-        options["n"] = data[f"n_{split}"]
+    options, source = {}, split_source(data, split)      # val: the end of train (val_size)
+    if data.get(f"n_{source}"):
+        options["n"] = data[f"n_{source}"]
     if data.get("splits"):
         options["splits"] = data["splits"]
     if cache_dir and data["dataset"] == "scenes":
         options["cache_dir"] = cache_dir
-    return build_depth_dataset(data["dataset"], data.get("data_dir"), split=split,
-                               image_size=tuple(data["image_size"]), **options)
+    dataset = build_depth_dataset(data["dataset"], data.get("data_dir"), split=source,
+                                  image_size=tuple(data["image_size"]), **options)
+    return cut_split(data, split, dataset)
 
 
 def model_spec(recipe: Recipe, dataset, init_depth: float) -> dict:
