@@ -45,6 +45,8 @@ class Recipe:
                                   # image in training (PatchDropout); evaluation sees them all
     val_size: int = 0             # classify/depth: hold the last N training images out as the
                                   # "val" split, which then replaces test in training's evaluations
+    train_size: int = 0           # classify/depth: train on the first N training images only
+                                  # (a subset for cheap studies; 0 = all but the val_size ones)
     permute_swaps: int = 0        # classify: a fixed pixel permutation of every image (train, val,
     permute_distance: int = 0     # test) made of this many random swaps, each between pixels at
     permute_seed: int = 0         # most this far apart (max-norm; 0 = any two pixels), paper Sec. 5
@@ -196,10 +198,11 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
         raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
     if recipe.token_drop and recipe.task not in ("classify", "depth"):
         raise UserError(f"token_drop applies to classify and depth runs, not {recipe.task}")
-    if recipe.val_size < 0 or recipe.permute_swaps < 0 or recipe.permute_distance < 0:
-        raise UserError("val_size, permute_swaps and permute_distance must be >= 0")
-    if recipe.val_size and recipe.task not in ("classify", "depth"):
-        raise UserError(f"val_size applies to classify and depth runs, not {recipe.task}")
+    if min(recipe.val_size, recipe.train_size, recipe.permute_swaps, recipe.permute_distance) < 0:
+        raise UserError("val_size, train_size, permute_swaps and permute_distance must be >= 0")
+    if (recipe.val_size or recipe.train_size) and recipe.task not in ("classify", "depth"):
+        raise UserError(f"val_size and train_size apply to classify and depth runs, "
+                        f"not {recipe.task}")
     if recipe.permute_swaps and recipe.task != "classify":
         raise UserError(f"permute_swaps applies to classify runs, not {recipe.task}")
     if not 0 <= recipe.silog_lambda <= 1:

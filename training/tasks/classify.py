@@ -8,7 +8,7 @@ from pixtok.errors import UserError
 from pixtok.models import build_model
 from pixtok.models.vit import shuffle_tokens, vit_config
 from training.checkpoint import load_same_task
-from training.data import build_dataset, holdout
+from training.data import Slice, build_dataset, holdout
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
 from training.loader import channel_stats, crop_flip_batches, fetch_batches
@@ -62,8 +62,9 @@ def model_spec(recipe: Recipe, dataset, num_classes: int) -> dict:
 def data_spec(recipe: Recipe) -> dict:
     spec = {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
             "image_size": recipe.image_size or None, "resize": recipe.resize}
-    if recipe.val_size:
-        spec["val_size"] = recipe.val_size
+    for key in ("val_size", "train_size"):
+        if getattr(recipe, key):
+            spec[key] = getattr(recipe, key)
     if recipe.permute_swaps:
         spec["permute"] = {"swaps": recipe.permute_swaps, "distance": recipe.permute_distance,
                            "seed": recipe.permute_seed}
@@ -79,9 +80,15 @@ def split_source(data: dict, split: str) -> str:
 
 
 def cut_split(data: dict, split: str, dataset):
-    """Hold the validation items out of train (val_size), and permute the pixels (permute)."""
+    """Hold the validation items out of train (val_size), keep the first train_size of the
+    rest for training, and permute the pixels (permute)."""
     if data.get("val_size") and split in ("train", "val"):
         dataset = holdout(dataset, data["val_size"], split)
+    if data.get("train_size") and split == "train":
+        if data["train_size"] > len(dataset):
+            raise UserError(f"train_size={data['train_size']}: the training split has only "
+                            f"{len(dataset)} items")
+        dataset = Slice(dataset, 0, data["train_size"])
     if data.get("permute"):
         from training.data.permute import PermutedPixels, pixel_permutation
         h, w = dataset.image_size

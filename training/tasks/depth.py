@@ -21,8 +21,13 @@ from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.recipe import Recipe
-from training.tasks.classify import (TokenDropout, cut_split, load_splits, recipe_vit_config,
-                                     split_source)
+from training.tasks.classify import (
+    TokenDropout,
+    cut_split,
+    load_splits,
+    recipe_vit_config,
+    split_source,
+)
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -35,8 +40,9 @@ def data_spec(recipe: Recipe) -> dict:
         spec.update(n_train=recipe.n_train or None, n_test=recipe.n_test or None)
     if recipe.dataset == "nyu":
         spec["splits"] = recipe.splits or None
-    if recipe.val_size:
-        spec["val_size"] = recipe.val_size
+    for key in ("val_size", "train_size"):
+        if getattr(recipe, key):
+            spec[key] = getattr(recipe, key)
     return spec
 
 
