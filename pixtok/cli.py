@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint; prints one JSON object")
     p.add_argument("ckpt")
     p.add_argument("--data", help="data path (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test",
+                   help="test (default), val (a run trained with val_size=N) or train")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("-n", "--num-samples", type=int, help="generators: how many samples")
     p.add_argument("--out", help="where to write an image (MAE grid)")

@@ -111,7 +111,7 @@ def test_a_killed_study_resumes_each_run_where_it_stopped(finished):
     assert log.count("--resume") == 2     # started, killed, continued by the second invocation
 
 
-def test_results_and_report_follow_the_contract(finished):
+def test_results_and_report_follow_the_contract(finished, capsys):
     spec, out, _, _ = finished
     results = json.loads((out / "results.json").read_text())
     assert results["study"] == "tiny" and results["metric"] == "acc1"
@@ -138,12 +138,13 @@ def test_results_and_report_follow_the_contract(finished):
     for png in ("metric_vs_flops.png", "metric_vs_arm.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # eval of a study's run on its validation split gives what the study recorded
-    val = json.loads(pixtok("eval", out / "runs/p1/seed0", "--split", "val").stdout)
+    assert main(["eval", str(out / "runs/p1/seed0"), "--split", "val"]) == 0
+    val = json.loads(capsys.readouterr().out)
     assert val["acc1"] == p1["val"]["acc1"] and val["n"] == p1["val"]["n"]
     assert val["loss"] == pytest.approx(p1["val"]["loss"], rel=1e-5)
 
 
-def test_report_gathers_shard_folders(finished, tmp_path):
+def test_report_gathers_shard_folders(finished, tmp_path, capsys):
     """Shards on machines without a shared disk: each writes its own folder, --report reads them
     all (here: the finished folder's p2 copied into a second folder, p1 left out)."""
     spec, out, _, _ = finished
@@ -155,8 +156,8 @@ def test_report_gathers_shard_folders(finished, tmp_path):
     gathered = tmp_path / "gathered"
     gathered.mkdir()
     shutil.copy(out / "study.json", gathered / "study.json")
-    res = pixtok("study", spec, "--out", gathered, "--report", other)
-    assert "1 of 2 runs finished" in res.stdout
+    assert main(["study", str(spec), "--out", str(gathered), "--report", str(other)]) == 0
+    assert "1 of 2 runs finished" in capsys.readouterr().out
     results = json.loads((gathered / "results.json").read_text())
     assert [r["arm"] for r in results["runs"]] == ["p2"]
     assert "not yet run" in (gathered / "report.md").read_text()       # p1's row
