@@ -177,8 +177,9 @@ class Study:
         return recipe
 
     def runs(self) -> list[tuple[str, int]]:
-        """Every (arm, seed), arms in file order, seeds inner."""
-        return [(arm, seed) for arm in self.arms for seed in self.seeds]
+        """Every (arm, seed): seeds in order, each with every arm in file order, so that a study
+        stopped early has compared every arm on its first seeds."""
+        return [(arm, seed) for seed in self.seeds for arm in self.arms]
 
     def arm_args(self, arm: str, seed: int) -> list[str]:
         """The key=value overrides `pixtok train` gets for one run."""
