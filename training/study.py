@@ -351,8 +351,7 @@ def summarise(study: Study, runs: list[dict], split: str) -> list[dict]:
         mine = [r for r in runs if r["arm"] == arm]
         rows.append({"arm": arm, "n": len(values),
                      "mean": statistics.fmean(values) if values else None,
-                     "std": (statistics.stdev(values) if len(values) > 1 else
-                             0.0 if values else None),
+                     "std": statistics.stdev(values) if len(values) > 1 else None,
                      "flops_per_image": mine[0]["flops_per_image"] if mine else None,
                      "params": mine[0]["params"] if mine else None,
                      "images_seen": mine[0]["images_seen"] if mine else None,
@@ -361,9 +360,10 @@ def summarise(study: Study, runs: list[dict], split: str) -> list[dict]:
 
 
 def fmt(mean, std, n) -> str:
+    """mean ± sample std (n seeds); one seed has no spread to show."""
     if mean is None:
         return "not yet run"
-    return f"{mean:.4f} ± {std:.4f} (n={n})"
+    return f"{mean:.4f} (n=1)" if std is None else f"{mean:.4f} ± {std:.4f} (n={n})"
 
 
 def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[str]:
@@ -379,7 +379,8 @@ def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[st
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in done:
         if r["flops_per_image"]:
-            ax.errorbar(r["flops_per_image"] / 1e9, r["mean"], yerr=r["std"], fmt="o", capsize=3)
+            ax.errorbar(r["flops_per_image"] / 1e9, r["mean"], yerr=r["std"] or 0, fmt="o",
+                        capsize=3)
             ax.annotate(r["arm"], (r["flops_per_image"] / 1e9, r["mean"]),
                         textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
@@ -399,11 +400,11 @@ def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[st
     else:
         xs, xlabel = [r["arm"] for r in done], "arm"
     by_val = {r["arm"]: r for r in val}
-    ax.errorbar(xs, [r["mean"] for r in done], yerr=[r["std"] for r in done], fmt="o-",
+    ax.errorbar(xs, [r["mean"] for r in done], yerr=[r["std"] or 0 for r in done], fmt="o-",
                 capsize=3, label="test")
     vals = [by_val[r["arm"]] for r in done]
     if all(v["mean"] is not None for v in vals):
-        ax.errorbar(xs, [v["mean"] for v in vals], yerr=[v["std"] for v in vals], fmt="s--",
+        ax.errorbar(xs, [v["mean"] for v in vals], yerr=[v["std"] or 0 for v in vals], fmt="s--",
                     capsize=3, alpha=0.6, label="validation")
     for x, r in zip(xs, done):
         ax.annotate(r["arm"], (x, r["mean"]), textcoords="offset points", xytext=(5, 5),
