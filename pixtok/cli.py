@@ -1,4 +1,4 @@
-"""The `pixtok` command: train, eval, sample, export, serve, bench.
+"""The `pixtok` command: train, eval, study, analyze, sample, export, serve, bench.
 
 This module is the top of the house: the only one that imports training/, export/ and serving/
 together, and it composes them (`pixtok serve` has export build the archives that are missing and
@@ -22,6 +22,8 @@ from pixtok.sampling import SAMPLERS
 COMMANDS = {
     "train": "training.train:run_cli",
     "eval": "training.evaluate:run_cli",
+    "study": "training.study:run_cli",
+    "analyze": "training.analyze:run_cli",
     "sample": "training.sample:run_cli",
     "export": "export.cli:run_cli",
     "serve": "pixtok.cli:serve",
@@ -45,7 +47,8 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint; prints one JSON object")
     p.add_argument("ckpt")
     p.add_argument("--data", help="data path (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test",
+                   help="test (default), val (a run trained with val_size=N) or train")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("-n", "--num-samples", type=int, help="generators: how many samples")
     p.add_argument("--out", help="where to write an image (MAE grid)")
@@ -55,6 +58,31 @@ def add_eval(sub) -> None:
     p.add_argument("--steps", type=int, help="generators: sampling steps")
     p.add_argument("--guidance", type=float, help="generators: classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="generators: sampling seed")
+
+
+def add_study(sub) -> None:
+    p = sub.add_parser("study", help="run a study (arms x seeds of real runs), resumably")
+    p.add_argument("study", metavar="FILE|NAME",
+                   help="a study name from training/studies, or a .toml file")
+    p.add_argument("--out", help="study folder (default: runs/studies/<study>)")
+    p.add_argument("--resume", action="store_true", help="continue the folder's study")
+    p.add_argument("--shard", metavar="i/n", help="run only the i-th (0-based) of n slices of "
+                   "the (arm, seed) list")
+    p.add_argument("--report", nargs="*", metavar="DIR", help="run nothing: gather the finished "
+                   "runs of --out (and of these folders) into results.json and report.md")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides for every arm; scale=NAME picks a [scales.NAME] set")
+
+
+def add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="attention distances and offset maps of a ViT checkpoint")
+    p.add_argument("ckpt")
+    p.add_argument("--out", help="folder for analysis.json and the plots (default: CKPT/analysis)")
+    p.add_argument("-n", "--num-images", type=int, default=64,
+                   help="held-out images to average over (default 64)")
+    p.add_argument("--split", help="split to take them from (default: val if the run has "
+                   "one, else test)")
+    p.add_argument("--data", help="data path (default: the one the checkpoint was trained on)")
 
 
 def add_sample(sub) -> None:
@@ -121,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixtok", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pixtok {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_eval, add_sample, add_export, add_serve, add_bench):
+    for add in (add_train, add_eval, add_study, add_analyze, add_sample, add_export, add_serve,
+                add_bench):
         add(sub)
     return parser
 
@@ -165,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options such as --out
-    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    overrides_ok = all("=" in e and not e.startswith("-") for e in extra)
+    if args.command in ("train", "study") and overrides_ok:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -9,6 +9,17 @@ from pixtok.errors import UserError
 from training.tasks import TASKS, trainer_class
 
 
+def evaluate_split(ckpt, split: str, batch_size: int = 256) -> dict:
+    """A classifier's or depth model's metrics on one split, in this process (pixtok study)."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(ckpt=str(ckpt), split=split, batch_size=batch_size, data=None)
+    config = read_config(Path(ckpt))
+    if config.get("task") not in ("classify", "depth"):
+        raise UserError(f"{ckpt}: a study evaluates classify and depth runs, not "
+                        f"{config.get('task')!r}")
+    return trainer_class(config["task"]).evaluate_checkpoint(Path(ckpt), config, args)
+
+
 def run_cli(args) -> int:
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():

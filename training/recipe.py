@@ -44,6 +44,13 @@ class Recipe:
     label_smoothing: float = 0.0
     token_drop: float = 0.0       # classify/depth: drop this fraction of tokens at random per
                                   # image in training (PatchDropout); evaluation sees them all
+    val_size: int = 0             # classify/depth: hold the last N training images out as the
+                                  # "val" split, which then replaces test in training's evaluations
+    train_size: int = 0           # classify/depth: train on the first N training images only
+                                  # (a subset for cheap studies; 0 = all but the val_size ones)
+    permute_swaps: int = 0        # classify: a fixed pixel permutation of every image (train, val,
+    permute_distance: int = 0     # test) made of this many random swaps, each between pixels at
+    permute_seed: int = 0         # most this far apart (max-norm; 0 = any two pixels), paper Sec. 5
     # optimisation
     epochs: float = 10.0
     max_steps: int = 0            # > 0 stops there (the schedule still spans `epochs`)
@@ -214,6 +221,8 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
             raise UserError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(allowed)}")
     if not 0 <= recipe.token_drop < 1:
         raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
+    if min(recipe.val_size, recipe.train_size, recipe.permute_swaps, recipe.permute_distance) < 0:
+        raise UserError("val_size, train_size, permute_swaps and permute_distance must be >= 0")
     if not 0 <= recipe.silog_lambda <= 1:
         raise UserError(f"silog_lambda={recipe.silog_lambda}: expected a weight in [0, 1]")
     if recipe.budget_minutes < 0:

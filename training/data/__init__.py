@@ -79,3 +79,38 @@ def build_dataset(name: str, data_dir=None, split: str = "train", image_size=Non
         from .imagefolder import ImageFolder
         return ImageFolder(data_dir, split, size, resize, cache_dir)
     raise DataError(f"data set {name!r}: expected one of {', '.join(NAMES)}")
+
+
+class Slice:
+    """Items start..stop-1 of a data set, with its attributes (classes, image_size, ...) and its
+    in-memory arrays (images, labels, depths, cache) cut to the same range, as views."""
+
+    SLICED = ("images", "labels", "depths", "cache")
+
+    def __init__(self, base, start: int, stop: int):
+        self.base, self.start, self.stop = base, start, stop
+
+    def __getattr__(self, name):
+        if name in ("base", "start", "stop"):         # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        value = getattr(self.base, name)
+        if name in self.SLICED and value is not None:
+            return value[self.start:self.stop]
+        return value
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.base[self.start + i]
+
+
+def holdout(dataset, val_size: int, split: str):
+    """The training set less its last `val_size` items ("train"), or those items ("val")."""
+    n = len(dataset)
+    if not 0 < val_size < n:
+        raise DataError(f"val_size={val_size}: expected between 1 and {n - 1} (the training set "
+                        f"has {n} items)")
+    return Slice(dataset, 0, n - val_size) if split == "train" else Slice(dataset, n - val_size, n)

@@ -33,7 +33,8 @@ class ClassifyTask(Task):
 
     name = "classify"
     RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "mixup", "cutmix", "label_smoothing",
-                                            "token_drop"}
+                                            "token_drop", "val_size", "train_size",
+                                            "permute_swaps", "permute_distance", "permute_seed"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
         super().__init__(recipe, dist)

@@ -9,7 +9,7 @@ from pixtok.errors import UserError
 from pixtok.models.mae import MAEConfig, encoder_state_dict
 from pixtok.models.vit import ViT, shuffle_tokens, vit_config
 from training.checkpoint import check_fit, read_init_config
-from training.data import build_dataset
+from training.data import Slice, build_dataset, holdout
 from training.distributed import Dist
 from training.loader import channel_stats
 from training.recipe import Recipe
@@ -59,22 +59,58 @@ class TokenDropout:
 
 
 def data_spec(recipe: Recipe) -> dict:
-    return {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
+    spec = {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
             "image_size": recipe.image_size or None, "resize": recipe.resize}
+    for key in ("val_size", "train_size"):
+        if getattr(recipe, key):
+            spec[key] = getattr(recipe, key)
+    if recipe.permute_swaps:
+        spec["permute"] = {"swaps": recipe.permute_swaps, "distance": recipe.permute_distance,
+                           "seed": recipe.permute_seed}
+    return spec
+
+
+def split_source(data: dict, split: str) -> str:
+    """The stored split that `split` is cut from: "val" is the end of "train" (val_size)."""
+    if split == "val" and not data.get("val_size"):
+        raise UserError("split 'val': this run was trained without val_size=N, so it has no "
+                        "validation split")
+    return "train" if split == "val" else split
+
+
+def cut_split(data: dict, split: str, dataset):
+    """Hold the validation items out of train (val_size), keep the first train_size of the
+    rest for training, and permute the pixels (permute)."""
+    if data.get("val_size") and split in ("train", "val"):
+        dataset = holdout(dataset, data["val_size"], split)
+    if data.get("train_size") and split == "train":
+        if data["train_size"] > len(dataset):
+            raise UserError(f"train_size={data['train_size']}: the training split has only "
+                            f"{len(dataset)} items")
+        dataset = Slice(dataset, 0, data["train_size"])
+    if data.get("permute"):
+        from training.data.permute import PermutedPixels, pixel_permutation
+        h, w = dataset.image_size
+        dataset = PermutedPixels(dataset, pixel_permutation(h, w, **data["permute"]))
+    return dataset
 
 
 def load_split(data: dict, split: str, cache_dir: str = ""):
-    """A split of the data set a recipe or a checkpoint names."""
+    """A split of the data set a recipe or a checkpoint names: train, val or test."""
     size = tuple(data["image_size"]) if data.get("image_size") else None
-    return build_dataset(data["dataset"], data.get("data_dir"), split=split, image_size=size,
-                         resize=data.get("resize", "bicubic"), cache_dir=cache_dir or None)
+    dataset = build_dataset(data["dataset"], data.get("data_dir"), split=split_source(data, split),
+                            image_size=size, resize=data.get("resize", "bicubic"),
+                            cache_dir=cache_dir or None)
+    return cut_split(data, split, dataset)
 
 
 def load_splits(data: dict, recipe: Recipe, dist: Dist, load=load_split):
-    """(train, test) of a training run, each load(data, split, cache_dir); with a cache_dir,
-    each node's first process builds the cache before the others read it."""
+    """(train, the split training evaluates on) of a run, each load(data, split, cache_dir):
+    val when the recipe holds one out (val_size), else test. With a cache_dir, each node's
+    first process builds the cache before the others read it."""
+    held_out = "val" if data.get("val_size") else "test"
     return dist.local_first(lambda: (load(data, "train", recipe.cache_dir),
-                                     load(data, "test", recipe.cache_dir)),
+                                     load(data, held_out, recipe.cache_dir)),
                             enabled=bool(recipe.cache_dir))
 
 

@@ -22,7 +22,14 @@ from training.loader import crop_flip_batches, fetch_batches
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.recipe import Recipe
 from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
-from training.tasks.common import TokenDropout, load_mae_encoder, load_splits, recipe_vit_config
+from training.tasks.common import (
+    TokenDropout,
+    cut_split,
+    load_mae_encoder,
+    load_splits,
+    recipe_vit_config,
+    split_source,
+)
 
 DEFAULT_SIZE = [48, 64]     # the paper's depth input, H x W
 
@@ -35,21 +42,25 @@ def data_spec(recipe: Recipe) -> dict:
         spec.update(n_train=recipe.n_train or None, n_test=recipe.n_test or None)
     if recipe.dataset == "nyu":
         spec["splits"] = recipe.splits or None
+    for key in ("val_size", "train_size"):
+        if getattr(recipe, key):
+            spec[key] = getattr(recipe, key)
     return spec
 
 
 def load_split(data: dict, split: str, cache_dir: str = ""):
     """A split of the depth data set a recipe or a checkpoint names (rendered scenes are kept
     in cache_dir, where given)."""
-    options = {}
-    if data.get(f"n_{split}"):
-        options["n"] = data[f"n_{split}"]
+    options, source = {}, split_source(data, split)      # val: the end of train (val_size)
+    if data.get(f"n_{source}"):
+        options["n"] = data[f"n_{source}"]
     if data.get("splits"):
         options["splits"] = data["splits"]
     if cache_dir and data["dataset"] == "scenes":
         options["cache_dir"] = cache_dir
-    return build_depth_dataset(data["dataset"], data.get("data_dir"), split=split,
-                               image_size=tuple(data["image_size"]), **options)
+    dataset = build_depth_dataset(data["dataset"], data.get("data_dir"), split=source,
+                                  image_size=tuple(data["image_size"]), **options)
+    return cut_split(data, split, dataset)
 
 
 def model_spec(recipe: Recipe, dataset, init_depth: float) -> dict:
@@ -69,7 +80,8 @@ class DepthTask(Task):
 
     name = "depth"
     RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "token_drop", "depth_loss",
-                                            "silog_lambda", "n_train", "n_test", "splits"}
+                                            "silog_lambda", "n_train", "n_test", "splits",
+                                            "val_size", "train_size"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
         super().__init__(recipe, dist)

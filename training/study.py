@@ -1,0 +1,559 @@
+"""`pixtok study`: a comparison of recipe variants (arms) over seeds, as resumable real runs.
+
+A study file (TOML, training/studies/NAME.toml) names a base recipe, the seeds, the metric (a
+key of `pixtok eval`'s JSON) and one table of recipe overrides per arm:
+
+    base = "vit1-fashion"
+    seeds = [0, 1, 2]
+    metric = "acc1"
+    held_fixed = "input size 28x28, model size, epochs"   # said in the report
+    [overrides]            # every arm
+    val_size = 5000
+    [arms.p1]
+    model = "ViT-P/1"
+    [scales.paper]         # `scale=paper` on the command line: more overrides for every arm
+    epochs = 100
+    [scales.paper.arms.p1] # ... and for one arm
+    lr = 5e-4
+
+Every arm x seed is a real `pixtok train BASE --out DIR/runs/ARM/seedS --resume seed=S ...` in
+a subprocess (so a killed study continues each run from its last checkpoint), then `pixtok
+eval` of the finished checkpoint on the validation split and on the test split, once. A run's
+result.json marks it finished. DIR/study.json holds the study file's hash: a folder is never
+continued with another study file or other overrides. DIR/results.json and DIR/report.md (with
+PNG plots) are rewritten from the finished runs at the end of every invocation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pixtok.checkpoint import write_json
+from pixtok.errors import UserError
+from training.recipe import FIELDS, load_recipe, parse_overrides
+
+STUDY_DIR = Path(__file__).parent / "studies"
+LOWER_IS_BETTER = {"loss", "rmse", "rel", "log10", "silog", "rmse_scaled", "fid_proxy"}
+NATIVE_SIZE = {"fashion-mnist": (28, 28), "cifar100": (32, 32), "cifar100-coarse": (32, 32),
+               "scenes": (48, 64), "nyu": (48, 64)}
+STUDY_KEYS = {"base", "seeds", "metric", "overrides", "arms", "scales", "held_fixed", "plot_x",
+              "description", "analyze"}
+
+
+def study_names() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.toml"))
+
+
+def find_study(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    path = STUDY_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown study {name_or_path!r}; known studies: "
+                        f"{', '.join(study_names())} (or give a .toml file)")
+    return path
+
+
+def _table_overrides(table: dict, where: str) -> dict:
+    """A TOML table of recipe overrides, checked against the recipe's keys."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table of recipe overrides")
+    unknown = sorted(set(table) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{where}: unknown recipe key(s) {', '.join(unknown)}")
+    return dict(table)
+
+
+class Study:
+    """A parsed study file plus the command line's overrides; arms resolved to recipes."""
+
+    def __init__(self, name_or_path: str, overrides: list[str] = ()):
+        self.path = find_study(name_or_path)
+        text = self.path.read_bytes()
+        spec = self._read_spec(text)
+        where = str(self.path)
+        self.name = self.path.stem
+        self.base, self.metric = spec["base"], spec["metric"]
+        self.seeds = self._check_seeds(spec["seeds"], where)
+        self.held_fixed = spec.get("held_fixed", "")
+        self.plot_x = spec.get("plot_x", "")
+        if self.plot_x and self.plot_x not in FIELDS:
+            raise UserError(f"{where}: plot_x={self.plot_x!r} is not a recipe key")
+        self.lower_is_better = self.metric in LOWER_IS_BETTER
+        self.analyze = spec.get("analyze", [])
+        if not isinstance(self.analyze, list) or set(self.analyze) - set(spec["arms"]):
+            raise UserError(f"{where}: analyze must list arms of the study, not {self.analyze}")
+        self.arms = self._arm_values(spec, overrides, where)
+        self.recipes = {arm: self._check_arm(arm, values) for arm, values in self.arms.items()}
+        tasks = {r.task for r in self.recipes.values()}
+        if tasks - {"classify", "depth"}:
+            raise UserError(f"{where}: pixtok study evaluates classify and depth runs; "
+                            f"{', '.join(sorted(tasks - {'classify', 'depth'}))} runs (the "
+                            "generator protocol: two guidance scales, the floors, the pinned "
+                            "judge) are not implemented yet")
+        digest = hashlib.sha256(text)
+        digest.update(json.dumps(sorted(overrides)).encode())
+        self.sha256 = digest.hexdigest()
+        self.file_sha256 = hashlib.sha256(text).hexdigest()
+        self.overrides = list(overrides)
+
+    def _read_spec(self, text: bytes) -> dict:
+        """The study file's TOML, with its required keys and no unknown ones."""
+        try:
+            spec = tomllib.loads(text.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.path}: not valid TOML ({e})") from None
+        unknown = sorted(set(spec) - STUDY_KEYS)
+        if unknown:
+            raise UserError(f"{self.path}: unknown study key(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted(STUDY_KEYS))}")
+        for key in ("base", "seeds", "metric", "arms"):
+            if key not in spec:
+                raise UserError(f"{self.path}: missing {key!r}")
+        return spec
+
+    @staticmethod
+    def _check_seeds(seeds, where: str) -> list[int]:
+        if not isinstance(seeds, list) or not seeds:
+            raise UserError(f"{where}: seeds is empty; give at least one, e.g. seeds = [0, 1, 2]")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or \
+                len(set(seeds)) != len(seeds):
+            raise UserError(f"{where}: seeds must be distinct whole numbers, not {seeds}")
+        return seeds
+
+    @staticmethod
+    def _scale_tables(spec: dict, scale: str, where: str) -> tuple[dict, dict]:
+        """(overrides for every arm, {arm: overrides}) of the [scales.NAME] set `scale`."""
+        if not scale:
+            return {}, {}
+        scales = spec.get("scales", {})
+        if scale not in scales:
+            raise UserError(f"scale={scale}: {where} has no [scales.{scale}] "
+                            f"(it has: {', '.join(scales) or 'none'})")
+        table = dict(scales[scale])
+        scale_arms = table.pop("arms", {})
+        for arm in scale_arms:
+            if arm not in spec["arms"]:
+                raise UserError(f"{where} [scales.{scale}.arms.{arm}]: no arm {arm!r}")
+        return _table_overrides(table, f"{where} [scales.{scale}]"), scale_arms
+
+    def _arm_values(self, spec: dict, overrides, where: str) -> dict[str, dict]:
+        """{arm: recipe overrides}: the study's [overrides], the arm's table, a scale=NAME set,
+        then the command line's key=value, later ones winning."""
+        common = _table_overrides(spec.get("overrides", {}), f"{where} [overrides]")
+        arms = spec["arms"]
+        if not isinstance(arms, dict) or not arms:
+            raise UserError(f"{where}: no [arms.NAME] tables")
+        cli, scale = [], ""
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if key == "scale" and sep:
+                scale = value
+            else:
+                cli.append(item)
+        cli_values = parse_overrides(cli)
+        scale_common, scale_arms = self._scale_tables(spec, scale, where)
+        values_of = {}
+        for arm, table in arms.items():
+            values = {**common, **_table_overrides(table, f"{where} [arms.{arm}]"),
+                      **scale_common,
+                      **_table_overrides(scale_arms.get(arm, {}), f"{where} [scales.{scale}."
+                                                                  f"arms.{arm}]"),
+                      **cli_values}
+            if "seed" in values:
+                raise UserError(f"{where} arm {arm}: seed is set by the study's seeds list")
+            values_of[arm] = values
+        return values_of
+
+    def _check_arm(self, arm: str, values: dict):
+        """The arm's recipe; an arm whose model the data cannot take is a user error now, not
+        hours into the study."""
+        try:
+            recipe = load_recipe(self.base, values)
+        except UserError as e:
+            raise UserError(f"arm {arm}: {e}") from None
+        if recipe.task in ("classify", "depth", "mae") and recipe.model.startswith("ViT-"):
+            from pixtok.models.vit import vit_config
+            size = tuple(recipe.image_size) or NATIVE_SIZE.get(recipe.dataset)
+            if size:
+                try:
+                    vit_config(recipe.model, image_size=size, pos_embed=recipe.pos_embed,
+                               embed=recipe.embed, pool=recipe.pool)
+                except ValueError as e:
+                    raise UserError(f"arm {arm} (model={recipe.model}, image "
+                                    f"{size[0]}x{size[1]}): {e}") from None
+        return recipe
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (arm, seed): seeds in order, each with every arm in file order, so that a study
+        stopped early has compared every arm on its first seeds."""
+        return [(arm, seed) for seed in self.seeds for arm in self.arms]
+
+    def arm_args(self, arm: str, seed: int) -> list[str]:
+        """The key=value overrides `pixtok train` gets for one run."""
+        args = []
+        for key, value in self.arms[arm].items():
+            if isinstance(value, list):
+                value = ("x" if key == "image_size" else ",").join(map(str, value))
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            args.append(f"{key}={value}")
+        return args + [f"seed={seed}"]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(s) for s in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+def claim_folder(out: Path, study: Study, resume: bool) -> None:
+    """Create DIR/study.json, or check that DIR was made by this study file and overrides."""
+    marker = out / "study.json"
+    if marker.is_file():
+        stored = json.loads(marker.read_text())
+        if stored.get("sha256") != study.sha256:
+            what = "study file" if stored.get("file_sha256") != study.file_sha256 else \
+                "command-line overrides"
+            raise UserError(f"{out} holds a study made by a different {what} "
+                            f"({stored.get('study')} {stored.get('file_sha256', '')[:12]}, "
+                            f"overrides {stored.get('overrides')}); use another --out")
+        if not resume and any((out / "runs").glob("*/*/config.json")):
+            raise UserError(f"{out} already holds runs of this study; pass --resume to "
+                            "continue it or choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"study": study.name, "file": str(study.path), "sha256": study.sha256,
+                        "file_sha256": study.file_sha256, "overrides": study.overrides,
+                        "base": study.base, "metric": study.metric, "seeds": study.seeds,
+                        "arms": study.arms})
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
+    return f"cpu ({platform.machine()}, {threads} threads of {os.cpu_count()} cores)"
+
+
+def pixtok_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "pixtok", *map(str, args)]
+
+
+def run_logged(cmd: list[str], log: Path) -> int:
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def evaluate(run_dir: Path, split: str, log: Path) -> dict:
+    """`pixtok eval RUN --split SPLIT`, in this process (a subprocess per split costs more than
+    the evaluation of a small model)."""
+    from training.evaluate import evaluate_split
+    metrics = evaluate_split(run_dir, split)
+    with open(log, "a") as f:
+        f.write(f"eval --split {split}: {json.dumps(metrics)}\n")
+    return metrics
+
+
+def final_val(run_dir: Path, step: int) -> dict | None:
+    """The run's own evaluation of its final weights on val (training evaluates on val when it
+    holds one out, and always at the last step), so the study need not repeat it."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines and lines[-1].strip() else {}
+    if last.get("step") != step:
+        return None
+    return {k: v for k, v in last.items() if k not in ("step", "epoch", "time")}
+
+
+def model_cost(run_dir: Path) -> tuple[int | None, int | None]:
+    """(parameters, forward FLOPs per image) of a finished run's model, counted on meta."""
+    import torch
+
+    from pixtok.checkpoint import read_config
+    from pixtok.models import build_model
+    from training.flops import count_forward_flops
+
+    config = read_config(run_dir)
+    spec, shape = config.get("model"), config.get("input", {})
+    if not spec or not shape.get("image_size"):
+        return None, None
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(spec).parameters())
+    h, w = shape["image_size"]
+    flops = count_forward_flops(lambda: build_model(spec),
+                                (lambda: torch.rand(1, shape["channels"], h, w),))
+    return params, flops
+
+
+def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
+    """Train (or continue) one arm x seed, then evaluate it on val and test once."""
+    run_dir = out / "runs" / arm / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "study.log"
+    t0 = time.time()
+    code = run_logged(pixtok_cmd("train", study.base, "--out", run_dir, "--resume",
+                                 *study.arm_args(arm, seed)), log)
+    if code:
+        raise UserError(f"arm {arm} seed {seed}: pixtok train exited {code}: {last_error(log)} "
+                        f"(log: {log})")
+    wall = run_dir / "study_wall.json"           # train processes' seconds, summed over resumes
+    spent = (json.loads(wall.read_text())["train_s"] if wall.is_file() else 0.0) + time.time() - t0
+    write_json(wall, {"train_s": spent})
+    config = json.loads((run_dir / "config.json").read_text())
+    recipe = config["recipe"]
+    val = final_val(run_dir, config["step"]) or evaluate(run_dir, "val", log) \
+        if recipe.get("val_size") else {}
+    test = evaluate(run_dir, "test", log)           # the only look at test, once the run is done
+    params, flops = model_cost(run_dir)
+    result = {"arm": arm, "seed": seed, "val": val, "test": test, "params": params,
+              "flops_per_image": flops, "images_seen": config["step"] * recipe["batch_size"],
+              "steps": config["step"], "epochs": round(config.get("epoch", 0), 4),
+              "wall_s": round(spent, 1), "device": device_name(),
+              "recipe": {k: recipe[k] for k in sorted(study.arms[arm]) if k in recipe}}
+    write_json(run_dir / "result.json", result)
+    return result
+
+
+def collect(study: Study, folders: list[Path]) -> list[dict]:
+    """Finished runs' results from the study folders, in the study's (arm, seed) order."""
+    found = {}
+    for folder in folders:
+        marker = folder / "study.json"
+        if not marker.is_file():
+            raise UserError(f"{folder}: not a study folder (no study.json)")
+        if json.loads(marker.read_text()).get("sha256") != study.sha256:
+            raise UserError(f"{folder} holds a study made by a different study file or "
+                            "overrides")
+        for arm, seed in study.runs():
+            path = folder / "runs" / arm / f"seed{seed}" / "result.json"
+            if path.is_file():
+                found[(arm, seed)] = json.loads(path.read_text())
+    return [found[key] for key in study.runs() if key in found]
+
+
+def metric_of(run: dict, study: Study, split: str):
+    value = run[split].get(study.metric)
+    return None if value is None else float(value)
+
+
+def summarise(study: Study, runs: list[dict], split: str) -> list[dict]:
+    rows = []
+    for arm in study.arms:
+        values = [v for r in runs if r["arm"] == arm
+                  for v in [metric_of(r, study, split)] if v is not None]
+        mine = [r for r in runs if r["arm"] == arm]
+        rows.append({"arm": arm, "n": len(values),
+                     "mean": statistics.fmean(values) if values else None,
+                     "std": statistics.stdev(values) if len(values) > 1 else None,
+                     "flops_per_image": mine[0]["flops_per_image"] if mine else None,
+                     "params": mine[0]["params"] if mine else None,
+                     "images_seen": mine[0]["images_seen"] if mine else None,
+                     "recipe": study.arms[arm]})
+    return rows
+
+
+def fmt(mean, std, n) -> str:
+    """mean ± sample std (n seeds); one seed has no spread to show."""
+    if mean is None:
+        return "not yet run"
+    return f"{mean:.4f} (n=1)" if std is None else f"{mean:.4f} ± {std:.4f} (n={n})"
+
+
+def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in test if r["mean"] is not None]
+    files = []
+    if not done:
+        return files
+    label = f"test {study.metric} (mean ± std over seeds)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in done:
+        if r["flops_per_image"]:
+            ax.errorbar(r["flops_per_image"] / 1e9, r["mean"], yerr=r["std"] or 0, fmt="o",
+                        capsize=3)
+            ax.annotate(r["arm"], (r["flops_per_image"] / 1e9, r["mean"]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel="forward GFLOPs per image", ylabel=label, title=f"{study.name}: metric vs FLOPs")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_flops.png", dpi=120)
+    plt.close(fig)
+    files.append("metric_vs_flops.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if study.plot_x:
+        xs = [r["recipe"].get(study.plot_x, getattr(study.recipes[r["arm"]], study.plot_x))
+              for r in done]
+        xs = [x if isinstance(x, (int, float)) else str(x) for x in xs]
+        xlabel = study.plot_x
+    else:
+        xs, xlabel = [r["arm"] for r in done], "arm"
+    by_val = {r["arm"]: r for r in val}
+    ax.errorbar(xs, [r["mean"] for r in done], yerr=[r["std"] or 0 for r in done], fmt="o-",
+                capsize=3, label="test")
+    vals = [by_val[r["arm"]] for r in done]
+    if all(v["mean"] is not None for v in vals):
+        ax.errorbar(xs, [v["mean"] for v in vals], yerr=[v["std"] or 0 for v in vals], fmt="s--",
+                    capsize=3, alpha=0.6, label="validation")
+    for x, r in zip(xs, done):
+        ax.annotate(r["arm"], (x, r["mean"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=study.metric, title=f"{study.name}: {study.metric} vs {xlabel}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_arm.png", dpi=120)
+    plt.close(fig)
+    files.append("metric_vs_arm.png")
+    return files
+
+
+def analyses(study: Study, runs: list[dict], out: Path) -> list[tuple[str, dict]]:
+    """`pixtok analyze` of the first finished seed of each arm the study file lists under
+    `analyze`, kept in DIR/analysis/ARM/ (computed once)."""
+    from training.analyze import analyze_checkpoint
+    done = []
+    for arm in study.analyze:
+        mine = [r for r in runs if r["arm"] == arm]
+        run_dir = out / "runs" / arm / f"seed{mine[0]['seed']}" if mine else None
+        if run_dir is None or not (run_dir / "model.safetensors").is_file():
+            continue
+        folder = out / "analysis" / arm
+        if not (folder / "analysis.json").is_file():
+            analyze_checkpoint(run_dir, folder)
+        done.append((arm, json.loads((folder / "analysis.json").read_text())))
+    return done
+
+
+def write_report(study: Study, runs: list[dict], out: Path) -> dict:
+    test, val = summarise(study, runs, "test"), summarise(study, runs, "val")
+    results = {"study": study.name, "metric": study.metric, "sha256": study.sha256,
+               "lower_is_better": study.lower_is_better, "overrides": study.overrides,
+               "runs": runs,
+               "arms": [{k: r[k] for k in ("arm", "n", "mean", "std")} for r in test],
+               "val_arms": [{k: r[k] for k in ("arm", "n", "mean", "std")} for r in val]}
+    write_json(out / "results.json", results)
+    files = plots(study, test, val, out)
+    total = len(study.runs())
+    devices = sorted({r["device"] for r in runs})
+    lines = [f"# Study `{study.name}`", "",
+             f"Base recipe `{study.base}`, metric `{study.metric}` "
+             f"({'lower' if study.lower_is_better else 'higher'} is better), seeds "
+             f"{study.seeds}; {len(runs)} of {total} runs finished. Study file "
+             f"`{study.path.name}` (sha256 {study.file_sha256[:12]})"
+             + (f", command-line overrides `{' '.join(study.overrides)}`" if study.overrides
+                else "") + ".", "",
+             f"**Held fixed:** {study.held_fixed or 'the base recipe and the common overrides'}. "
+             "Each row states its FLOPs per image and images seen, so equal compute is read "
+             "off the table, not assumed.", "",
+             "Each run is evaluated on the validation split (what any choice between runs may "
+             "look at) and, once it has finished, on the test split (reported only).", "",
+             f"| arm | overrides | test {study.metric} | val {study.metric} | params | "
+             "GFLOPs/image | images seen |", "|---|---|---|---|---|---|---|"]
+    for t, v in zip(test, val):
+        over = " ".join(f"{k}={v_}" for k, v_ in t["recipe"].items()) or "—"
+        gflops = f"{t['flops_per_image'] / 1e9:.4g}" if t["flops_per_image"] else "—"
+        lines.append(f"| {t['arm']} | `{over}` | {fmt(t['mean'], t['std'], t['n'])} | "
+                     f"{fmt(v['mean'], v['std'], v['n'])} | {t['params'] or '—'} | {gflops} | "
+                     f"{t['images_seen'] or '—'} |")
+    lines += ["", f"Devices: {', '.join(devices) or '—'}. Wall time of the finished runs: "
+              f"{sum(r['wall_s'] for r in runs) / 3600:.2f} h.", ""]
+    lines += [f"![{f}]({f})" for f in files]
+    looked = analyses(study, runs, out)
+    if looked:
+        lines += ["", "## Where the heads look (`pixtok analyze`, first seed of each arm)", "",
+                  "Mean attention distance in pixels per layer (averaged over heads; each head "
+                  "in analysis/ARM/analysis.json), on held-out images; uniform attention would "
+                  "give the last column.", "",
+                  "| arm | " + " | ".join(f"layer {row['layer']}"
+                                          for row in looked[0][1]["layers"]) + " | uniform |",
+                  "|---|" + "---|" * (len(looked[0][1]["layers"]) + 1)]
+        for arm, result in looked:
+            lines.append(f"| {arm} | " + " | ".join(f"{row['mean']:.2f}"
+                                                    for row in result["layers"])
+                         + f" | {result['uniform_distance']:.2f} |")
+        lines.append("")
+        for arm, _ in looked:
+            lines += [f"![{arm}: distances](analysis/{arm}/attention_distance.png)",
+                      f"![{arm}: offsets](analysis/{arm}/attention_offsets.png)"]
+    lines += ["", "## Runs", "", f"| arm | seed | test {study.metric} | val {study.metric} | "
+              "steps | wall s |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        tv, vv = metric_of(r, study, "test"), (metric_of(r, study, "val") if r["val"] else None)
+        lines.append(f"| {r['arm']} | {r['seed']} | {tv:.4f} | "
+                     f"{'—' if vv is None else f'{vv:.4f}'} | {r['steps']} | {r['wall_s']} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+def run_cli(args) -> int:
+    if args.report:         # key=value after --report are overrides, not folders
+        args.overrides += [a for a in args.report if "=" in a]
+        args.report = [a for a in args.report if "=" not in a]
+    study = Study(args.study, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / "studies" / study.name
+    if args.report is not None:
+        folders = [out, *map(Path, args.report)]
+        runs = collect(study, folders)
+        write_report(study, runs, out)
+        print(f"study {study.name}: {len(runs)} of {len(study.runs())} runs finished; "
+              f"wrote {out / 'results.json'} and {out / 'report.md'}")
+        return 0
+    i, n = parse_shard(args.shard)
+    claim_folder(out, study, args.resume)
+    todo = [run for k, run in enumerate(study.runs()) if k % n == i]
+    pending = [(arm, seed) for arm, seed in todo
+               if not (out / "runs" / arm / f"seed{seed}" / "result.json").is_file()]
+    print(f"study {study.name}: {len(study.runs())} runs ({len(study.arms)} arms x "
+          f"{len(study.seeds)} seeds), shard {i}/{n} holds {len(todo)}, {len(pending)} to do; "
+          f"folder {out}", flush=True)
+    bar = tqdm(pending, desc=study.name, unit="run", dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    for arm, seed in bar:
+        run_dir = out / "runs" / arm / f"seed{seed}"
+        state = "continues" if (run_dir / "train_state.pt").is_file() else "starts"
+        bar.write(f"{arm} seed {seed}: {state} pixtok train {study.base} "
+                  f"{' '.join(study.arm_args(arm, seed))} -> {run_dir} "
+                  f"(log: {run_dir / 'study.log'})")
+        result = run_one(study, out, arm, seed)
+        val = result["val"].get(study.metric)
+        bar.write(f"{arm} seed {seed}: done in {result['wall_s'] / 60:.1f} min; "
+                  f"val {study.metric} {val if val is None else f'{val:.4f}'}, "
+                  f"test {result['test'].get(study.metric, float('nan')):.4f}")
+        write_report(study, collect(study, [out]), out)
+    bar.close()
+    results = write_report(study, collect(study, [out]), out)
+    for row in results["arms"]:
+        print(f"{row['arm']}: {fmt(row['mean'], row['std'], row['n'])}")
+    print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    return 0
