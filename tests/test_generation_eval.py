@@ -48,6 +48,9 @@ def test_eval_prints_fid_proxy_class_agreement_and_n(generator, classifier):
     assert metrics["real_class_agreement"] > 0.3            # the classifier works on real images
     # random weights are far from the data; two halves of the real test set are close
     assert metrics["fid_proxy"] > 3 * metrics["fid_proxy_floor"] > 0
+    # the judge's view of the samples: IS over its 10 classes, and k-NN precision and recall
+    assert 1 <= metrics["is_proxy"] <= 10 and metrics["is_proxy_std"] >= 0
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     # the CLI's number is the library's: same samples, same features, same distance
     pipe = load_pipeline(generator)
     again = generation_metrics(pipe, Classifier(classifier), 40, pad=2, steps=3, batch_size=256)

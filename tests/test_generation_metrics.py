@@ -15,7 +15,6 @@ from training.metrics.generation import (
     frechet_distance,
     inception_score,
     precision_recall,
-    sfid,
 )
 
 
@@ -102,11 +101,8 @@ class TinyExtractor(torch.nn.Module):
     def forward(self, images):
         return self.conv(images).relu().mean((2, 3))             # (N, 8)
 
-    def spatial_features(self, images):
-        return self.conv(images)[:, :2].flatten(1)               # (N, 2 * 15 * 15)
 
-
-def test_extractor_protocol_fid_and_sfid():
+def test_extractor_protocol_and_fid():
     torch.manual_seed(0)
     real, fake = torch.rand(64, 1, 32, 32), torch.rand(64, 1, 32, 32) * 0.5
     extractor = TinyExtractor()
@@ -115,9 +111,6 @@ def test_extractor_protocol_fid_and_sfid():
     assert feats.shape == (64, 8)
     assert fid(extractor, real, real) == pytest.approx(0, abs=1e-8)
     assert fid(extractor, real, fake) > fid(extractor, real, torch.rand(64, 1, 32, 32))
-    assert sfid(extractor, real, fake, batch_size=32) > 0
-    with pytest.raises(UserError, match="spatial"):
-        sfid(lambda images: images.mean((2, 3)), real, fake)
 
 
 class FakeInception(torch.nn.Module):

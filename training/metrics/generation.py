@@ -1,10 +1,11 @@
-"""Generation metrics: FID / sFID (Frechet distance), Inception Score, precision/recall (k-NN
+"""Generation metrics: FID (Frechet distance), Inception Score, precision/recall (k-NN
 manifolds, Kynkaanniemi et al. 2019) and class agreement, over a pluggable feature extractor.
 
-A FeatureExtractor is any callable images (N, C, H, W) in [0, 1] -> features (N, D); one that
-also has spatial_features(images) -> (N, D') supports sFID (Nash et al. 2021 use the first 7
-channels of Inception's mixed_6/conv, flattened). Numbers are comparable to published ones only
-with the published network: InceptionFeatures loads it from a file the user provides.
+A FeatureExtractor is any callable images (N, C, H, W) in [0, 1] -> features (N, D). `pixtok
+eval` of a generator reports all of them with the judge classifier as the network (fid_proxy,
+is_proxy, precision, recall, class_agreement). Numbers are comparable to published ones only
+with the published network: InceptionFeatures loads it from a file the user provides. (sFID is
+not offered: nothing here has spatial Inception features, and no pixtok metric needs it.)
 """
 from __future__ import annotations
 
@@ -22,13 +23,6 @@ class FeatureExtractor(Protocol):
     """images (N, C, H, W) in [0, 1] -> features (N, D)."""
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class SpatialFeatureExtractor(FeatureExtractor, Protocol):
-    """A FeatureExtractor that also gives spatial features (N, D') for sFID."""
-
-    def spatial_features(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -73,14 +67,11 @@ def fid_from_features(real, fake) -> float:
 
 
 @torch.no_grad()
-def extract_features(extractor, images, batch_size: int = 64, spatial: bool = False):
+def extract_features(extractor, images, batch_size: int = 64):
     """Features of images (a (N, C, H, W) tensor in [0, 1] or an iterable of such batches)
-    -> (N, D) float64 numpy array; spatial=True uses extractor.spatial_features (sFID)."""
-    if spatial and not isinstance(extractor, SpatialFeatureExtractor):
-        raise UserError(f"{type(extractor).__name__} has no spatial_features: no sFID with it")
-    fn = extractor.spatial_features if spatial else extractor
+    -> (N, D) float64 numpy array."""
     batches = images.split(batch_size) if torch.is_tensor(images) else images
-    out = [fn(batch).flatten(1).double().cpu() for batch in batches]
+    out = [extractor(batch).flatten(1).double().cpu() for batch in batches]
     return torch.cat(out).numpy()
 
 
@@ -88,12 +79,6 @@ def fid(extractor, real_images, fake_images, batch_size: int = 64) -> float:
     """FID: Frechet distance of the extractor's features of real vs generated images."""
     return fid_from_features(extract_features(extractor, real_images, batch_size),
                              extract_features(extractor, fake_images, batch_size))
-
-
-def sfid(extractor, real_images, fake_images, batch_size: int = 64) -> float:
-    """sFID: the same distance on the extractor's spatial features."""
-    return fid_from_features(extract_features(extractor, real_images, batch_size, spatial=True),
-                             extract_features(extractor, fake_images, batch_size, spatial=True))
 
 
 def inception_score(probs, splits: int = 10) -> tuple[float, float]:
@@ -151,7 +136,7 @@ class InceptionFeatures:
     File format: the TorchScript export of TF's inception-2015-12-05 graph used by StyleGAN2-ADA,
     EDM and clean-fid (inception-2015-12-05.pt). It takes uint8-range (N, 3, H, W) images, resizes
     them itself, and returns 2048-d pool features with return_features=True and 1008-way
-    probabilities with no_output_bias=True. It has no spatial output, so no sFID."""
+    probabilities with no_output_bias=True."""
 
     def __init__(self, path, device: str | torch.device = "cpu"):
         path = Path(path)

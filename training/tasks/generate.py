@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 from pixtok.errors import UserError
 from pixtok.sampling import SAMPLING_DEFAULTS
-from training.metrics.generation import class_agreement, fid_from_features
+from training.metrics.generation import (
+    class_agreement,
+    fid_from_features,
+    inception_score,
+    precision_recall,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLASSIFIER = Path("model_store") / "fashion-vit1"
@@ -158,9 +163,17 @@ def real_reference(classifier: Classifier, n: int, data_dir=None, split: str = "
 
 def score(classifier: Classifier, images: torch.Tensor, labels, reference: dict,
           pad: int = 0) -> dict:
-    """fid_proxy and class_agreement of generated images against a real_reference."""
+    """fid_proxy, is_proxy (the Inception Score with the judge's class probabilities),
+    precision and recall (of its features, k = 3) and class_agreement of generated images
+    against a real_reference."""
     feats, logits = classifier.features_and_logits(classifier.fit(images, pad))
+    is_mean, is_std = inception_score(torch.softmax(logits.double(), 1),
+                                      splits=min(10, max(1, len(logits) // 2)))
     return {"fid_proxy": fid_from_features(reference["a"], feats),
+            "is_proxy": is_mean, "is_proxy_std": is_std,
+            # k-NN manifolds need more than k = 3 samples on each side
+            **(precision_recall(reference["a"], feats) if min(len(feats), len(reference["a"])) > 3
+               else {}),
             "class_agreement": class_agreement(logits, torch.as_tensor(labels))}
 
 
