@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pixtok.checkpoint import atomic_write
 
 OPSET = 18
 TOLERANCE = 1e-3     # compare_with_torch: fp32 reordering gives ~1e-6
@@ -30,26 +30,23 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, int, int], path:
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     # the exporter reports each stage at INFO and warns that torchvision ops are missing
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
+    checked = {}
+
+    def write(tmp: str) -> None:     # a mismatch raises here, and the file never appears
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # torch.export's own deprecations
             torch.onnx.export(model, (example,), tmp, dynamo=True, input_names=["images"],
                               output_names=[output_name], dynamic_shapes=({0: batch},),
                               opset_version=opset, external_data=False, verbose=False)
-        diff = compare_with_torch(model, tmp, input_shape)
-        if not diff <= TOLERANCE:
-            raise OnnxMismatch(f"ONNX export of {path.name} differs from PyTorch by {diff:.3g} "
-                               f"(tolerance {TOLERANCE})")
-        os.chmod(tmp, 0o644)     # mkstemp made it private; a model file is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return diff
+        checked["diff"] = compare_with_torch(model, tmp, input_shape)
+        if not checked["diff"] <= TOLERANCE:
+            raise OnnxMismatch(f"ONNX export of {path.name} differs from PyTorch by "
+                               f"{checked['diff']:.3g} (tolerance {TOLERANCE})")
+
+    atomic_write(path, write)
+    return checked["diff"]
 
 
 def compare_with_torch(model: torch.nn.Module, onnx_path, input_shape,
