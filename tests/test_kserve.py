@@ -27,7 +27,7 @@ from conftest import make_classifier, make_depth, make_generator
 from PIL import Image
 from test_serving_generator import pipeline_pixels, pixels
 
-from export.archive import VERSION, check_name, export_archive
+from export.archive import check_name, checkpoint_version, export_archive
 from pixtok.errors import UserError
 from pixtok.inference.backend import load_classifier
 from pixtok.inference.depth_estimator import load_depth_estimator
@@ -75,14 +75,21 @@ def adapted_config(ports: dict, store: Path) -> str:
                      for k, line in zip(keys, lines)) + "\n"
 
 
+def snapshot_version(name: str) -> str:
+    """The one version the shipped config's model_snapshot names for a model."""
+    (version,) = json.loads(read_properties(CONFIG)["model_snapshot"])["models"][name]
+    return version
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """.path: a model-store/ of the tiny models' archives under the default models' names, as
     `pixtok export model_store` names them (after their checkpoint folders); .checkpoints."""
     ckpts, store = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("model-store")
     made = {"classify": make_classifier, "depth": make_depth, "generate": make_generator}
-    for task, name in DEFAULT_MODELS.items():
-        export_archive(made[task](ckpts / name), store, log=lambda *_: None)
+    for task, name in DEFAULT_MODELS.items():   # the versions the config names (the shipped ones)
+        export_archive(made[task](ckpts / name), store, log=lambda *_: None,
+                       version=snapshot_version(name))
     return SimpleNamespace(path=store, checkpoints={task: ckpts / name
                                                     for task, name in DEFAULT_MODELS.items()})
 
@@ -128,7 +135,8 @@ def test_classifier_answers_v2_as_it_answers_rest(kserve, store):
                                    "data": grey.ravel().tolist()}]})
     assert status == 200, reply
     assert {k: reply[k] for k in ("id", "model_name", "model_version")} == {
-        "id": "req-1", "model_name": "fashion-vit1", "model_version": VERSION}
+        "id": "req-1", "model_name": "fashion-vit1",
+        "model_version": snapshot_version("fashion-vit1")}
     assert [o["name"] for o in reply["outputs"]] == ["photo", "pixels"]
     assert headers["X-Pixtok-Batch-Size"] == "2"        # the request's inputs ran as one batch
     assert not (kserve.run_dir / "key_file.json").exists()     # no key: KServe fronts it
@@ -206,7 +214,8 @@ def test_manifests_config_and_runtime_image_fit_together():
     assert sorted(snapshot["models"]) == sorted(DEFAULT_MODELS.values())
     assert snapshot["modelCount"] == len(snapshot["models"])
     for name, versions in snapshot["models"].items():
-        entry = versions[VERSION]           # the version `pixtok export` writes
+        # the version `pixtok export model_store` gives the shipped checkpoint's archive
+        entry = versions[checkpoint_version(ROOT / "model_store" / name)]
         assert entry["marName"] == f"{check_name(name)}.mar" and entry["defaultVersion"]
         batching = launcher.BATCHING[TASKS[name]]
         # the kservev2 envelope answers only the first request of a batch: batches of 1
