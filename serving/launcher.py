@@ -39,11 +39,14 @@ from serving.client import PORTS, Client, default_run_dir, local_url, read_prope
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("config.properties")
 BATCHING = {   # task -> TorchServe batching; a generator batches inside one request instead
-    "classify": {"batchSize": 16, "maxBatchDelay": 10},
-    "depth": {"batchSize": 4, "maxBatchDelay": 10},
+    "classify": {"batchSize": 16, "maxBatchDelay": 10, "workers": 1},
+    "depth": {"batchSize": 4, "maxBatchDelay": 10, "workers": 1},
     # 16 images x 1000 steps on a CPU worker takes minutes, not TorchServe's default 120 s
-    "generate": {"batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 600},
+    "generate": {"batchSize": 1, "maxBatchDelay": 0, "workers": 1, "responseTimeout": 600},
 }
+# BATCHING's settings an operator may set: $PIXTOK_<TASK>_<suffix>, e.g. PIXTOK_CLASSIFY_BATCH_SIZE
+BATCHING_ENV = {"batchSize": ("BATCH_SIZE", 1), "maxBatchDelay": ("MAX_BATCH_DELAY_MS", 0),
+                "workers": ("WORKERS", 1)}      # setting -> (variable suffix, smallest value)
 # TorchServe answers a body over max_request_size with a bare 413 (no JSON) and a reset
 # connection; set above the handler's own limit, bodies up to twice it get the handler's JSON 413.
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES
@@ -179,12 +182,25 @@ def collect_models(store: Path) -> dict[str, tuple[str, str, str]]:
     return models
 
 
+def batching(task: str) -> dict:
+    """A task's TorchServe model settings: BATCHING's, each overridable by its variable."""
+    settings = dict(BATCHING.get(task, BATCHING["classify"]))
+    for key, (suffix, least) in BATCHING_ENV.items():
+        name = f"PIXTOK_{task.upper()}_{suffix}"
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if not value.strip().isdigit() or int(value) < least:
+            raise ServeError(f"{name}={value!r}: expected a whole number >= {least}")
+        settings[key] = int(value)
+    workers = settings.pop("workers")
+    return {"minWorkers": workers, "maxWorkers": workers, "responseTimeout": 120, **settings}
+
+
 def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
                   token_expiration_min: float | None = None) -> Path:
     """Fill serving/config.properties in for this run; values are escaped for Java properties."""
-    per_model = {name: {version: {"defaultVersion": True, "marName": mar,
-                                  "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120,
-                                  **BATCHING.get(task, BATCHING["classify"])}}
+    per_model = {name: {version: {"defaultVersion": True, "marName": mar, **batching(task)}}
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
@@ -328,8 +344,68 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     return server
 
 
-def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
-    """Stop this run folder's TorchServe and every worker it started. False if none was running."""
+def drain_seconds() -> float:
+    from pixtok.inference.handler_base import DRAIN_SECONDS
+
+    value = os.environ.get("PIXTOK_DRAIN_SECONDS", str(DRAIN_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise ServeError(f"PIXTOK_DRAIN_SECONDS={value!r}: expected seconds from 0 to 60")
+    return seconds
+
+
+def drain(run_dir: Path, workers: list, seconds: float) -> int:
+    """Before TorchServe stops (its shutdown resets every open connection): SIGTERM each worker,
+    which finishes or refuses what it holds (pixtok/inference/handler_base.py), and wait until
+    each says it is idle or has gone, or for `seconds` and a second more. Returns the workers
+    still busy."""
+    import psutil
+
+    from pixtok.inference.handler_base import drained_file
+
+    workers = [w for w in workers if any("model_service_worker" in a for a in _cmdline(w))]
+    tmp = run_dir / "tmp"
+    for w in workers:
+        with contextlib.suppress(psutil.Error):
+            w.terminate()
+    deadline = time.monotonic() + seconds + 1.0
+    busy = workers
+    while True:
+        busy = [w for w in busy if alive(w) and not (tmp / drained_file(w.pid).name).exists()]
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)     # the last answers are on their way from the workers to the clients
+    for w in workers:
+        (tmp / drained_file(w.pid).name).unlink(missing_ok=True)
+    return len(busy)
+
+
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop(run_dir=None, log=print, timeout: float = 30.0, drain_for: float | None = None) -> bool:
+    """Stop this run folder's TorchServe and every worker it started, letting the requests in
+    flight be answered for up to drain_for seconds ($PIXTOK_DRAIN_SECONDS by default) and
+    refusing the later ones (503). False if none was running."""
     import psutil
 
     run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
@@ -339,6 +415,9 @@ def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
         return False
     server = psutil.Process(pid)
     workers = server.children(recursive=True)
+    busy = drain(run_dir, workers, drain_seconds() if drain_for is None else drain_for)
+    if busy:
+        log(f"pixtok serve: {busy} worker(s) still busy after the drain; stopping anyway")
     server.terminate()        # TorchServe's shutdown hook stops its workers
     _, alive = psutil.wait_procs([server, *workers], timeout=timeout)
     for proc in alive:
@@ -513,6 +592,46 @@ def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
 
 
 # --- `pixtok serve --foreground` ---------------------------------------------------------------
+STOP_WITHIN = 9.0     # seconds from SIGTERM to exit: inside `docker stop`'s 10 s before SIGKILL
+FOLLOWED_LOGS = {"torchserve.out": "torchserve", "model_log.log": "model",
+                 "access_log.log": "access", "gradio.out": "page"}   # TorchServe's ts_log goes
+# to torchserve.out too; its metrics logs are not followed (the metrics API serves them)
+
+
+class LogFollower:
+    """Every line the run folder's logs gain from now on, also on stdout with its source in
+    brackets, so `docker logs` / `podman logs` show it. Follows a log TorchServe rolls over."""
+
+    def __init__(self, logs: Path, out=None):
+        self.logs, self.out = logs, out
+        self.at = {}        # file name -> (inode, offset read up to)
+        for name in FOLLOWED_LOGS:
+            with contextlib.suppress(OSError):
+                st = (logs / name).stat()
+                self.at[name] = (st.st_ino, st.st_size)
+
+    def poll(self) -> None:
+        out = self.out or sys.stdout
+        for name, source in FOLLOWED_LOGS.items():
+            try:
+                st = (self.logs / name).stat()
+            except OSError:
+                continue
+            inode, offset = self.at.get(name, (st.st_ino, 0))
+            if inode != st.st_ino or st.st_size < offset:      # rolled over or truncated
+                offset = 0
+            if st.st_size > offset:
+                with open(self.logs / name, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(st.st_size - offset)
+                whole = data.rfind(b"\n") + 1      # a line still being written waits
+                for line in data[:whole].decode(errors="replace").splitlines():
+                    print(f"[{source}] {line}", file=out)
+                offset += whole
+            self.at[name] = (st.st_ino, offset)
+        out.flush()
+
+
 def catch_stop_signals() -> list[int]:
     """From now on SIGTERM and SIGINT are noted in the returned list instead of ending the process,
     so the foreground loop stops what it started (a container's PID 1 ignores an unhandled
@@ -532,13 +651,17 @@ def reap_children() -> None:
         pass
 
 
-def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1.0) -> int:
+def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 0.25,
+         follower: LogFollower | None = None) -> int:
     """Until a stop signal (-> 0) or TorchServe's death (-> 1); then stop the page, TorchServe
-    and every worker it had (a dead server's workers are orphans nobody else stops)."""
+    and every worker it had (a dead server's workers are orphans nobody else stops), within
+    STOP_WITHIN seconds of the signal. The follower echoes the logs meanwhile."""
     import psutil
 
     run_dir, workers, ui_gone = server.run_dir, [], False
+    follower = follower or LogFollower(run_dir / "logs")
     while not caught and running_pid(run_dir) is not None:
+        follower.poll()
         try:
             workers = psutil.Process(server.pid).children(recursive=True)
         except psutil.Error:
@@ -549,6 +672,7 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
                   "(the REST API keeps serving)", file=sys.stderr, flush=True)
         reap_children()
         time.sleep(poll)
+    deadline = time.monotonic() + STOP_WITHIN
     if caught:
         print(f"pixtok serve: {signal.Signals(caught[0]).name}, stopping", flush=True)
     else:
@@ -557,9 +681,14 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
         for proc in workers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-    stop_ui(run_dir)
-    stop(run_dir, log=lambda *_: None)     # a live server stops its own workers
+    stop_ui(run_dir, timeout=1.5)
+    follower.poll()
+    # a live server stops its own workers; the drain leaves TorchServe 2 s of the budget
+    drain_for = min(drain_seconds(), max(0.0, deadline - time.monotonic() - 3.0))
+    stop(run_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True), drain_for=drain_for,
+         timeout=max(0.5, deadline - time.monotonic()))
     reap_children()
+    follower.poll()
     print("pixtok serve: stopped", flush=True)
     return 0 if caught else 1
 
@@ -573,6 +702,9 @@ def run_cli(args, build=None, examples=None) -> int:
     host = getattr(args, "host", "127.0.0.1")
     with_ui = not getattr(args, "no_ui", False)
     foreground = getattr(args, "foreground", False)
+    for task in BATCHING:     # an operator's bad setting fails now, not after the archives build
+        batching(task)
+    drain_seconds()
     if with_ui:   # fail before TorchServe starts, not after
         pid = running_ui_pid(prepare_run_dir())
         if pid is not None:
@@ -580,6 +712,8 @@ def run_cli(args, build=None, examples=None) -> int:
                              "with `pixtok serve --stop`")
         check_ui_port_free(host, ui_port_from_env())
     caught = catch_stop_signals() if foreground else []
+    # --foreground: the logs' lines from this start on reach stdout (hold() echoes them)
+    follower = LogFollower(prepare_run_dir() / "logs") if foreground else None
     t0 = time.monotonic()
     server = start(getattr(args, "model_store", None), host, build=build)
     rd = server.run_dir
@@ -614,4 +748,4 @@ def run_cli(args, build=None, examples=None) -> int:
         print("  stop with   pixtok serve --stop")
         return 0
     print("pixtok serve: in the foreground; stop with Ctrl-C or SIGTERM", flush=True)
-    return hold(server, ui, caught)
+    return hold(server, ui, caught, follower=follower)

@@ -7,12 +7,14 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +36,7 @@ from pixtok.inference.depth_estimator import load_depth_estimator
 from pixtok.models import build_model
 from pixtok.resize import resize_image
 from serving import launcher
-from serving.client import DEFAULT_MODELS, Client, read_properties
+from serving.client import DEFAULT_MODELS, Client, ServerError, read_properties
 from serving.gradio_app import UI_PASSWORD_FILE, needs_login, new_ui_password, ui_login
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,15 +260,19 @@ def test_manifests_config_and_runtime_image_fit_together():
 
 
 # --- `pixtok serve --foreground` and the page's login --------------------------------------------
-def start_foreground(store, folder: Path) -> subprocess.Popen:
-    """`pixtok serve --foreground --no-ui` in a subprocess on the tiny classifier, returned once
-    its URLs are printed: .run_dir, .ports, .log (its stdout and stderr)."""
+def start_foreground(store, folder: Path, models=("fashion-vit1",),
+                     env: dict | None = None) -> subprocess.Popen:
+    """`pixtok serve --foreground --no-ui` in a subprocess on tiny models (the classifier by
+    default), returned once its URLs are printed: .run_dir, .ports, .log (its stdout and
+    stderr). env: settings for it."""
     one = folder / "store"
     one.mkdir()
-    shutil.copy(store.path / "fashion-vit1.mar", one)
+    for name in models:
+        shutil.copy(store.path / f"{name}.mar", one)
     run_dir, ports, log = folder / "run", launcher.free_ports(), folder / "stdout.txt"
     env = {**os.environ, "PIXTOK_RUN_DIR": str(run_dir), "PIXTOK_MODEL_STORE": str(one),
-           **{launcher.PORTS[api][0]: str(number) for api, number in ports.items()}}
+           **{launcher.PORTS[api][0]: str(number) for api, number in ports.items()},
+           **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pixtok", "serve", "--foreground",
                                  "--no-ui"], env=env, cwd=ROOT, stdout=out,
@@ -287,9 +293,16 @@ def processes(run_dir: Path) -> list[psutil.Process]:
     return [server, *server.children(recursive=True)]
 
 
+# an operator's settings: batching and workers per task, and a short drain
+OPERATOR_ENV = {"PIXTOK_CLASSIFY_BATCH_SIZE": "3", "PIXTOK_CLASSIFY_MAX_BATCH_DELAY_MS": "25",
+                "PIXTOK_CLASSIFY_WORKERS": "2", "PIXTOK_DRAIN_SECONDS": "1"}
+
+
 @pytest.fixture(scope="module")
 def foreground(store, tmp_path_factory):
-    proc = start_foreground(store, tmp_path_factory.mktemp("foreground"))
+    """The tiny classifier and generator, with OPERATOR_ENV."""
+    proc = start_foreground(store, tmp_path_factory.mktemp("foreground"),
+                            ("fashion-vit1", "fashion-dit1"), OPERATOR_ENV)
     yield proc
     if proc.poll() is None:
         proc.terminate()
@@ -341,22 +354,72 @@ def test_the_page_asks_for_a_login_beyond_loopback(foreground, tmp_path, monkeyp
     assert not saved.exists()
 
 
+def test_operator_settings_reach_torchserve(foreground):
+    client = Client(run_dir=foreground.run_dir)
+    info = client.describe("fashion-vit1")
+    assert (info["batchSize"], info["maxBatchDelay"]) == (3, 25)
+    assert info["minWorkers"] == info["maxWorkers"] == len(info["workers"]) == 2
+    # the archive's version is its checkpoint's, shown by the management API
+    assert info["modelVersion"] == snapshot_version("fashion-vit1") != "1.0"
+    info = client.describe("fashion-dit1")     # not set: BATCHING's
+    assert info["batchSize"] == launcher.BATCHING["generate"]["batchSize"]
+    assert len(info["workers"]) == 1
+
+
+@pytest.mark.parametrize("name, value", [("PIXTOK_CLASSIFY_BATCH_SIZE", "0"),
+                                         ("PIXTOK_DEPTH_WORKERS", "two"),
+                                         ("PIXTOK_GENERATE_MAX_BATCH_DELAY_MS", "-1"),
+                                         ("PIXTOK_DRAIN_SECONDS", "soon")])
+def test_a_bad_operator_setting_is_one_line_and_exit_2(name, value, tmp_path):
+    env = {**os.environ, "PIXTOK_RUN_DIR": str(tmp_path / "run"), name: value}
+    done = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert name in done.stderr and repr(value) in done.stderr
+    assert launcher.running_pid(tmp_path / "run") is None
+
+
 def test_foreground_serves_until_sigterm_then_stops_everything(foreground):
     run_dir, out = foreground.run_dir, foreground.log.read_text()
     assert f"http://127.0.0.1:{foreground.ports['inference']}/predictions/<model>" in out
     keys = json.loads((run_dir / "key_file.json").read_text())
     assert out.count(keys["inference"]["key"]) == 1          # printed once, for `docker logs`
     assert keys["management"]["key"] not in out and keys["API"]["key"] not in out
-    client = Client(run_dir=run_dir)
+    client = Client(run_dir=run_dir, timeout=60)
     assert client.classify(png(np.zeros((28, 28), np.uint8)), "fashion-vit1")["label"]
     started = processes(run_dir)
-    assert len(started) >= 2 and foreground.poll() is None     # TorchServe and its worker
+    assert len(started) >= 3 and foreground.poll() is None     # TorchServe and its workers
+    # a generation that takes far longer than the drain is in flight when SIGTERM comes
+    answer = {}
+
+    def generate():
+        try:
+            answer["ok"] = client.generate("tee", model="fashion-dit1", steps=1000,
+                                           num_images=16, sampler="ddpm")
+        except Exception as e:  # noqa: BLE001 - the test looks at what it was
+            answer["error"] = e
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(2)
+    t0 = time.monotonic()
     foreground.send_signal(signal.SIGTERM)
     assert foreground.wait(60) == 0
+    assert time.monotonic() - t0 <= 10            # inside `docker stop`'s grace
+    thread.join(30)
+    error = answer.get("error")     # answered 503, not reset: the client may send it again
+    assert isinstance(error, ServerError) and error.status == 503, answer
+    assert error.payload["type"] == "shutting_down", error.payload
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive and launcher.running_pid(run_dir) is None
     assert not (run_dir / "key_file.json").exists()
-    assert "SIGTERM, stopping" in foreground.log.read_text()
+    out = foreground.log.read_text()
+    assert "SIGTERM, stopping" in out
+    # TorchServe's own logs reached stdout (`docker logs`), each line marked with its source
+    assert re.search(r"^\[access\] .*POST /predictions/fashion-vit1 HTTP/1.1\" 200", out, re.M)
+    assert re.search(r"^\[access\] .*POST /predictions/fashion-dit1 HTTP/1.1\" 503", out, re.M)
+    assert re.search(r"^\[model\] .*pixtok: fashion-dit1 ready", out, re.M)
+    assert re.search(r"^\[torchserve\] .*Loading initial models", out, re.M), out[-3000:]
 
 
 def test_foreground_exits_nonzero_when_torchserve_dies(store, tmp_path):

@@ -8,6 +8,12 @@ answers 200, and nothing a client sends can take the worker down.
 With TorchServe's kservev2 envelope on (service_envelope=kservev2, KServe's open inference
 protocol), handle() gets the "inputs" of one v2 request instead of a batch of requests; they are
 read here (see "KServe v2" below and serving/deploy/kserve/README.md). Plain REST is unchanged.
+
+A graceful stop (`pixtok serve --stop`, or SIGTERM to `pixtok serve --foreground`) sends each
+worker SIGTERM before it stops TorchServe, whose own shutdown drops every request in flight: the
+worker then finishes the batch in hand (a generation stops at the first sampler step after
+$PIXTOK_DRAIN_SECONDS and answers 503), answers every later request 503 `shutting_down`, and
+tells the launcher it is idle with an empty file $TMPDIR/pixtok-drained-<pid>.
 """
 from __future__ import annotations
 
@@ -17,8 +23,12 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
+import time
 from http import HTTPStatus
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -142,6 +152,47 @@ def foreign_modules(model_dir) -> list[str]:
     return sorted(found)
 
 
+DRAIN_SECONDS = 4.0     # default of $PIXTOK_DRAIN_SECONDS: how long a stop lets a request run on
+SHUTTING_DOWN = RequestError(503, "shutting_down", "the server is stopping; send the request "
+                             "again once it is back")
+
+
+def drained_file(pid: int) -> Path:
+    """The file a draining worker leaves once it holds no request (in the worker's $TMPDIR)."""
+    return Path(tempfile.gettempdir()) / f"pixtok-drained-{pid}"
+
+
+class Drain:
+    """A worker's part of a graceful stop (see the module's docstring)."""
+
+    def __init__(self):
+        self.deadline = None      # time.monotonic() after which a running generation stops
+        self.busy = False
+
+    def install(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, self.begin)
+        except ValueError:        # not the main thread: a handler driven by a test
+            pass
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def begin(self, signum=None, frame=None) -> None:
+        seconds = float(os.environ.get("PIXTOK_DRAIN_SECONDS", DRAIN_SECONDS))
+        self.deadline = time.monotonic() + seconds
+        log.info("pixtok: stopping; finishing the request in hand within %.0f s", seconds)
+        if not self.busy:
+            self.idle()
+
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def idle(self) -> None:
+        drained_file(os.getpid()).touch()
+
+
 class PixtokHandler:
     """Subclasses implement load(model_dir, device) -> a core with preprocess() and predict()."""
 
@@ -149,6 +200,7 @@ class PixtokHandler:
         self.core = None
         self.backend = "none"
         self.initialized = False
+        self.drain = Drain()
 
     def load(self, model_dir: str, device):
         raise NotImplementedError
@@ -158,6 +210,9 @@ class PixtokHandler:
         device = pick_device(props.get("gpu_id"))
         self.core = self.load(props.get("model_dir"), device)
         self.backend = getattr(getattr(self.core, "backend", None), "name", "custom")
+        if hasattr(self.core, "should_stop"):     # a generator checks it at every sampler step
+            self.core.should_stop = self.drain.overdue
+        self.drain.install()
         self.initialized = True
         log.info("pixtok: %s ready on %s (%s)", context.model_name, device, self.backend)
         # an archive must run on a stock TorchServe: say so loudly if it leaned on an install
@@ -187,6 +242,8 @@ class PixtokHandler:
             return results
         try:
             outputs = self.core.predict([inputs[i] for i in good])
+        except RequestError as e:    # one answer for the whole batch (a stop cut it off)
+            outputs = [e] * len(good)
         except Exception:
             # A batch that fails as a whole is retried item by item, so one input that trips the
             # model cannot fail the requests it happened to be batched with.
@@ -249,10 +306,19 @@ class PixtokHandler:
         return [json.dumps(results[i]) for i in range(len(results))]
 
     def handle(self, data: list[dict], context) -> list[str]:
-        if is_v2_inputs(data):
-            return self.handle_v2(data, context)
-        inputs = self.preprocess(data, context)
-        results = self.inference(inputs)
-        log.info("pixtok: batch of %d, %d rejected", len(data),
-                 sum(isinstance(r, RequestError) for r in results.values()))
-        return self.postprocess(results, context)
+        if self.drain.draining:    # refused, never dropped: the server is about to stop
+            count = 1 if is_v2_inputs(data) else len(data)
+            return self.postprocess({i: SHUTTING_DOWN for i in range(count)}, context)
+        self.drain.busy = True
+        try:
+            if is_v2_inputs(data):
+                return self.handle_v2(data, context)
+            inputs = self.preprocess(data, context)
+            results = self.inference(inputs)
+            log.info("pixtok: batch of %d, %d rejected", len(data),
+                     sum(isinstance(r, RequestError) for r in results.values()))
+            return self.postprocess(results, context)
+        finally:
+            self.drain.busy = False
+            if self.drain.draining:
+                self.drain.idle()
