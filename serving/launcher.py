@@ -366,7 +366,7 @@ def drain(run_dir: Path, workers: list, seconds: float) -> int:
 
     from pixtok.inference.handler_base import drained_file
 
-    workers = [w for w in workers if any("model_service_worker" in a for a in _cmdline(w))]
+    workers = [w for w in workers if any("model_service_worker" in a for a in command_line(w))]
     tmp = run_dir / "tmp"
     for w in workers:
         with contextlib.suppress(psutil.Error):
@@ -384,7 +384,7 @@ def drain(run_dir: Path, workers: list, seconds: float) -> int:
     return len(busy)
 
 
-def _cmdline(proc) -> list[str]:
+def command_line(proc) -> list[str]:
     import psutil
 
     try:
@@ -416,8 +416,8 @@ def stop(run_dir=None, log=print, timeout: float = 30.0, drain_for: float | None
     server = psutil.Process(pid)
     workers = server.children(recursive=True)
     busy = drain(run_dir, workers, drain_seconds() if drain_for is None else drain_for)
-    if busy:
-        log(f"pixtok serve: {busy} worker(s) still busy after the drain; stopping anyway")
+    log(f"pixtok serve: workers drained{f', {busy} still busy' if busy else ''}; "
+        "stopping TorchServe")
     server.terminate()        # TorchServe's shutdown hook stops its workers
     _, alive = psutil.wait_procs([server, *workers], timeout=timeout)
     for proc in alive:
@@ -592,15 +592,24 @@ def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
 
 
 # --- `pixtok serve --foreground` ---------------------------------------------------------------
-STOP_WITHIN = 9.0     # seconds from SIGTERM to exit: inside `docker stop`'s 10 s before SIGKILL
-FOLLOWED_LOGS = {"torchserve.out": "torchserve", "model_log.log": "model",
-                 "access_log.log": "access", "gradio.out": "page"}   # TorchServe's ts_log goes
-# to torchserve.out too; its metrics logs are not followed (the metrics API serves them)
+STOP_WITHIN = 8.0     # seconds from SIGTERM to the end of the stop: `docker stop` kills at 10 s
+FOLLOWED_LOGS = {"torchserve.out": "torchserve", "gradio.out": "page"}
+# TorchServe's console output (torchserve.out) holds its frontend log at INFO and, by log4j's
+# additivity, every line of access_log.log and model_log.log too; those lines are marked so
+TORCHSERVE_SOURCES = {" ACCESS_LOG - ": "access", " MODEL_LOG - ": "model"}
+
+
+def log_source(line: str, source: str) -> str:
+    """[access] and [model] for TorchServe's access and worker lines, else the file's source."""
+    if source == "torchserve":
+        return next((s for mark, s in TORCHSERVE_SOURCES.items() if mark in line), source)
+    return source
 
 
 class LogFollower:
-    """Every line the run folder's logs gain from now on, also on stdout with its source in
-    brackets, so `docker logs` / `podman logs` show it. Follows a log TorchServe rolls over."""
+    """Every line TorchServe's and the page's output gain from now on, also on stdout with its
+    source in brackets, so `docker logs` / `podman logs` show it. A truncated file is read anew.
+    (TorchServe's metrics logs are not followed: the metrics API serves them.)"""
 
     def __init__(self, logs: Path, out=None):
         self.logs, self.out = logs, out
@@ -618,7 +627,7 @@ class LogFollower:
             except OSError:
                 continue
             inode, offset = self.at.get(name, (st.st_ino, 0))
-            if inode != st.st_ino or st.st_size < offset:      # rolled over or truncated
+            if inode != st.st_ino or st.st_size < offset:      # replaced or truncated
                 offset = 0
             if st.st_size > offset:
                 with open(self.logs / name, "rb") as f:
@@ -626,7 +635,7 @@ class LogFollower:
                     data = f.read(st.st_size - offset)
                 whole = data.rfind(b"\n") + 1      # a line still being written waits
                 for line in data[:whole].decode(errors="replace").splitlines():
-                    print(f"[{source}] {line}", file=out)
+                    print(f"[{log_source(line, source)}] {line}", file=out)
                 offset += whole
             self.at[name] = (st.st_ino, offset)
         out.flush()
@@ -672,7 +681,8 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 0
                   "(the REST API keeps serving)", file=sys.stderr, flush=True)
         reap_children()
         time.sleep(poll)
-    deadline = time.monotonic() + STOP_WITHIN
+    t0 = time.monotonic()
+    deadline = t0 + STOP_WITHIN
     if caught:
         print(f"pixtok serve: {signal.Signals(caught[0]).name}, stopping", flush=True)
     else:
@@ -683,13 +693,15 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 0
                 proc.kill()
     stop_ui(run_dir, timeout=1.5)
     follower.poll()
-    # a live server stops its own workers; the drain leaves TorchServe 2 s of the budget
+    # a live server stops its own workers; the drain (which may overrun by 1.3 s) leaves
+    # TorchServe's own shutdown about 2 s of the budget
     drain_for = min(drain_seconds(), max(0.0, deadline - time.monotonic() - 3.0))
-    stop(run_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True), drain_for=drain_for,
-         timeout=max(0.5, deadline - time.monotonic()))
+    stop(run_dir, log=lambda msg: print(f"{msg} ({time.monotonic() - t0:.1f} s)",
+                                        file=sys.stderr, flush=True),
+         drain_for=drain_for, timeout=max(0.5, deadline - time.monotonic()))
     reap_children()
     follower.poll()
-    print("pixtok serve: stopped", flush=True)
+    print(f"pixtok serve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
     return 0 if caught else 1
 
 
@@ -748,4 +760,9 @@ def run_cli(args, build=None, examples=None) -> int:
         print("  stop with   pixtok serve --stop")
         return 0
     print("pixtok serve: in the foreground; stop with Ctrl-C or SIGTERM", flush=True)
-    return hold(server, ui, caught, follower=follower)
+    code = hold(server, ui, caught, follower=follower)
+    # Everything is stopped and said; Python's own teardown with torch loaded takes 2-3 s on a
+    # busy 2-core machine, which `docker stop`'s 10 s cannot spare.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
