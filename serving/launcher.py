@@ -345,7 +345,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
 
 
 def drain_seconds() -> float:
-    from pixtok.inference.handler_base import DRAIN_SECONDS
+    from pixtok.inference.drain import DRAIN_SECONDS
 
     value = os.environ.get("PIXTOK_DRAIN_SECONDS", str(DRAIN_SECONDS))
     try:
@@ -359,12 +359,12 @@ def drain_seconds() -> float:
 
 def drain(run_dir: Path, workers: list, seconds: float) -> int:
     """Before TorchServe stops (its shutdown resets every open connection): SIGTERM each worker,
-    which finishes or refuses what it holds (pixtok/inference/handler_base.py), and wait until
+    which finishes or refuses what it holds (pixtok/inference/drain.py), and wait until
     each says it is idle or has gone, or for `seconds` and a second more. Returns the workers
     still busy."""
     import psutil
 
-    from pixtok.inference.handler_base import drained_file
+    from pixtok.inference.drain import drained_file
 
     workers = [w for w in workers if any("model_service_worker" in a for a in command_line(w))]
     tmp = run_dir / "tmp"

@@ -8,12 +8,7 @@ answers 200, and nothing a client sends can take the worker down.
 With TorchServe's kservev2 envelope on (service_envelope=kservev2, KServe's open inference
 protocol), handle() gets the "inputs" of one v2 request instead of a batch of requests; they are
 read here (see "KServe v2" below and serving/deploy/kserve/README.md). Plain REST is unchanged.
-
-A graceful stop (`pixtok serve --stop`, or SIGTERM to `pixtok serve --foreground`) sends each
-worker SIGTERM before it stops TorchServe, whose own shutdown drops every request in flight: the
-worker then finishes the batch in hand (a generation stops at the first sampler step after
-$PIXTOK_DRAIN_SECONDS and answers 503), answers every later request 503 `shutting_down`, and
-tells the launcher it is idle with an empty file $TMPDIR/pixtok-drained-<pid>.
+On a graceful stop the handler finishes or refuses what it holds (drain.py).
 """
 from __future__ import annotations
 
@@ -23,17 +18,14 @@ import io
 import json
 import logging
 import os
-import signal
 import sys
-import tempfile
-import time
 from http import HTTPStatus
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .backend import pick_device
+from .drain import SHUTTING_DOWN, Drain
 from .validate import RequestError
 
 log = logging.getLogger(__name__)
@@ -150,47 +142,6 @@ def foreign_modules(model_dir) -> list[str]:
                 top == "pixtok" and origin and not os.path.realpath(origin).startswith(root)):
             found.append(name)
     return sorted(found)
-
-
-DRAIN_SECONDS = 4.0     # default of $PIXTOK_DRAIN_SECONDS: how long a stop lets a request run on
-SHUTTING_DOWN = RequestError(503, "shutting_down", "the server is stopping; send the request "
-                             "again once it is back")
-
-
-def drained_file(pid: int) -> Path:
-    """The file a draining worker leaves once it holds no request (in the worker's $TMPDIR)."""
-    return Path(tempfile.gettempdir()) / f"pixtok-drained-{pid}"
-
-
-class Drain:
-    """A worker's part of a graceful stop (see the module's docstring)."""
-
-    def __init__(self):
-        self.deadline = None      # time.monotonic() after which a running generation stops
-        self.busy = False
-
-    def install(self) -> None:
-        try:
-            signal.signal(signal.SIGTERM, self.begin)
-        except ValueError:        # not the main thread: a handler driven by a test
-            pass
-
-    @property
-    def draining(self) -> bool:
-        return self.deadline is not None
-
-    def begin(self, signum=None, frame=None) -> None:
-        seconds = float(os.environ.get("PIXTOK_DRAIN_SECONDS", DRAIN_SECONDS))
-        self.deadline = time.monotonic() + seconds
-        log.info("pixtok: stopping; finishing the request in hand within %.0f s", seconds)
-        if not self.busy:
-            self.idle()
-
-    def overdue(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-    def idle(self) -> None:
-        drained_file(os.getpid()).touch()
 
 
 class PixtokHandler:
