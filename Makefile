@@ -14,7 +14,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java \
 	chromium:chromium
 
-.PHONY: install system-deps test test-fast test-reliability lint serve stop clean
+.PHONY: install system-deps test test-fast test-reliability lint serve stop clean image \
+	image-deps base-image test-container
 
 install: $(STAMP)
 
@@ -57,6 +58,54 @@ serve: install system-deps
 
 stop: install
 	$(BIN)/pixtok serve --stop
+
+# --- the CPU serving image (README "Containers") ------------------------------------------------
+# docker where an engine answers, podman otherwise (this machine: see serving/deploy/containers.conf)
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE ?= pixtok:cpu
+# the Debian base, made from Debian's own packages once (no image registry needed)
+BASE_IMAGE ?= pixtok-base:bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# a folder of wheels pip takes torch's CPU build from (default: pip's own find-links, if a folder);
+# empty: give TORCH_INDEX=https://download.pytorch.org/whl/cpu instead
+TORCH_WHEELS ?= $(shell d=$$($(PYTHON) -m pip config get global.find-links 2>/dev/null); [ -d "$$d" ] && echo "$$d")
+# a CA bundle for pip inside the build (a TLS-intercepting network); a build secret, not a layer
+PIP_CERT ?=
+comma := ,
+ifeq ($(ENGINE),podman)
+export CONTAINERS_CONF ?= $(CURDIR)/serving/deploy/containers.conf
+BUILD_FLAGS := --isolation chroot --format docker
+else
+BUILD_FLAGS :=
+endif
+
+# debootstrap for the base; with podman also runc (crun fails on this machine) and podman with
+# its recommended networking and storage helpers
+image-deps:
+	@need=debootstrap; [ "$(ENGINE)" = podman ] && need="$$need podman runc"; missing=""; \
+	for pkg in $$need; do command -v $$pkg >/dev/null || [ -x /usr/sbin/$$pkg ] || \
+	  missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; fi
+
+base-image: image-deps
+	@if $(ENGINE) image inspect $(BASE_IMAGE) >/dev/null 2>&1; then \
+	  echo "base image $(BASE_IMAGE): present"; else \
+	  root=$$(mktemp -d) && trap '$(SUDO) rm -rf "$$root"' EXIT && \
+	  echo "debootstrap bookworm -> $(BASE_IMAGE)" && \
+	  $(SUDO) debootstrap --variant=minbase bookworm "$$root" $(DEBIAN_MIRROR) >/dev/null && \
+	  $(SUDO) rm -rf "$$root"/var/lib/apt/lists/* "$$root"/var/cache/apt/archives/*.deb && \
+	  $(SUDO) tar -C "$$root" -c . | $(ENGINE) import - $(BASE_IMAGE); fi
+
+image: base-image
+	$(ENGINE) build $(BUILD_FLAGS) -t $(IMAGE) --build-arg VARIANT=cpu \
+	  --build-arg BASE=$(BASE_IMAGE) $(if $(TORCH_INDEX),--build-arg TORCH_INDEX=$(TORCH_INDEX)) \
+	  $(if $(TORCH_WHEELS),--build-context wheels=$(TORCH_WHEELS)) \
+	  $(if $(PIP_CERT),--secret id=pip_cert$(comma)src=$(PIP_CERT)) .
+
+# start the image, wait for its HEALTHCHECK, one real request per default model and one to the page
+test-container: image install
+	ENGINE=$(ENGINE) IMAGE=$(IMAGE) $(BIN)/python .ci/test-container
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -19,6 +19,7 @@ model.safetensors (export/generator.py).
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pixtok.checkpoint import load_model, read_config
@@ -35,7 +37,6 @@ from pixtok.tasks import TASKS, TaskInfo
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "pixtok"
 CLI_ONLY = ("cli.py", "__main__.py", "bench.py")    # the core's top: not needed to serve
-VERSION = "1.0"    # the model version TorchServe registers; config.properties refers to it
 REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors"]
 HANDLERS = ROOT / "serving" / "handlers"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -144,8 +145,28 @@ def stage_files(ckpt: Path, config: dict, files: Path) -> None:
         write_index_to_name(config["labels"], files)
 
 
+def checkpoint_version(ckpt) -> str:
+    """The model version an archive carries (TorchServe's modelVersion): when the checkpoint was
+    made and from which commit, as its config.json says: 2026-11-26T170450Z.db72a85 (-dirty when
+    the tree had changes). Without a date, its newest file's time; without a commit, no suffix."""
+    ckpt, config = Path(ckpt), {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        config = json.loads((ckpt / "config.json").read_text())
+    try:
+        when = datetime.fromisoformat(config["created"]).astimezone(UTC)
+    except (KeyError, TypeError, ValueError):
+        newest = max((f.stat().st_mtime for f in ckpt.rglob("*") if f.is_file()), default=0.0)
+        when = datetime.fromtimestamp(newest, UTC)
+    version = when.strftime("%Y-%m-%dT%H%M%SZ")
+    commit = config.get("git_commit")
+    if isinstance(commit, str) and commit:
+        dirty = commit.endswith("-dirty")
+        version += f".{commit.removesuffix('-dirty')[:7]}{'-dirty' if dirty else ''}"
+    return version
+
+
 def run_archiver(name: str, handler: Path, files: Path, stage: Path,
-                 requirements_list: list[str] = REQUIREMENTS) -> Path:
+                 requirements_list: list[str] = REQUIREMENTS, version: str = "1.0") -> Path:
     """torch-model-archiver in a subprocess, its temp files kept inside stage -> the .mar."""
     requirements = stage / "requirements.txt"
     requirements.write_text("\n".join(requirements_list) + "\n")
@@ -153,7 +174,7 @@ def run_archiver(name: str, handler: Path, files: Path, stage: Path,
     (stage / "out").mkdir()
     cmd = [sys.executable, "-c",
            "from model_archiver.model_packaging import generate_model_archive as g; g()",
-           "--model-name", name, "--version", VERSION, "--handler", str(handler),
+           "--model-name", name, "--version", version, "--handler", str(handler),
            "--extra-files", str(files), "--requirements-file", str(requirements),
            "--export-path", str(stage / "out"), "--force"]
     # the archiver copies into $TMPDIR/<name>, shared by every export of that name on the host
@@ -197,9 +218,10 @@ def read_source(ckpt: Path, onnx: bool) -> tuple[TaskInfo, dict | None, object]:
 
 
 def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool = False,
-                   log=print) -> Path:
+                   log=print, version: str | None = None) -> Path:
     """Build out/NAME.mar (and out/NAME.onnx with onnx=True) from a checkpoint folder, or from a
-    generator's diffusers pipeline folder (model_index.json)."""
+    generator's diffusers pipeline folder (model_index.json). The archive's model version is
+    the checkpoint's own (checkpoint_version) unless `version` says otherwise."""
     from export.generator import stage_generator
 
     ckpt, out = Path(ckpt), Path(out)
@@ -221,10 +243,11 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
                                out / f"{name}.onnx", output_name=task.onnx_output)
             log(f"onnx: {out / f'{name}.onnx'} (onnxruntime vs torch: {diff:.2e})")
             shutil.copy2(out / f"{name}.onnx", stage / "files" / "model.onnx")
+        version = version or checkpoint_version(ckpt)
         mar = run_archiver(name, stage / "handler.py", stage / "files", stage,
-                           requirements(task))
+                           requirements(task), version)
         os.replace(mar, out / f"{name}.mar")     # TorchServe never sees a half-written archive
-    log(f"archive: {out / f'{name}.mar'}")
+    log(f"archive: {out / f'{name}.mar'} (version {version})")
     return out / f"{name}.mar"
 
 

@@ -47,11 +47,14 @@ from serving.client import PORTS, Client, default_run_dir, local_url, read_prope
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("config.properties")
 BATCHING = {   # task -> TorchServe batching; a generator batches inside one request instead
-    "classify": {"batchSize": 16, "maxBatchDelay": 10},
-    "depth": {"batchSize": 4, "maxBatchDelay": 10},
+    "classify": {"batchSize": 16, "maxBatchDelay": 10, "workers": 1},
+    "depth": {"batchSize": 4, "maxBatchDelay": 10, "workers": 1},
     # 16 images x 1000 steps on a CPU worker takes minutes, not TorchServe's default 120 s
-    "generate": {"batchSize": 1, "maxBatchDelay": 0, "responseTimeout": 600},
+    "generate": {"batchSize": 1, "maxBatchDelay": 0, "workers": 1, "responseTimeout": 600},
 }
+# BATCHING's settings an operator may set: $PIXTOK_<TASK>_<suffix>, e.g. PIXTOK_CLASSIFY_BATCH_SIZE
+BATCHING_ENV = {"batchSize": ("BATCH_SIZE", 1), "maxBatchDelay": ("MAX_BATCH_DELAY_MS", 0),
+                "workers": ("WORKERS", 1)}      # setting -> (variable suffix, smallest value)
 # TorchServe answers a body over max_request_size with a bare 413 (no JSON) and a reset
 # connection; set above the handler's own limit, bodies up to twice it get the handler's JSON 413.
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES
@@ -250,14 +253,21 @@ def overload_settings() -> tuple[dict, dict]:
     return settings, ({"responseTimeout": timeout_s} if timeout_s else {})
 
 
+def batching(task: str) -> dict:
+    """A task's TorchServe model settings: BATCHING's, each overridable by its variable."""
+    settings = dict(BATCHING.get(task, BATCHING["classify"]))
+    for key, (suffix, least) in BATCHING_ENV.items():
+        settings[key] = positive_int_env(f"PIXTOK_{task.upper()}_{suffix}", settings[key], least)
+    workers = settings.pop("workers")
+    return {"minWorkers": workers, "maxWorkers": workers, "responseTimeout": 120, **settings}
+
+
 def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
                   token_expiration_min: float | None = None) -> Path:
     """Fill serving/config.properties in for this run; values are escaped for Java properties."""
     overload, forced = overload_settings()
-    per_model = {name: {version: {"defaultVersion": True, "marName": mar,
-                                  "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120,
-                                  **overload, **BATCHING.get(task, BATCHING["classify"]),
-                                  **forced}}
+    per_model = {name: {version: {"defaultVersion": True, "marName": mar, **overload,
+                                  **batching(task), **forced}}
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
@@ -563,9 +573,69 @@ def stop_kserve(run_dir: Path, log=print, timeout: float = 30.0) -> bool:
     return True
 
 
-def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
+def drain_seconds() -> float:
+    from pixtok.inference.drain import DRAIN_SECONDS
+
+    value = os.environ.get("PIXTOK_DRAIN_SECONDS", str(DRAIN_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise ServeError(f"PIXTOK_DRAIN_SECONDS={value!r}: expected seconds from 0 to 60")
+    return seconds
+
+
+def drain(run_dir: Path, workers: list, seconds: float) -> int:
+    """Before TorchServe stops (its shutdown resets every open connection): SIGTERM each worker,
+    which finishes or refuses what it holds (pixtok/inference/drain.py), and wait until
+    each says it is idle or has gone, or for `seconds` and a second more. Returns the workers
+    still busy."""
+    import psutil
+
+    from pixtok.inference.drain import drained_file
+
+    workers = [w for w in workers if any("model_service_worker" in a for a in command_line(w))]
+    tmp = run_dir / "tmp"
+    for w in workers:
+        with contextlib.suppress(psutil.Error):
+            w.terminate()
+    deadline = time.monotonic() + seconds + 1.0
+    busy = workers
+    while True:
+        busy = [w for w in busy if alive(w) and not (tmp / drained_file(w.pid).name).exists()]
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)     # the last answers are on their way from the workers to the clients
+    for w in workers:
+        (tmp / drained_file(w.pid).name).unlink(missing_ok=True)
+    return len(busy)
+
+
+def command_line(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop(run_dir=None, log=print, timeout: float = 30.0, drain_for: float | None = None) -> bool:
     """Stop this run folder's server (TorchServe and every worker it started, or KServe's
-    ModelServer). False if none was running."""
+    ModelServer); TorchServe's workers answer the requests in flight for up to drain_for seconds
+    ($PIXTOK_DRAIN_SECONDS by default) and refuse the later ones (503). False if none was
+    running."""
     import psutil
 
     run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
@@ -577,6 +647,9 @@ def stop(run_dir=None, log=print, timeout: float = 30.0) -> bool:
         return False
     server = psutil.Process(pid)
     workers = server.children(recursive=True)
+    busy = drain(run_dir, workers, drain_seconds() if drain_for is None else drain_for)
+    log(f"pixtok serve: workers drained{f', {busy} still busy' if busy else ''}; "
+        "stopping TorchServe")
     server.terminate()        # TorchServe's shutdown hook stops its workers
     _, alive = psutil.wait_procs([server, *workers], timeout=timeout)
     for proc in alive:
@@ -751,6 +824,55 @@ def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
 
 
 # --- `pixtok serve --foreground` ---------------------------------------------------------------
+STOP_WITHIN = 8.0     # seconds from SIGTERM to the end of the stop: `docker stop` kills at 10 s
+FOLLOWED_LOGS = {"torchserve.out": "torchserve", "gradio.out": "page"}
+# TorchServe's console output (torchserve.out) holds its frontend log at INFO and, by log4j's
+# additivity, every line of access_log.log and model_log.log too; those lines are marked so
+TORCHSERVE_SOURCES = {" ACCESS_LOG - ": "access", " MODEL_LOG - ": "model"}
+
+
+def log_source(line: str, source: str) -> str:
+    """[access] and [model] for TorchServe's access and worker lines, else the file's source."""
+    if source == "torchserve":
+        return next((s for mark, s in TORCHSERVE_SOURCES.items() if mark in line), source)
+    return source
+
+
+class LogFollower:
+    """Every line TorchServe's and the page's output gain from now on, also on stdout with its
+    source in brackets, so `docker logs` / `podman logs` show it. A truncated file is read anew.
+    (TorchServe's metrics logs are not followed: the metrics API serves them.)"""
+
+    def __init__(self, logs: Path, out=None):
+        self.logs, self.out = logs, out
+        self.at = {}        # file name -> (inode, offset read up to)
+        for name in FOLLOWED_LOGS:
+            with contextlib.suppress(OSError):
+                st = (logs / name).stat()
+                self.at[name] = (st.st_ino, st.st_size)
+
+    def poll(self) -> None:
+        out = self.out or sys.stdout
+        for name, source in FOLLOWED_LOGS.items():
+            try:
+                st = (self.logs / name).stat()
+            except OSError:
+                continue
+            inode, offset = self.at.get(name, (st.st_ino, 0))
+            if inode != st.st_ino or st.st_size < offset:      # replaced or truncated
+                offset = 0
+            if st.st_size > offset:
+                with open(self.logs / name, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(st.st_size - offset)
+                whole = data.rfind(b"\n") + 1      # a line still being written waits
+                for line in data[:whole].decode(errors="replace").splitlines():
+                    print(f"[{log_source(line, source)}] {line}", file=out)
+                offset += whole
+            self.at[name] = (st.st_ino, offset)
+        out.flush()
+
+
 def catch_stop_signals() -> list[int]:
     """From now on SIGTERM and SIGINT are noted in the returned list instead of ending the process,
     so the foreground loop stops what it started (a container's PID 1 ignores an unhandled
@@ -770,14 +892,18 @@ def reap_children() -> None:
         pass
 
 
-def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1.0) -> int:
+def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 0.25,
+         follower: LogFollower | None = None) -> int:
     """Until a stop signal (-> 0) or TorchServe's death (-> 1); then stop the page, TorchServe
-    and every worker it had (a dead server's workers are orphans nobody else stops)."""
+    and every worker it had (a dead server's workers are orphans nobody else stops), within
+    STOP_WITHIN seconds of the signal. The follower echoes the logs meanwhile."""
     import psutil
 
     run_dir, workers, ui_gone = server.run_dir, [], False
-    alive = running_kserve_pid if server.kind == "kserve" else running_pid
-    while not caught and alive(run_dir) is not None:
+    follower = follower or LogFollower(run_dir / "logs")
+    server_pid = running_kserve_pid if server.kind == "kserve" else running_pid
+    while not caught and server_pid(run_dir) is not None:
+        follower.poll()
         try:
             workers = psutil.Process(server.pid).children(recursive=True)
         except psutil.Error:
@@ -788,6 +914,8 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
                   "(the REST API keeps serving)", file=sys.stderr, flush=True)
         reap_children()
         time.sleep(poll)
+    t0 = time.monotonic()
+    deadline = t0 + STOP_WITHIN
     if caught:
         print(f"pixtok serve: {signal.Signals(caught[0]).name}, stopping", flush=True)
     else:
@@ -798,10 +926,17 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 1
         for proc in workers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-    stop_ui(run_dir)
-    stop(run_dir, log=lambda *_: None)     # a live server stops its own workers
+    stop_ui(run_dir, timeout=1.5)
+    follower.poll()
+    # a live server stops its own workers; the drain (which may overrun by 1.3 s) leaves
+    # TorchServe's own shutdown about 2 s of the budget
+    drain_for = min(drain_seconds(), max(0.0, deadline - time.monotonic() - 3.0))
+    stop(run_dir, log=lambda msg: print(f"{msg} ({time.monotonic() - t0:.1f} s)",
+                                        file=sys.stderr, flush=True),
+         drain_for=drain_for, timeout=max(0.5, deadline - time.monotonic()))
     reap_children()
-    print("pixtok serve: stopped", flush=True)
+    follower.poll()
+    print(f"pixtok serve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
     return 0 if caught else 1
 
 
@@ -814,6 +949,9 @@ def check_serve_args(args, host: str, with_ui: bool) -> str:
             raise ServeError(f"the Gradio front end is already running (pid {pid}); stop it "
                              "with `pixtok serve --stop`")
         check_ui_port_free(host, ui_port_from_env())
+    for task in BATCHING:     # an operator's bad setting fails now, not after the archives build
+        batching(task)
+    drain_seconds()
     kind = getattr(args, "server", None) or "torchserve"
     if kind not in SERVERS:
         raise ServeError(f"--server {kind!r}: expected one of {', '.join(SERVERS)}")
@@ -869,6 +1007,8 @@ def run_cli(args, build=None, examples=None) -> int:
     foreground = getattr(args, "foreground", False)
     kind = check_serve_args(args, host, with_ui)
     caught = catch_stop_signals() if foreground else []
+    # --foreground: the logs' lines from this start on reach stdout (hold() echoes them)
+    follower = LogFollower(prepare_run_dir() / "logs") if foreground else None
     t0 = time.monotonic()
     if kind == "kserve":
         server = start_kserve(getattr(args, "model_store", None), host, build=build,
@@ -892,4 +1032,9 @@ def run_cli(args, build=None, examples=None) -> int:
         print("  stop with   pixtok serve --stop")
         return 0
     print("pixtok serve: in the foreground; stop with Ctrl-C or SIGTERM", flush=True)
-    return hold(server, ui, caught)
+    code = hold(server, ui, caught, follower=follower)
+    # Everything is stopped and said; Python's own teardown with torch loaded takes 2-3 s on a
+    # busy 2-core machine, which `docker stop`'s 10 s cannot spare.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

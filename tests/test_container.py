@@ -1,7 +1,9 @@
-"""What the container build and its HEALTHCHECK run, run here (no Docker engine on this machine)."""
+"""What the container build and its HEALTHCHECK run, run here. The image itself is built and
+run by `make image` and `make test-container` (.ci/test-container), which CI runs."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,24 @@ def test_dockerfile_runs_the_make_install_steps():
     assert "USER 10001" in text and "HEALTHCHECK" in text and "serving.healthcheck" in text
     for port in (8080, 8081, 8082, 7860):
         assert str(port) in text.split("EXPOSE", 1)[1].splitlines()[0]
+    # two stages: the image takes the built /app and installs no build tools of its own
+    build, image = text.split("\nFROM ${BASE}\n")
+    assert "FROM ${BASE} AS build" in build and "COPY --from=build /app /app" in image
+    installs = re.findall(r"apt-get install[^\n]*", image)
+    assert installs and not re.search(r"\b(make|gcc|g\+\+|build-essential|python3-dev|"
+                                      r"python3-venv|python3-pip)\b", " ".join(installs))
+    # torch's CPU wheel may come from a local folder; a CA bundle for pip stays a secret
+    assert "--mount=type=bind,from=wheels" in text and "--mount=type=secret,id=pip_cert" in text
+
+
+def test_make_install_leaves_test_packages_out_of_a_serving_install():
+    done = subprocess.run(["make", "-n", "-B", "install", "EXTRAS=serve", "VENV=/nonexistent"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "'.[serve]'" in done.stdout, done.stderr
+    assert "taming-transformers-rom1504" not in done.stdout
+    done = subprocess.run(["make", "-n", "-B", "install", "EXTRAS=test", "VENV=/nonexistent"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert "taming-transformers-rom1504==0.0.6" in done.stdout
 
 
 def test_export_a_whole_model_store(tmp_path):

@@ -7,12 +7,14 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,14 +29,14 @@ from conftest import make_classifier, make_depth, make_generator
 from PIL import Image
 from test_serving_generator import pipeline_pixels, pixels
 
-from export.archive import VERSION, check_name, export_archive
+from export.archive import check_name, checkpoint_version, export_archive
 from pixtok.errors import UserError
 from pixtok.inference.backend import load_classifier
 from pixtok.inference.depth_estimator import load_depth_estimator
 from pixtok.models import build_model
 from pixtok.resize import resize_image
 from serving import launcher
-from serving.client import DEFAULT_MODELS, Client, read_properties
+from serving.client import DEFAULT_MODELS, Client, ServerError, read_properties
 from serving.gradio_app import UI_PASSWORD_FILE, needs_login, new_ui_password, ui_login
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,14 +77,21 @@ def adapted_config(ports: dict, store: Path) -> str:
                      for k, line in zip(keys, lines)) + "\n"
 
 
+def snapshot_version(name: str) -> str:
+    """The one version the shipped config's model_snapshot names for a model."""
+    (version,) = json.loads(read_properties(CONFIG)["model_snapshot"])["models"][name]
+    return version
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """.path: a model-store/ of the tiny models' archives under the default models' names, as
     `pixtok export model_store` names them (after their checkpoint folders); .checkpoints."""
     ckpts, store = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("model-store")
     made = {"classify": make_classifier, "depth": make_depth, "generate": make_generator}
-    for task, name in DEFAULT_MODELS.items():
-        export_archive(made[task](ckpts / name), store, log=lambda *_: None)
+    for task, name in DEFAULT_MODELS.items():   # the versions the config names (the shipped ones)
+        export_archive(made[task](ckpts / name), store, log=lambda *_: None,
+                       version=snapshot_version(name))
     return SimpleNamespace(path=store, checkpoints={task: ckpts / name
                                                     for task, name in DEFAULT_MODELS.items()})
 
@@ -128,7 +137,8 @@ def test_classifier_answers_v2_as_it_answers_rest(kserve, store):
                                    "data": grey.ravel().tolist()}]})
     assert status == 200, reply
     assert {k: reply[k] for k in ("id", "model_name", "model_version")} == {
-        "id": "req-1", "model_name": "fashion-vit1", "model_version": VERSION}
+        "id": "req-1", "model_name": "fashion-vit1",
+        "model_version": snapshot_version("fashion-vit1")}
     assert [o["name"] for o in reply["outputs"]] == ["photo", "pixels"]
     assert headers["X-Pixtok-Batch-Size"] == "2"        # the request's inputs ran as one batch
     assert not (kserve.run_dir / "key_file.json").exists()     # no key: KServe fronts it
@@ -206,7 +216,8 @@ def test_manifests_config_and_runtime_image_fit_together():
     assert sorted(snapshot["models"]) == sorted(DEFAULT_MODELS.values())
     assert snapshot["modelCount"] == len(snapshot["models"])
     for name, versions in snapshot["models"].items():
-        entry = versions[VERSION]           # the version `pixtok export` writes
+        # the version `pixtok export model_store` gives the shipped checkpoint's archive
+        entry = versions[checkpoint_version(ROOT / "model_store" / name)]
         assert entry["marName"] == f"{check_name(name)}.mar" and entry["defaultVersion"]
         batching = launcher.BATCHING[TASKS[name]]
         # the kservev2 envelope answers only the first request of a batch: batches of 1
@@ -249,15 +260,19 @@ def test_manifests_config_and_runtime_image_fit_together():
 
 
 # --- `pixtok serve --foreground` and the page's login --------------------------------------------
-def start_foreground(store, folder: Path) -> subprocess.Popen:
-    """`pixtok serve --foreground --no-ui` in a subprocess on the tiny classifier, returned once
-    its URLs are printed: .run_dir, .ports, .log (its stdout and stderr)."""
+def start_foreground(store, folder: Path, models=("fashion-vit1",),
+                     env: dict | None = None) -> subprocess.Popen:
+    """`pixtok serve --foreground --no-ui` in a subprocess on tiny models (the classifier by
+    default), returned once its URLs are printed: .run_dir, .ports, .log (its stdout and
+    stderr). env: settings for it."""
     one = folder / "store"
     one.mkdir()
-    shutil.copy(store.path / "fashion-vit1.mar", one)
+    for name in models:
+        shutil.copy(store.path / f"{name}.mar", one)
     run_dir, ports, log = folder / "run", launcher.free_ports(), folder / "stdout.txt"
     env = {**os.environ, "PIXTOK_RUN_DIR": str(run_dir), "PIXTOK_MODEL_STORE": str(one),
-           **{launcher.PORTS[api][0]: str(number) for api, number in ports.items()}}
+           **{launcher.PORTS[api][0]: str(number) for api, number in ports.items()},
+           **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pixtok", "serve", "--foreground",
                                  "--no-ui"], env=env, cwd=ROOT, stdout=out,
@@ -278,9 +293,16 @@ def processes(run_dir: Path) -> list[psutil.Process]:
     return [server, *server.children(recursive=True)]
 
 
+# an operator's settings: batching and workers per task, and a short drain
+OPERATOR_ENV = {"PIXTOK_CLASSIFY_BATCH_SIZE": "3", "PIXTOK_CLASSIFY_MAX_BATCH_DELAY_MS": "25",
+                "PIXTOK_CLASSIFY_WORKERS": "2", "PIXTOK_DRAIN_SECONDS": "1"}
+
+
 @pytest.fixture(scope="module")
 def foreground(store, tmp_path_factory):
-    proc = start_foreground(store, tmp_path_factory.mktemp("foreground"))
+    """The tiny classifier and generator, with OPERATOR_ENV."""
+    proc = start_foreground(store, tmp_path_factory.mktemp("foreground"),
+                            ("fashion-vit1", "fashion-dit1"), OPERATOR_ENV)
     yield proc
     if proc.poll() is None:
         proc.terminate()
@@ -332,22 +354,72 @@ def test_the_page_asks_for_a_login_beyond_loopback(foreground, tmp_path, monkeyp
     assert not saved.exists()
 
 
+def test_operator_settings_reach_torchserve(foreground):
+    client = Client(run_dir=foreground.run_dir)
+    info = client.describe("fashion-vit1")
+    assert (info["batchSize"], info["maxBatchDelay"]) == (3, 25)
+    assert info["minWorkers"] == info["maxWorkers"] == len(info["workers"]) == 2
+    # the archive's version is its checkpoint's, shown by the management API
+    assert info["modelVersion"] == snapshot_version("fashion-vit1") != "1.0"
+    info = client.describe("fashion-dit1")     # not set: BATCHING's
+    assert info["batchSize"] == launcher.BATCHING["generate"]["batchSize"]
+    assert len(info["workers"]) == 1
+
+
+@pytest.mark.parametrize("name, value", [("PIXTOK_CLASSIFY_BATCH_SIZE", "0"),
+                                         ("PIXTOK_DEPTH_WORKERS", "two"),
+                                         ("PIXTOK_GENERATE_MAX_BATCH_DELAY_MS", "-1"),
+                                         ("PIXTOK_DRAIN_SECONDS", "soon")])
+def test_a_bad_operator_setting_is_one_line_and_exit_2(name, value, tmp_path):
+    env = {**os.environ, "PIXTOK_RUN_DIR": str(tmp_path / "run"), name: value}
+    done = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert name in done.stderr and repr(value) in done.stderr
+    assert launcher.running_pid(tmp_path / "run") is None
+
+
 def test_foreground_serves_until_sigterm_then_stops_everything(foreground):
     run_dir, out = foreground.run_dir, foreground.log.read_text()
     assert f"http://127.0.0.1:{foreground.ports['inference']}/predictions/<model>" in out
     keys = json.loads((run_dir / "key_file.json").read_text())
     assert out.count(keys["inference"]["key"]) == 1          # printed once, for `docker logs`
     assert keys["management"]["key"] not in out and keys["API"]["key"] not in out
-    client = Client(run_dir=run_dir)
+    client = Client(run_dir=run_dir, timeout=60)
     assert client.classify(png(np.zeros((28, 28), np.uint8)), "fashion-vit1")["label"]
     started = processes(run_dir)
-    assert len(started) >= 2 and foreground.poll() is None     # TorchServe and its worker
+    assert len(started) >= 3 and foreground.poll() is None     # TorchServe and its workers
+    # a generation that takes far longer than the drain is in flight when SIGTERM comes
+    answer = {}
+
+    def generate():
+        try:
+            answer["ok"] = client.generate("tee", model="fashion-dit1", steps=1000,
+                                           num_images=16, sampler="ddpm")
+        except Exception as e:  # noqa: BLE001 - the test looks at what it was
+            answer["error"] = e
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(2)
+    t0 = time.monotonic()
     foreground.send_signal(signal.SIGTERM)
     assert foreground.wait(60) == 0
+    assert time.monotonic() - t0 <= 10, foreground.log.read_text()[-1500:]   # `docker stop`'s
+    thread.join(30)
+    error = answer.get("error")     # answered 503, not reset: the client may send it again
+    assert isinstance(error, ServerError) and error.status == 503, answer
+    assert error.payload["type"] == "shutting_down", error.payload
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive and launcher.running_pid(run_dir) is None
     assert not (run_dir / "key_file.json").exists()
-    assert "SIGTERM, stopping" in foreground.log.read_text()
+    out = foreground.log.read_text()
+    assert "SIGTERM, stopping" in out
+    # TorchServe's own logs reached stdout (`docker logs`), each line marked with its source
+    assert re.search(r"^\[access\] .*POST /predictions/fashion-vit1 HTTP/1.1\" 200", out, re.M)
+    assert re.search(r"^\[access\] .*POST /predictions/fashion-dit1 HTTP/1.1\" 503", out, re.M)
+    assert re.search(r"^\[model\] .*pixtok: fashion-dit1 ready", out, re.M)
+    assert re.search(r"^\[torchserve\] .*Loading initial models", out, re.M), out[-3000:]
 
 
 def test_foreground_exits_nonzero_when_torchserve_dies(store, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import stat
 import struct
@@ -254,6 +255,21 @@ def test_run_folder_is_private_and_config_locked_down(server):
     assert "pixtok: tiny-cls ready" in log and "pixtok: tiny-cls-onnx ready" in log
     assert "not self-contained" not in log
     assert not (ROOT / "key_file.json").exists() and not (ROOT / "logs").exists()
+
+
+def test_each_archive_carries_its_checkpoints_version(server, tmp_path):
+    from export.archive import checkpoint_version
+
+    assert server.client().describe("tiny-cls")["modelVersion"] == checkpoint_version(
+        server.checkpoint)
+    # what `pixtok train` writes: when, and from which commit (a dirty tree says so)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"created": "2026-01-02T03:04:05+01:00", "git_commit": "0123456789abcdef-dirty"}))
+    assert checkpoint_version(tmp_path) == "2026-01-02T020405Z.0123456-dirty"
+    (tmp_path / "config.json").write_text(json.dumps({"git_commit": None}))
+    stamp = datetime(2025, 5, 6, 7, 8, 9, tzinfo=UTC).timestamp()
+    os.utime(tmp_path / "config.json", (stamp, stamp))
+    assert checkpoint_version(tmp_path) == "2025-05-06T070809Z"     # its newest file's time
 
 
 def test_prometheus_metrics_are_served(server):

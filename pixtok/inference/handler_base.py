@@ -8,6 +8,7 @@ answers 200, and nothing a client sends can take the worker down.
 With TorchServe's kservev2 envelope on (service_envelope=kservev2, KServe's open inference
 protocol), handle() gets the "inputs" of one v2 request instead of a batch of requests; they are
 read here (see "KServe v2" below and serving/deploy/kserve/README.md). Plain REST is unchanged.
+On a graceful stop the handler finishes or refuses what it holds (drain.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .backend import pick_device
+from .drain import SHUTTING_DOWN, Drain
 from .validate import HF_NAMES, RequestError
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,7 @@ class PixtokHandler:
         self.core = None
         self.backend = "none"
         self.initialized = False
+        self.drain = Drain()
 
     def load(self, model_dir: str, device):
         raise NotImplementedError
@@ -159,6 +162,9 @@ class PixtokHandler:
         device = pick_device(props.get("gpu_id"))
         self.core = self.load(props.get("model_dir"), device)
         self.backend = getattr(getattr(self.core, "backend", None), "name", "custom")
+        if hasattr(self.core, "should_stop"):     # a generator checks it at every sampler step
+            self.core.should_stop = self.drain.overdue
+        self.drain.install()
         self.initialized = True
         log.info("pixtok: %s ready on %s (%s)", context.model_name, device, self.backend)
         # an archive must run on a stock TorchServe: say so loudly if it leaned on an install
@@ -188,6 +194,8 @@ class PixtokHandler:
             return results
         try:
             outputs = self.core.predict([inputs[i] for i in good])
+        except RequestError as e:    # one answer for the whole batch (a stop cut it off)
+            outputs = [e] * len(good)
         except Exception:
             # A batch that fails as a whole is retried item by item, so one input that trips the
             # model cannot fail the requests it happened to be batched with.
@@ -250,10 +258,19 @@ class PixtokHandler:
         return [json.dumps(results[i]) for i in range(len(results))]
 
     def handle(self, data: list[dict], context) -> list[str]:
-        if is_v2_inputs(data):
-            return self.handle_v2(data, context)
-        inputs = self.preprocess(data, context)
-        results = self.inference(inputs)
-        log.info("pixtok: batch of %d, %d rejected", len(data),
-                 sum(isinstance(r, RequestError) for r in results.values()))
-        return self.postprocess(results, context)
+        if self.drain.draining:    # refused, never dropped: the server is about to stop
+            count = 1 if is_v2_inputs(data) else len(data)
+            return self.postprocess({i: SHUTTING_DOWN for i in range(count)}, context)
+        self.drain.busy = True
+        try:
+            if is_v2_inputs(data):
+                return self.handle_v2(data, context)
+            inputs = self.preprocess(data, context)
+            results = self.inference(inputs)
+            log.info("pixtok: batch of %d, %d rejected", len(data),
+                     sum(isinstance(r, RequestError) for r in results.values()))
+            return self.postprocess(results, context)
+        finally:
+            self.drain.busy = False
+            if self.drain.draining:
+                self.drain.idle()

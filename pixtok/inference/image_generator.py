@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .validate import MAX_IMAGES, MAX_STEPS, parse_generate_request
+from .validate import MAX_IMAGES, MAX_STEPS, RequestError, parse_generate_request
 
 LEARNED_VARIANCE = ("learned", "learned_range")
 
@@ -105,6 +105,7 @@ class ImageGenerator:
         self.latent_shape = (cfg.in_channels, *((size, size) if isinstance(size, int) else size))
         self.learn_sigma = cfg.learn_sigma
         self.max_steps = min(MAX_STEPS, self.schedule.get("num_train_timesteps", MAX_STEPS))
+        self.should_stop: Callable[[], bool] = lambda: False    # the handler's drain sets it
 
     def preprocess(self, body, content_type: str | None = None) -> dict:
         """One request body -> a complete, checked request, or a RequestError."""
@@ -140,7 +141,11 @@ class ImageGenerator:
         learned = scheduler.config.get("variance_type") in LEARNED_VARIANCE and self.learn_sigma
         keep = 2 * c if learned else c
         ids = torch.full((n,), index, dtype=torch.long, device=self.device)
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
+            if self.should_stop():
+                raise RequestError(503, "shutting_down", f"the server is stopping: the request "
+                                   f"was cut off after {i} of {steps} steps; send it again once "
+                                   "the server is back")
             model_in = scheduler.scale_model_input(latents, t)
             out = self.backend(model_in, t, ids, guidance)[:, :keep]
             latents = scheduler.step(out, t, latents, generator=generator).prev_sample
