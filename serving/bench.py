@@ -130,6 +130,17 @@ def drive(call, bodies: list[bytes], clients: int, per_client: int) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+def noise_pngs(n: int, seed: int = 0) -> list[bytes]:
+    """n random 28x28 grey PNG files: the benchmark's request bodies."""
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+        bodies.append(buf.getvalue())
+    return bodies
+
+
 def bench_serve(quick: bool = False, export_archive=None) -> dict:
     """{"suite": "serve", "model", "results": [{"path", "clients", "images_per_s", "p50_ms",
     "p99_ms"}], "startup_s"}. export_archive(ckpt, store, name=, log=) builds the benchmark
@@ -139,12 +150,7 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
 
     per_client = 8 if quick else 48
     device = pick_device(0)     # where TorchServe puts the worker: GPU 0 when there is one
-    rng = np.random.default_rng(0)
-    bodies = []
-    for _ in range(32):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
-        bodies.append(buf.getvalue())
+    bodies = noise_pngs(32)
     results = []
     with tempfile.TemporaryDirectory(prefix="pixtok-bench-") as tmp:
         tmp = Path(tmp)

@@ -279,6 +279,8 @@ class PageActions:
 
 
 # --- the page --------------------------------------------------------------------------------
+# One function over 60 lines on purpose: a gr.Blocks layout is read top to bottom as the page
+# shows it (tabs, their inputs and outputs, then the events that join them).
 def build_app(actions: PageActions, examples: dict[str, list[Path]]):
     """The gr.Blocks page: three tabs, each event queued with its own concurrency limit."""
     import gradio as gr

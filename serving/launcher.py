@@ -735,8 +735,6 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
     asks for user pixtok's password when host is not loopback, or always with login=True.
     examples(folder): writes the page's example inputs first (`pixtok serve` passes training's
     writer; the page only reads the folder)."""
-    import urllib.error
-    import urllib.request
 
     run_dir = prepare_run_dir(run_dir)
     pid = running_ui_pid(run_dir)
@@ -776,8 +774,18 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
                                 start_new_session=True)
     ui_pid_file(run_dir).write_text(f"{proc.pid}\n")
     ui = FrontEnd(run_dir, proc.pid, host, port, credentials, generated)
+    wait_for_page(ui, proc, out_path, timeout or float(os.environ.get("PIXTOK_UI_TIMEOUT", 120)))
+    return ui
+
+
+def wait_for_page(ui: FrontEnd, proc: subprocess.Popen, out_path: Path, timeout: float) -> None:
+    """Until the page answers (or asks for its login); ServeError if it exits or stays silent
+    for `timeout` seconds (then it is stopped)."""
+    import urllib.error
+    import urllib.request
+
+    run_dir = ui.run_dir
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    timeout = timeout or float(os.environ.get("PIXTOK_UI_TIMEOUT", 120))
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -788,10 +796,10 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
         try:
             with opener.open(local_url(ui.url) + "/config", timeout=5) as r:
                 if r.status == 200:
-                    return ui
+                    return
         except urllib.error.HTTPError as e:
-            if e.code == 401 and credentials:     # up, and asking for the login
-                return ui
+            if e.code == 401 and ui.login:     # up, and asking for the login
+                return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:
