@@ -17,7 +17,12 @@ import torch
 from clirun import pixtok
 from PIL import Image
 
-from export.archive import ExportError, build_missing_archives, export_archive
+from export.archive import (
+    ExportError,
+    build_missing_archives,
+    checkpoint_version,
+    export_archive,
+)
 from export.onnx import export_onnx
 from pixtok.checkpoint import load_model
 from pixtok.inference.backend import load_classifier
@@ -56,7 +61,8 @@ def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_pat
     assert vit == (ROOT / "pixtok" / "models" / "vit.py").read_bytes()
     assert "model.onnx" not in names
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny-cls",
-                                 "handler": "handler.py", "modelVersion": "1.0"}
+                                 "handler": "handler.py",
+                                 "modelVersion": checkpoint_version(tiny_classifier)}
     assert config == json.loads((tiny_classifier / "config.json").read_text())
     assert weights == (tiny_classifier / "model.safetensors").read_bytes()
     assert labels == {str(i): name for i, name in enumerate(config["labels"])}
