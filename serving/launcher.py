@@ -152,19 +152,24 @@ def pid_file(run_dir: Path) -> Path:
     return Path(run_dir) / "tmp" / ".model_server.pid"
 
 
-def running_pid(run_dir: Path) -> int | None:
-    """The pid of this run folder's TorchServe if it is alive (a stale pid file is removed)."""
+def live_pid(path: Path, marker: str) -> int | None:
+    """The pid that the pid file `path` holds, if that process is alive and its command line
+    names `marker` (a recycled pid does not count); a stale pid file is removed."""
     import psutil
 
-    path = pid_file(run_dir)
     try:
         pid = int(path.read_text().strip())
-        if SERVER_CLASS in psutil.Process(pid).cmdline():
+        if marker in psutil.Process(pid).cmdline():
             return pid
     except (OSError, ValueError, psutil.Error):
         pass
     path.unlink(missing_ok=True)
     return None
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """The pid of this run folder's TorchServe if it is alive."""
+    return live_pid(pid_file(run_dir), SERVER_CLASS)
 
 
 def kserve_pid_file(run_dir: Path) -> Path:
@@ -172,18 +177,8 @@ def kserve_pid_file(run_dir: Path) -> Path:
 
 
 def running_kserve_pid(run_dir: Path) -> int | None:
-    """The pid of this run folder's KServe ModelServer if it is alive (a stale pid file goes)."""
-    import psutil
-
-    path = kserve_pid_file(run_dir)
-    try:
-        pid = int(path.read_text().strip())
-        if KSERVE_MODULE in psutil.Process(pid).cmdline():
-            return pid
-    except (OSError, ValueError, psutil.Error):
-        pass
-    path.unlink(missing_ok=True)
-    return None
+    """The pid of this run folder's KServe ModelServer if it is alive."""
+    return live_pid(kserve_pid_file(run_dir), KSERVE_MODULE)
 
 
 def running_server(run_dir: Path) -> tuple[str, int] | None:
@@ -683,18 +678,8 @@ def ui_pid_file(run_dir: Path) -> Path:
 
 
 def running_ui_pid(run_dir: Path) -> int | None:
-    """The pid of this run folder's Gradio front end if alive (a stale pid file is removed)."""
-    import psutil
-
-    path = ui_pid_file(run_dir)
-    try:
-        pid = int(path.read_text().strip())
-        if UI_MODULE in psutil.Process(pid).cmdline():
-            return pid
-    except (OSError, ValueError, psutil.Error):
-        pass
-    path.unlink(missing_ok=True)
-    return None
+    """The pid of this run folder's Gradio front end if it is alive."""
+    return live_pid(ui_pid_file(run_dir), UI_MODULE)
 
 
 def ui_port_from_env() -> int:
