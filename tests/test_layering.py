@@ -3,10 +3,11 @@ functions included): the core `pixtok` imports none of the parts; training, expo
 import only the core; nothing imports serving but the CLI; the Gradio page holds no model code."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from export.archive import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("pixtok", "training", "export", "serving")
@@ -25,20 +26,9 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> set[str]:
-    """Absolute names of every module `path` imports, relative imports resolved."""
-    name = module_name(path)
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[:len(package) - node.level + 1]
-                found.add(".".join(base + ([node.module] if node.module else [])))
-            elif node.module:
-                found.add(node.module)
-    return {n for n in found if n.split(".")[0] in PARTS}
+    """Names of the repository's modules that `path` imports (export's own import reader, the
+    one that checks an archive's code)."""
+    return {n for n in imported_modules(path, ROOT) if n.split(".")[0] in PARTS}
 
 
 MODULES = sorted(p for part in PARTS for p in (ROOT / part).rglob("*.py"))
