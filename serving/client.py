@@ -7,13 +7,15 @@ management API for a fresh one with the never-expiring API key. A long-running s
 never strands a client, the Gradio front end included.
 
 Idempotent calls (classify, depth, and generate with a seed: same request, same bytes) are retried
-when the server is overloaded or lost a worker (HTTP 503, 429, 507, 502, 504) or the connection
-failed, with exponential backoff and full jitter (honouring a Retry-After), for at most
-`retry_seconds` (PIXTOK_CLIENT_RETRY_S, default 30; 0 turns retries off); then a ServerError
-or ServerUnreachable says how many tries were made. See docs/reliability.md.
+when the server is overloaded or lost a worker (HTTP 503, 429, 507, 502, 504), the connection
+failed or an answer was cut short, with exponential backoff and full jitter (honouring a
+Retry-After), for at most `retry_seconds` (PIXTOK_CLIENT_RETRY_S, default 30; 0 turns retries
+off); then a ServerError or ServerUnreachable says how many tries were made. A socket timeout is
+a ServerTimeout, never retried. See docs/reliability.md.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -55,7 +57,11 @@ class ServerError(UserError):
 
 
 class ServerUnreachable(UserError):
-    """Nothing answers at the server's address."""
+    """Nothing answers at the server's address, or an answer was cut short."""
+
+
+class ServerTimeout(UserError):
+    """No answer within the client's timeout; never retried (the request may still be running)."""
 
 
 def explain(resp: Response, model: str) -> dict:
@@ -195,13 +201,18 @@ class Client:
     def _send(self, method: str, url: str, body: bytes | None, headers: dict) -> Response:
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            with self._opener.open(req, timeout=self.timeout) as r:
-                return Response(r.status, dict(r.headers), r.read())
-        except urllib.error.HTTPError as e:
-            answer = Response(e.code, dict(e.headers), e.read())
-            return too_large(body) if e.code == 413 and not answer.body else answer
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            try:
+                with self._opener.open(req, timeout=self.timeout) as r:
+                    return Response(r.status, dict(r.headers), r.read())
+            except urllib.error.HTTPError as e:
+                answer = Response(e.code, dict(e.headers), e.read())
+                return too_large(body) if e.code == 413 and not answer.body else answer
+        # a connection refused, reset or timed out, or an answer cut short while it was read
+        # (http.client.IncompleteRead, RemoteDisconnected): nothing usable came back
+        except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise ServerTimeout(f"{url} sent no answer within {self.timeout:g} s") from None
             if body and len(body) > MAX_BODY_BYTES and isinstance(reason, ConnectionError):
                 return too_large(body)   # TorchServe's 413 came while the body was still sent
             raise ServerUnreachable(f"cannot reach {url} ({reason}); is `pixtok serve` "

@@ -73,8 +73,8 @@ class Traffic:
             try:
                 self.client.predict(self.models[route], body, CONTENT_TYPES[route])
                 self.count("answered")
-            except UserError as e:
-                self.count("lost", f"{route}: {e}")
+            except Exception as e:   # noqa: BLE001 - anything a user's request would have hit
+                self.count("lost", f"{route}: {type(e).__name__}: {e}")
 
     def __enter__(self):
         for w in self.workers:

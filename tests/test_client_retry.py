@@ -2,7 +2,10 @@
 bounded give-up on a port where nothing listens. With a server: tests/test_reliability.py."""
 from __future__ import annotations
 
+import json
+import re
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -56,3 +59,56 @@ def test_a_bad_retry_setting_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXTOK_CLIENT_RETRY_S", "forever")
     with pytest.raises(UserError, match="PIXTOK_CLIENT_RETRY_S='forever'"):
         Client("http://127.0.0.1:1", tmp_path)
+
+
+class CutShortServer:
+    """A loopback HTTP server whose first `cut` answers stop half-way through their body (a worker
+    or frontend dying mid-answer); later answers are whole."""
+
+    def __init__(self, cut: int):
+        self.cut, self.answered = cut, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        body = json.dumps({"label": "Bag", "index": 8}).encode()
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head, _, rest = request.partition(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                whole = self.answered >= self.cut
+                self.answered += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                             + (body if whole else body[: len(body) // 2]))
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("retry_seconds, answered", [(30, True), (0, False)])
+def test_an_answer_cut_short_is_retried_or_a_clear_error(tmp_path, retry_seconds, answered):
+    server = CutShortServer(cut=1)
+    try:
+        client = Client(server.url, tmp_path, retry_seconds=retry_seconds)
+        if answered:
+            assert client.classify(b"\x89PNG", model="m") == {"label": "Bag", "index": 8}
+            assert client.retries == 1
+        else:
+            with pytest.raises(ServerUnreachable, match="IncompleteRead|incomplete"):
+                client.classify(b"\x89PNG", model="m")
+    finally:
+        server.close()

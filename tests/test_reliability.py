@@ -265,4 +265,4 @@ def test_bench_drill_kills_each_worker_and_loses_nothing(busy_server):
     assert [k["model"] for k in result["kills"]] == ["tiny-cls", "tiny-gen"]
     assert [k["killed_pid"] for k in result["kills"]] == [before["tiny-cls"], before["tiny-gen"]]
     assert all(k["ready_again_s"] is not None for k in result["kills"])
-    assert result["sent"] == result["answered"] > 0 and result["lost"] == 0
+    assert result["sent"] == result["answered"] > 0 and result["lost"] == 0, result
