@@ -20,7 +20,6 @@ from clirun import ENV, pixtok
 from datafiles import learnable_fashion
 
 from pixtok.cli import main
-from pixtok.errors import UserError
 from pixtok.models.vit import ViT, vit_config
 from training.analyze import analyze, block_attention
 from training.data.permute import pixel_permutation
@@ -298,12 +297,8 @@ def test_pixel_permutation_swaps_within_the_distance():
 @pytest.mark.parametrize("name", study_names())
 def test_every_shipped_study_loads_with_its_scales(name):
     """Shipped study files are read only when someone runs them: every arm must resolve to a
-    recipe its data can take, at the CPU size and at every [scales.*] set. The DiT study is
-    refused, in one line, until the runner evaluates generators."""
-    if name == "dit-patch-fashion":
-        with pytest.raises(UserError, match="dit runs .* are not implemented yet"):
-            Study(name)
-        return
+    recipe its data can take, at the CPU size and at every [scales.*] set. The DiT study
+    resolves too, its judge's pinned hash checked (tests/test_study_generator.py)."""
     study = Study(name)
     assert len(study.seeds) >= 2 and len(study.arms) >= 2
     import tomllib

@@ -47,7 +47,10 @@ LOWER_IS_BETTER = {"loss", "rmse", "rel", "log10", "silog", "rmse_scaled", "fid_
 NATIVE_SIZE = {"fashion-mnist": (28, 28), "cifar100": (32, 32), "cifar100-coarse": (32, 32),
                "scenes": (48, 64), "nyu": (48, 64)}
 STUDY_KEYS = {"base", "seeds", "metric", "overrides", "arms", "scales", "held_fixed", "plot_x",
-              "description", "analyze"}
+              "description", "analyze", "generator"}
+# a generator study's [generator] table: how each finished generator is measured
+GENERATOR_KEYS = {"guidance", "samples", "judge", "judge_sha256", "sampler", "steps",
+                  "sample_seed"}
 
 
 def study_names() -> list[str]:
@@ -90,18 +93,18 @@ class Study:
         self.plot_x = spec.get("plot_x", "")
         if self.plot_x and self.plot_x not in FIELDS:
             raise UserError(f"{where}: plot_x={self.plot_x!r} is not a recipe key")
-        self.lower_is_better = self.metric in LOWER_IS_BETTER
+        self.lower_is_better = self.metric.split("@")[0] in LOWER_IS_BETTER
         self.analyze = spec.get("analyze", [])
         if not isinstance(self.analyze, list) or set(self.analyze) - set(spec["arms"]):
             raise UserError(f"{where}: analyze must list arms of the study, not {self.analyze}")
         self.arms = self._arm_values(spec, overrides, where)
         self.recipes = {arm: self._check_arm(arm, values) for arm, values in self.arms.items()}
         tasks = {r.task for r in self.recipes.values()}
-        if tasks - {"classify", "depth"}:
-            raise UserError(f"{where}: pixtok study evaluates classify and depth runs; "
-                            f"{', '.join(sorted(tasks - {'classify', 'depth'}))} runs (the "
-                            "generator protocol: two guidance scales, the floors, the pinned "
-                            "judge) are not implemented yet")
+        if tasks - {"classify", "depth", "dit"} or len(tasks) > 1:
+            raise UserError(f"{where}: a study compares classify, depth or dit runs, one task "
+                            f"per study, not {', '.join(sorted(tasks))}")
+        self.task = tasks.pop()
+        self.generator = self._check_generator(spec.get("generator"), where)
         digest = hashlib.sha256(text)
         digest.update(json.dumps(sorted(overrides)).encode())
         self.sha256 = digest.hexdigest()
@@ -122,6 +125,54 @@ class Study:
             if key not in spec:
                 raise UserError(f"{self.path}: missing {key!r}")
         return spec
+
+    def _check_generator(self, table, where: str) -> dict | None:
+        """The [generator] table of a dit study, checked; the judge's weights must be the ones
+        the file pins, so that a re-shipped classifier never silently changes a score."""
+        if self.task != "dit":
+            if table is not None:
+                raise UserError(f"{where}: [generator] is for dit studies; this one trains "
+                                f"{self.task} runs")
+            return None
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: a dit study needs a [generator] table (guidance, samples, "
+                            "judge, judge_sha256)")
+        unknown = sorted(set(table) - GENERATOR_KEYS)
+        missing = sorted({"guidance", "samples", "judge", "judge_sha256"} - set(table))
+        if unknown or missing:
+            raise UserError(f"{where} [generator]: "
+                            + (f"unknown key(s) {', '.join(unknown)}" if unknown else
+                               f"missing {', '.join(missing)}")
+                            + f"; keys: {', '.join(sorted(GENERATOR_KEYS))}")
+        guidance = table["guidance"]
+        if not isinstance(guidance, list) or not guidance or not all(
+                isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 1
+                for g in guidance):
+            raise UserError(f"{where} [generator]: guidance must list scales >= 1, e.g. "
+                            f"[1.0, 1.5], not {guidance!r}")
+        samples = table["samples"]
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 4:
+            raise UserError(f"{where} [generator]: samples must be a whole number >= 4")
+        from pixtok.sampling import SAMPLERS
+        if table.get("sampler", SAMPLERS[0]) not in SAMPLERS:
+            raise UserError(f"{where} [generator]: sampler must be one of {', '.join(SAMPLERS)}")
+        from training.tasks.generate import PROTOCOL_METRICS, judge_sha256
+        name, _, at = self.metric.partition("@")
+        scales = [f"{float(g):g}" for g in guidance]
+        if name not in PROTOCOL_METRICS or at not in scales:
+            raise UserError(f"{where}: metric {self.metric!r}: a dit study's metric is "
+                            f"METRIC@GUIDANCE with METRIC one of {', '.join(PROTOCOL_METRICS)} "
+                            f"and GUIDANCE one of {', '.join(scales)}")
+        judge = Path(table["judge"])
+        if not judge.is_absolute() and not judge.exists():
+            judge = STUDY_DIR.parents[1] / judge           # a path in the project
+        found = judge_sha256(judge)
+        if found != table["judge_sha256"]:
+            raise UserError(f"{where} [generator]: the judge {judge} has weights sha256 "
+                            f"{found[:16]}..., the study pins {str(table['judge_sha256'])[:16]}"
+                            "...; scores from another judge are not comparable (pin the new "
+                            "hash in a new study file to change judges)")
+        return {**table, "judge": str(judge), "guidance": [float(g) for g in guidance]}
 
     @staticmethod
     def _check_seeds(seeds, where: str) -> list[int]:
@@ -305,10 +356,51 @@ def model_cost(run_dir: Path) -> tuple[int | None, int | None]:
         return None, None
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(spec).parameters())
-    h, w = shape["image_size"]
-    flops = count_forward_flops(lambda: build_model(spec),
-                                (lambda: torch.rand(1, shape["channels"], h, w),))
+    if config.get("task") == "dit":          # one denoising step of one latent, no guidance
+        c, h, w = shape["latent_shape"]
+        inputs = (lambda: torch.randn(1, c, h, w), lambda: torch.tensor([500]),
+                  lambda: torch.tensor([0]))
+    else:
+        h, w = shape["image_size"]
+        inputs = (lambda: torch.rand(1, shape["channels"], h, w),)
+    flops = count_forward_flops(lambda: build_model(spec).eval(), inputs)
     return params, flops
+
+
+def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path) -> dict:
+    """The [generator] protocol on a finished generator run -> flat test metrics
+    ({"fid_proxy@1.5": ..., ...}); the floors, which depend only on the VQGAN, the judge and n,
+    are measured with the first run of each VQGAN and kept in DIR/floors.json."""
+    from training.tasks.generate import (
+        Classifier,
+        device,
+        generator_config,
+        load_pipeline,
+        protocol_metrics,
+    )
+    from training.tasks.vqgan import weights_hash
+
+    spec, dev = study.generator, device()
+    config = generator_config(run_dir)
+    vqgan = weights_hash(run_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    floors_path = out / "floors.json"
+    floors = json.loads(floors_path.read_text()) if floors_path.is_file() else {}
+    result = protocol_metrics(load_pipeline(run_dir, dev), Classifier(spec["judge"], dev),
+                              spec["guidance"], spec["samples"],
+                              config.get("input", {}).get("pad", 0), spec.get("sampler"),
+                              spec.get("steps"), spec.get("sample_seed", 0),
+                              data_dir=(config.get("data") or {}).get("data_dir"),
+                              floors=vqgan not in floors)
+    if "floors" in result:
+        floors[vqgan] = {**result.pop("floors"), "n": result["n"],
+                         "judge_sha256": result["judge_sha256"], "first_run": str(run_dir)}
+        write_json(floors_path, floors)
+    with open(log, "a") as f:
+        f.write(f"generator protocol: {json.dumps(result)}\n")
+    flat = {f"{m}@{g}": v for g, metrics in result["by_guidance"].items()
+            for m, v in metrics.items()}
+    return {**flat, **{k: result[k] for k in ("n", "sampler", "steps", "seed", "judge_sha256")},
+            "vqgan_sha256": vqgan}
 
 
 def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
@@ -327,9 +419,12 @@ def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
     write_json(wall, {"train_s": spent})
     config = json.loads((run_dir / "config.json").read_text())
     recipe = config["recipe"]
-    val = final_val(run_dir, config["step"]) or evaluate(run_dir, "val", log) \
-        if recipe.get("val_size") else {}
-    test = evaluate(run_dir, "test", log)           # the only look at test, once the run is done
+    if study.task == "dit":     # fixed epochs, the final EMA weights: nothing is chosen on val
+        val, test = {}, evaluate_generator(study, out, run_dir, log)
+    else:
+        val = final_val(run_dir, config["step"]) or evaluate(run_dir, "val", log) \
+            if recipe.get("val_size") else {}
+        test = evaluate(run_dir, "test", log)       # the only look at test, once it is done
     params, flops = model_cost(run_dir)
     result = {"arm": arm, "seed": seed, "val": val, "test": test, "params": params,
               "flops_per_image": flops, "images_seen": config["step"] * recipe["batch_size"],
@@ -455,6 +550,46 @@ def analyses(study: Study, runs: list[dict], out: Path) -> list[tuple[str, dict]
     return done
 
 
+def generator_section(study: Study, runs: list[dict], out: Path) -> list[str]:
+    """The report's table for a dit study: every protocol metric at every guidance scale
+    (mean ± std over seeds), then the two floors and the judge."""
+    from training.tasks.generate import PROTOCOL_METRICS
+
+    spec = study.generator
+    scales = [f"{g:g}" for g in spec["guidance"]]
+    lines = ["", "## Generators, measured by the pinned judge", "",
+             f"{spec['samples']} samples per run and guidance scale (balanced over the classes, "
+             f"sampler {spec.get('sampler') or 'the default'}, "
+             f"{spec.get('steps') or 'its default'} steps, sampling seed "
+             f"{spec.get('sample_seed', 0)}), each scored against as many real test images. "
+             f"Judge: `{spec['judge']}`, weights sha256 `{spec['judge_sha256']}`. No checkpoint "
+             "or guidance scale is chosen: every run trains the same epochs and is scored with "
+             "its final (EMA) weights at every scale. A generator's GFLOPs/image above is one "
+             "denoiser forward of one latent: a sample costs steps times that, twice over at a "
+             "guidance scale above 1.", "",
+             "| arm | guidance | " + " | ".join(PROTOCOL_METRICS) + " |",
+             "|---|---|" + "---|" * len(PROTOCOL_METRICS)]
+    for arm in study.arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        for g in scales:
+            cells = []
+            for m in PROTOCOL_METRICS:
+                values = [r["test"][f"{m}@{g}"] for r in mine if f"{m}@{g}" in r["test"]]
+                cells.append(fmt(statistics.fmean(values) if values else None,
+                                 statistics.stdev(values) if len(values) > 1 else None,
+                                 len(values)))
+            lines.append(f"| {arm} | {g} | " + " | ".join(cells) + " |")
+    floors_path = out / "floors.json"
+    floors = json.loads(floors_path.read_text()) if floors_path.is_file() else {}
+    for vqgan, floor in floors.items():
+        for name, what in (("real", "real test images (a disjoint set)"),
+                           ("vqgan_recon", "VQGAN reconstructions of those real images")):
+            cells = [f"{floor[name][m]:.4f}" if m in floor[name] else "—"
+                     for m in PROTOCOL_METRICS]
+            lines.append(f"| floor: {what}, VQGAN {vqgan[:12]} | — | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(study: Study, runs: list[dict], out: Path) -> dict:
     test, val = summarise(study, runs, "test"), summarise(study, runs, "val")
     results = {"study": study.name, "metric": study.metric, "sha256": study.sha256,
@@ -476,15 +611,19 @@ def write_report(study: Study, runs: list[dict], out: Path) -> dict:
              f"**Held fixed:** {study.held_fixed or 'the base recipe and the common overrides'}. "
              "Each row states its FLOPs per image and images seen, so equal compute is read "
              "off the table, not assumed.", "",
-             "Each run is evaluated on the validation split (what any choice between runs may "
-             "look at) and, once it has finished, on the test split (reported only).", "",
+             ("Each generator is measured once it has finished, against the test split only "
+              "(see below); nothing is chosen between runs, so no validation split is used."
+              if study.task == "dit" else
+              "Each run is evaluated on the validation split (what any choice between runs may "
+              "look at) and, once it has finished, on the test split (reported only)."), "",
              f"| arm | overrides | test {study.metric} | val {study.metric} | params | "
              "GFLOPs/image | images seen |", "|---|---|---|---|---|---|---|"]
     for t, v in zip(test, val):
         over = " ".join(f"{k}={v_}" for k, v_ in t["recipe"].items()) or "—"
         gflops = f"{t['flops_per_image'] / 1e9:.4g}" if t["flops_per_image"] else "—"
+        val_cell = "—" if study.task == "dit" else fmt(v["mean"], v["std"], v["n"])
         lines.append(f"| {t['arm']} | `{over}` | {fmt(t['mean'], t['std'], t['n'])} | "
-                     f"{fmt(v['mean'], v['std'], v['n'])} | {t['params'] or '—'} | {gflops} | "
+                     f"{val_cell} | {t['params'] or '—'} | {gflops} | "
                      f"{t['images_seen'] or '—'} |")
     lines += ["", f"Devices: {', '.join(devices) or '—'}. Wall time of the finished runs: "
               f"{sum(r['wall_s'] for r in runs) / 3600:.2f} h.", ""]
@@ -506,6 +645,8 @@ def write_report(study: Study, runs: list[dict], out: Path) -> dict:
         for arm, _ in looked:
             lines += [f"![{arm}: distances](analysis/{arm}/attention_distance.png)",
                       f"![{arm}: offsets](analysis/{arm}/attention_offsets.png)"]
+    if study.task == "dit":
+        lines += generator_section(study, runs, out)
     lines += ["", "## Runs", "", f"| arm | seed | test {study.metric} | val {study.metric} | "
               "steps | wall s |", "|---|---|---|---|---|---|"]
     for r in runs:
@@ -548,8 +689,9 @@ def run_cli(args) -> int:
         result = run_one(study, out, arm, seed)
         val = result["val"].get(study.metric)
         bar.write(f"{arm} seed {seed}: done in {result['wall_s'] / 60:.1f} min; "
-                  f"val {study.metric} {val if val is None else f'{val:.4f}'}, "
-                  f"test {result['test'].get(study.metric, float('nan')):.4f}")
+                  + (f"val {study.metric} {val if val is None else f'{val:.4f}'}, "
+                     if result["val"] else "")
+                  + f"test {study.metric} {result['test'].get(study.metric, float('nan')):.4f}")
         write_report(study, collect(study, [out]), out)
     bar.close()
     results = write_report(study, collect(study, [out]), out)

@@ -158,7 +158,8 @@ def real_reference(classifier: Classifier, n: int, data_dir=None, split: str = "
     images = dataset.images.float().div(255)
     fa, la = classifier.features_and_logits(classifier.fit(images[a]))
     fb, _ = classifier.features_and_logits(classifier.fit(images[b]))
-    return {"a": fa, "b": fb, "a_logits": la, "a_labels": dataset.labels[a], "n_real": n_real}
+    return {"a": fa, "b": fb, "a_logits": la, "a_labels": dataset.labels[a], "n_real": n_real,
+            "b_images": dataset.images[b], "b_labels": dataset.labels[b]}
 
 
 def score(classifier: Classifier, images: torch.Tensor, labels, reference: dict,
@@ -207,6 +208,73 @@ def generation_metrics(pipe, classifier, n: int = DEFAULT_SAMPLES, pad: int = 0,
             "n": n, "n_real": reference["n_real"], "sampler": sampler, "steps": steps,
             "guidance": guidance, "seed": seed, "images_per_s": n / seconds,
             "classifier": str(classifier.path)}
+
+
+PROTOCOL_METRICS = ("fid_proxy", "precision", "recall", "class_agreement", "is_proxy")
+
+
+def judge_sha256(path) -> str:
+    """sha256 of a classifier checkpoint's weights: the judge a generator study pins."""
+    from training.tasks.vqgan import weights_hash
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{path}: no model.safetensors; the judge must be a classifier "
+                        "checkpoint folder")
+    return weights_hash(weights)
+
+
+@torch.no_grad()
+def reconstructions(pipe, images: torch.Tensor, pad: int = 0, batch_size: int = 256):
+    """uint8 real images (N, C, H, W) -> their VQGAN round trip (encode, quantise, decode) in
+    [0, 1], still padded: what a generator that gets every latent right would give back."""
+    out = []
+    for batch in images.split(batch_size):
+        x = batch.float().div(255)
+        if pad:
+            x = F.pad(x, (pad,) * 4, value=0.0)
+        z = pipe.encode_images(x.to(pipe.device))
+        out.append(pipe.decode_latents(z).float().cpu())
+    return torch.cat(out)
+
+
+def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int = 0,
+                     sampler: str | None = None, steps: int | None = None, seed: int = 0,
+                     batch_size: int = 64, data_dir=None, split: str = "test",
+                     floors: bool = True) -> dict:
+    """A generator study's measurement of one generator: n samples (balanced over the classes)
+    at each guidance scale, scored against n real images of `split` by the judge (fid_proxy,
+    k-NN precision and recall, class agreement, is_proxy), and, with floors, the same scores
+    for two references: real images (a disjoint set of n; what a perfect generator gets at
+    this n) and their VQGAN reconstructions (the best any generator over these latents gets).
+    -> {"by_guidance": {"1.5": metrics}, "floors": {"real": ..., "vqgan_recon": ...}, ...}"""
+    if n < 4:
+        raise UserError(f"samples={n}: precision and recall need at least 4 samples")
+    check_labels(pipe, classifier)
+    sampler = sampler or SAMPLING_DEFAULTS["sampler"]
+    steps = steps or default_steps(sampler)
+    reference = real_reference(classifier, n, data_dir, split)
+    k = pipe.transformer.config.num_classes
+    labels = [i % k for i in range(n)]
+
+    def keep(metrics: dict) -> dict:
+        return {m: metrics[m] for m in PROTOCOL_METRICS if m in metrics}
+
+    by_guidance = {}
+    for g in guidances:
+        images, seconds = sample_images(pipe, labels, sampler, steps, float(g), seed, batch_size)
+        by_guidance[f"{float(g):g}"] = {**keep(score(classifier, images, labels, reference, pad)),
+                                        "images_per_s": n / seconds}
+    result = {"by_guidance": by_guidance, "n": n, "n_real": reference["n_real"],
+              "sampler": sampler, "steps": steps, "seed": seed, "split": split,
+              "judge": str(classifier.path), "judge_sha256": judge_sha256(classifier.path)}
+    if floors:
+        real = reference["b_images"].float().div(255)
+        recon = reconstructions(pipe, reference["b_images"], pad)
+        result["floors"] = {
+            "real": keep(score(classifier, real, reference["b_labels"], reference)),
+            "vqgan_recon": keep(score(classifier, recon, reference["b_labels"], reference, pad))}
+    return result
 
 
 def default_steps(sampler: str) -> int:

@@ -95,12 +95,20 @@ def load_vqgan(path, device: str | torch.device = "cpu") -> tuple[VQModel, dict]
 
     path: a checkpoint folder of `pixtok train vqgan-...` (config.json + model.safetensors), a
     diffusers VQModel folder (e.g. LDM's VQ-f8 converted by export/taming.py and saved with
-    save_pretrained), or a generator pipeline folder (its vae/)."""
+    save_pretrained; no padding), or a generator pipeline folder (its vae/, with the padding,
+    labels and data its config.json names)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such VQGAN folder; train one first (pixtok train "
                         "vqgan-fashion --out runs/vqgan-fashion) or set vqgan=PATH")
+    pipeline_config = {}
     if (path / "model_index.json").is_file():
+        # a generator's folder: its config.json (written by `pixtok train dit...`) says how the
+        # VQGAN was trained (the padding around each image); its vae/ is the VQModel
+        try:
+            pipeline_config = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pipeline_config = {}
         path = path / "vae"
     try:
         config = json.loads((path / "config.json").read_text())
@@ -119,7 +127,8 @@ def load_vqgan(path, device: str | torch.device = "cpu") -> tuple[VQModel, dict]
         if not weights.is_file():
             raise UserError(f"{path}: no diffusion_pytorch_model.safetensors")
         vq = VQModel.from_pretrained(path)
-        info = {"pad": 0, "labels": None, "data": None}
+        info = {"pad": pipeline_config.get("input", {}).get("pad", 0),
+                "labels": pipeline_config.get("labels"), "data": pipeline_config.get("data")}
     else:
         raise UserError(f"{path}: neither a pixtok VQGAN checkpoint nor a diffusers VQModel")
     info["weights_hash"] = weights_hash(weights)
