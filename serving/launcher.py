@@ -549,6 +549,16 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
     return server
 
 
+def reap(procs: list, timeout: float) -> None:
+    """Wait up to timeout s for terminated processes to exit; SIGKILL the ones still running."""
+    import psutil
+
+    _, running = psutil.wait_procs(procs, timeout=timeout)
+    for proc in running:
+        proc.kill()
+    psutil.wait_procs(running, timeout=5)
+
+
 def stop_kserve(run_dir: Path, log=print, timeout: float = 30.0) -> bool:
     import psutil
 
@@ -557,10 +567,7 @@ def stop_kserve(run_dir: Path, log=print, timeout: float = 30.0) -> bool:
         return False
     proc = psutil.Process(pid)
     proc.terminate()         # uvicorn finishes the requests in flight, then exits
-    _, alive = psutil.wait_procs([proc], timeout=timeout)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    reap([proc], timeout)
     kserve_pid_file(run_dir).unlink(missing_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tmp" / "kserve-models", ignore_errors=True)
@@ -646,10 +653,7 @@ def stop(run_dir=None, log=print, timeout: float = 30.0, drain_for: float | None
     log(f"pixtok serve: workers drained{f', {busy} still busy' if busy else ''}; "
         "stopping TorchServe")
     server.terminate()        # TorchServe's shutdown hook stops its workers
-    _, alive = psutil.wait_procs([server, *workers], timeout=timeout)
-    for proc in alive:
-        proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    reap([server, *workers], timeout)
     pid_file(run_dir).unlink(missing_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tmp" / "models", ignore_errors=True)   # unpacked archives
@@ -804,10 +808,7 @@ def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
         return False
     proc = psutil.Process(pid)
     proc.terminate()
-    _, alive = psutil.wait_procs([proc], timeout=timeout)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    reap([proc], timeout)
     ui_pid_file(run_dir).unlink(missing_ok=True)
     from serving.gradio_app import UI_PASSWORD_FILE
 
