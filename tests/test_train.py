@@ -60,7 +60,8 @@ def test_train_then_eval(fashion, tmp_path):
 
 def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
     args = [f"data_dir={fashion}", *TINY, "epochs=2", "max_steps=24", "eval_every=0.5",
-            "drop_path=0.1", "ema=0.8", "ckpt_minutes=0"]        # checkpoint after every step
+            "drop_path=0.1", "ema=0.8", "ckpt_minutes=0",         # checkpoint after every step
+            "val_size=128"]                     # and keep the best on validation as it goes
     pixtok("train", "vit1-fashion", "--out", str(tmp_path / "a"), *args)
 
     b = tmp_path / "b"
@@ -79,15 +80,73 @@ def test_kill_and_resume_equals_uninterrupted(fashion, tmp_path):
     assert 9 <= killed_at < 24, "the run should have been killed midway"
     pixtok("train", "vit1-fashion", "--out", str(b), "--resume")
 
-    wa, wb = weights(tmp_path / "a"), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    for folder in ("", "best"):        # the last weights and the ones validation chose
+        wa, wb = weights(tmp_path / "a" / folder), weights(b / folder)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (folder, k)
+    assert (json.loads((tmp_path / "a/best/config.json").read_text())["selected"]
+            == json.loads((b / "best/config.json").read_text())["selected"])
     strip = [{k: v for k, v in json.loads(x).items() if k != "time"}
              for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     strip_b = [{k: v for k, v in json.loads(x).items() if k != "time"}
                for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert strip == strip_b
+
+
+def test_validation_keeps_the_best_weights_for_the_test_set(fashion, tmp_path):
+    """With val_size=N, CKPT/best/ holds the weights of the evaluation that was best on the
+    validation split (first of equals), a checkpoint folder of its own that `pixtok eval`
+    scores exactly as training did; the last weights stay in CKPT/."""
+    out = tmp_path / "run"
+    pixtok("train", "vit1-fashion", "--out", str(out), f"data_dir={fashion}", *TINY,
+           "epochs=3", "lr=2e-2", "warmup_epochs=0", "eval_every=0.25", "val_size=128")
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 12
+    best_acc = max(m["acc1"] for m in evals)
+    first = next(m for m in evals if m["acc1"] == best_acc)
+    best = json.loads((out / "best" / "config.json").read_text())
+    assert best["selected"] == {"split": "val", "metric": "acc1", "mode": "max",
+                                "value": best_acc, "step": first["step"]}
+    assert best["step"] == first["step"] and best["metrics"]["acc1"] == best_acc
+    rescored = json.loads(pixtok("eval", str(out / "best"), "--split", "val").stdout)
+    assert rescored["acc1"] == best_acc and rescored["n"] == 128
+    if first["step"] != evals[-1]["step"]:       # a different checkpoint from the last one
+        assert not all(torch.equal(a, b) for a, b in zip(weights(out).values(),
+                                                       weights(out / "best").values()))
+    assert not list(out.glob("best.*"))          # nothing left of the swaps
+
+
+def test_a_kill_inside_the_best_folder_swap_leaves_a_whole_one(tmp_path):
+    from training.checkpoint import publish_folder, settle_folder
+
+    final = tmp_path / "best"
+
+    def write(step):
+        def fill(folder):
+            (folder / "model.safetensors").write_text(f"weights {step}")
+            (folder / "config.json").write_text(json.dumps({"step": step}))
+        return fill
+
+    publish_folder(final, write(1))
+    publish_folder(final, write(2))
+    assert json.loads((final / "config.json").read_text()) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    # killed after the old copy moved aside, before the new one moved in: the new one is whole
+    final.rename(tmp_path / "best.old")
+    (tmp_path / "best.partial").mkdir()
+    write(3)(tmp_path / "best.partial")
+    assert settle_folder(final) == final and json.loads((final / "config.json").read_text()) \
+        == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    # killed while the new copy was written (no config.json yet), the old moved aside: the old
+    final.rename(tmp_path / "best.old")
+    (tmp_path / "best.partial").mkdir()
+    (tmp_path / "best.partial" / "model.safetensors").write_text("half")
+    assert settle_folder(final) == final and json.loads((final / "config.json").read_text()) \
+        == {"step": 3}
+    assert (final / "model.safetensors").read_text() == "weights 3"
+    assert settle_folder(tmp_path / "none") is None
 
 
 def test_a_stored_length_gives_its_steps_back():

@@ -4,6 +4,7 @@ resume, and init_from, which starts a later phase from another run's weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +20,36 @@ def save_train_state(path: Path, state: dict) -> None:
 
 def load_train_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def publish_folder(final: Path, write) -> None:
+    """Write a whole checkpoint folder: write(FINAL.partial) fills it (its config.json last),
+    then it is swapped in for FINAL. A kill at any point leaves FINAL, or a complete copy that
+    settle_folder() puts back, never half of one."""
+    partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write(partial)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def settle_folder(final: Path) -> Path | None:
+    """FINAL after a kill inside publish_folder(): the complete copy put back in place (the new
+    one when its config.json was written, else the old), or None when there is none."""
+    partial, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
+    if not (final / "config.json").is_file():
+        for candidate in (partial, old):
+            if (candidate / "config.json").is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                candidate.rename(final)
+                break
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final if (final / "config.json").is_file() else None
 
 
 def read_init_config(path) -> dict:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from pixtok.checkpoint import write_json
 from pixtok.errors import UserError
+from training.checkpoint import settle_folder
 from training.recipe import FIELDS, load_recipe, parse_overrides
 
 STUDY_DIR = Path(__file__).parent / "studies"
@@ -419,16 +420,25 @@ def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
     write_json(wall, {"train_s": spent})
     config = json.loads((run_dir / "config.json").read_text())
     recipe = config["recipe"]
+    selected_step = config["step"]
     if study.task == "dit":     # fixed epochs, the final EMA weights: nothing is chosen on val
         val, test = {}, evaluate_generator(study, out, run_dir, log)
+    elif (best := settle_folder(run_dir / "best")) is not None:
+        # the weights the validation split chose (training kept them as they went by); their
+        # validation metrics are the ones that chose them
+        chosen = json.loads((best / "config.json").read_text())
+        val = {k: v for k, v in chosen["metrics"].items() if k not in ("step", "epoch", "time")}
+        test = evaluate(best, "test", log)          # the only look at test, once it is done
+        selected_step = chosen["step"]
     else:
         val = final_val(run_dir, config["step"]) or evaluate(run_dir, "val", log) \
             if recipe.get("val_size") else {}
-        test = evaluate(run_dir, "test", log)       # the only look at test, once it is done
+        test = evaluate(run_dir, "test", log)
     params, flops = model_cost(run_dir)
     result = {"arm": arm, "seed": seed, "val": val, "test": test, "params": params,
               "flops_per_image": flops, "images_seen": config["step"] * recipe["batch_size"],
-              "steps": config["step"], "epochs": round(config.get("epoch", 0), 4),
+              "steps": config["step"], "selected_step": selected_step,
+              "epochs": round(config.get("epoch", 0), 4),
               "wall_s": round(spent, 1), "device": device_name(),
               "recipe": {k: recipe[k] for k in sorted(study.arms[arm]) if k in recipe}}
     write_json(run_dir / "result.json", result)
@@ -615,7 +625,9 @@ def write_report(study: Study, runs: list[dict], out: Path) -> dict:
               "(see below); nothing is chosen between runs, so no validation split is used."
               if study.task == "dit" else
               "Each run is evaluated on the validation split (what any choice between runs may "
-              "look at) and, once it has finished, on the test split (reported only)."), "",
+              "look at); once it has finished, the weights that were best on it (CKPT/best/, "
+              "the step in the last table) are evaluated once on the test split, which is "
+              "reported only."), "",
              f"| arm | overrides | test {study.metric} | val {study.metric} | params | "
              "GFLOPs/image | images seen |", "|---|---|---|---|---|---|---|"]
     for t, v in zip(test, val):
@@ -648,11 +660,12 @@ def write_report(study: Study, runs: list[dict], out: Path) -> dict:
     if study.task == "dit":
         lines += generator_section(study, runs, out)
     lines += ["", "## Runs", "", f"| arm | seed | test {study.metric} | val {study.metric} | "
-              "steps | wall s |", "|---|---|---|---|---|---|"]
+              "steps | chosen at step | wall s |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         tv, vv = metric_of(r, study, "test"), (metric_of(r, study, "val") if r["val"] else None)
         lines.append(f"| {r['arm']} | {r['seed']} | {tv:.4f} | "
-                     f"{'—' if vv is None else f'{vv:.4f}'} | {r['steps']} | {r['wall_s']} |")
+                     f"{'—' if vv is None else f'{vv:.4f}'} | {r['steps']} | "
+                     f"{r.get('selected_step', r['steps'])} | {r['wall_s']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return results
 

@@ -25,7 +25,12 @@ from tqdm import tqdm
 from pixtok.checkpoint import FORMAT, git_commit, read_config, write_json
 from pixtok.errors import UserError
 from training import distributed
-from training.checkpoint import load_train_state, save_train_state
+from training.checkpoint import (
+    load_train_state,
+    publish_folder,
+    save_train_state,
+    settle_folder,
+)
 from training.fsdp import full_model_state, full_optim_state, load_optim_state, shard
 from training.recipe import Recipe, from_dict, load_recipe
 from training.tasks import trainer_class
@@ -200,6 +205,7 @@ class Run:
         self.recipe, self.out, self.dist, self.task = recipe, out, dist, task
         self.model, self.state, self.t_begin = task.model, state, t_begin
         self.step, self.metrics = 0, {}
+        self.best: dict | None = None     # the best validation value so far (see keep_best)
         self.plan_schedule()
         self.build_weights()
         self.config = {"format": FORMAT, **task.config(), "recipe": recipe.to_dict(),
@@ -268,8 +274,10 @@ class Run:
         if state.get("task") is not None:            # a task's own state (a discriminator ...)
             self.task.load_state_dict(state["task"])
         self.step = state["step"]
+        self.best = state.get("best")
         if dist.main:
             trim_metrics(self.out / "metrics.jsonl", self.step)
+            settle_folder(self.out / "best")
 
     # --- the parts of a step ----------------------------------------------------------------
     def exported(self) -> nn.Module:
@@ -301,9 +309,37 @@ class Run:
             **({"metrics": metrics} if metrics else {})})
         save_train_state(out / "train_state.pt", {
             "model": raw, "optimizer": opt_state, "step": step, "ema": ema_state, "rng": rngs,
-            "task": self.task.state_dict(),
+            "task": self.task.state_dict(), "best": self.best,
             "data_position": {"epoch": step // self.steps_per_epoch,
                               "batch": step % self.steps_per_epoch}})
+
+    def keep_best(self, metrics: dict) -> None:
+        """With a validation split (val_size=N), keep the weights that are best on it so far by
+        the task's SELECT metric as a whole checkpoint folder, CKPT/best/: this, not the last
+        step, is what an honest comparison evaluates on the test set. A collective."""
+        select = self.task.SELECT
+        if not (select and self.recipe.val_size) or select[0] not in metrics:
+            return
+        key, mode = select
+        value, best = float(metrics[key]), self.best
+        if not math.isfinite(value):
+            return
+        if best is not None and math.isfinite(best["value"]) and not (
+                value > best["value"] if mode == "max" else value < best["value"]):
+            return
+        self.best = {"metric": key, "mode": mode, "value": value, "step": self.step}
+        export = self.exported()
+        if not self.dist.main:
+            return
+
+        def write(folder: Path) -> None:
+            self.task.on_checkpoint(folder, export)
+            write_json(folder / "config.json", {
+                **self.config, "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"), "metrics": metrics,
+                "selected": {"split": "val", **self.best}})
+
+        publish_folder(self.out / "best", write)
 
     def evaluate(self) -> dict:
         metrics = self.task.evaluate(self.exported(), self.recipe.eval_batch_size)
@@ -337,6 +373,7 @@ class Run:
                            f"{eval_s:.1f} s an evaluation")
         self.total = self.bar.total = total
         self.bar.refresh()
+        self.keep_best(self.metrics)
         self.checkpoint(self.metrics)
         self.budget = None
 
@@ -387,6 +424,7 @@ class Run:
             self.metrics = self.evaluate()
             if self.dist.main:
                 self.bar.write(json.dumps(self.metrics))
+            self.keep_best(self.metrics)
             self.checkpoint(self.metrics)
             self.last_ckpt = time.time()
         elif self.dist.any(time.time() - self.last_ckpt > self.recipe.ckpt_minutes * 60):

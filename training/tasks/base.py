@@ -26,6 +26,9 @@ class Task:
     name: str = ""
     # recipe keys this task reads beyond COMMON_KEYS; any other key must keep its default
     RECIPE_KEYS: frozenset[str] = frozenset()
+    # (metric, "max" or "min"): with val_size=N, the weights best on the validation split by this
+    # metric are kept in CKPT/best/; None: the task chooses nothing
+    SELECT: tuple[str, str] | None = None
     model: nn.Module
     train_set: Sized
 

@@ -35,6 +35,7 @@ class ClassifyTask(Task):
     RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "mixup", "cutmix", "label_smoothing",
                                             "token_drop", "val_size", "train_size",
                                             "permute_swaps", "permute_distance", "permute_seed"}
+    SELECT = ("acc1", "max")
 
     def __init__(self, recipe: Recipe, dist: Dist):
         super().__init__(recipe, dist)

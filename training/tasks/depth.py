@@ -82,6 +82,7 @@ class DepthTask(Task):
     RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "token_drop", "depth_loss",
                                             "silog_lambda", "n_train", "n_test", "splits",
                                             "val_size", "train_size"}
+    SELECT = ("rmse", "min")
 
     def __init__(self, recipe: Recipe, dist: Dist):
         super().__init__(recipe, dist)
