@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from pixtok.checkpoint import atomic_write, write_json
 from pixtok.errors import UserError
@@ -83,6 +84,9 @@ def build_cache(folder, vq, dataset, spec: dict, pad: int = 0, batch_size: int =
     mine = [k for k in range(rank, len(shards), world) if not shard_path(folder, k).is_file()]
     if mine and rank == 0:
         log(f"encoding {n} images into the latent cache {folder} ...")
+    bar = tqdm(total=sum(shards[k][1] - shards[k][0] for k in mine), unit="img",
+               desc="encoding latents (and their mirrors)", disable=rank != 0 or not mine,
+               dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
     for k in mine:
         start, stop = shards[k]
         lists = [list(range(i, min(i + batch_size, stop))) for i in range(start, stop, batch_size)]
@@ -91,10 +95,12 @@ def build_cache(folder, vq, dataset, spec: dict, pad: int = 0, batch_size: int =
             latents.append(encode(vq, images, pad).cpu())
             flipped.append(encode(vq, images.flip(-1), pad).cpu())
             labels.append(torch.as_tensor(y, dtype=torch.int64))
+            bar.update(len(y))
         tensors = {"latents": torch.cat(latents), "latents_flipped": torch.cat(flipped),
                    "labels": torch.cat(labels)}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         atomic_write(shard_path(folder, k), lambda tmp, t=tensors: save_file(t, tmp))
+    bar.close()
     barrier()
     if rank == 0:
         first = load_file(shard_path(folder, 0))["latents"] if shards else torch.zeros(0, 0, 0, 0)
