@@ -253,6 +253,11 @@ def test_pixtok_serve_starts_both_and_stop_stops_both(tmp_path):
     try:
         done = subprocess.run(pixtok, env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr
+        # start-up progress on stderr: the archive it builds, then the wait for READY workers
+        assert "building archives: tiny-cls.mar" in done.stderr
+        assert "pixtok serve: waiting for READY: tiny-cls" in done.stderr
+        assert "pixtok serve: every model READY: 100%" in done.stderr
+        assert "READY" not in done.stdout
         ui_url = f"http://127.0.0.1:{env['PIXTOK_UI_PORT']}/"
         assert ui_url in done.stdout and f"127.0.0.1:{ports['inference']}" in done.stdout
         ts_pid, ui_pid = launcher.running_pid(run_dir), launcher.running_ui_pid(run_dir)
