@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from pixtok.checkpoint import read_config
@@ -32,10 +31,8 @@ def run_cli(args) -> int:
     task = config.get("task")
     if task not in TASKS:
         raise UserError(f"{ckpt}: cannot evaluate task {task!r}")
-    # stderr says what runs (classify, depth and generator evaluations add a progress bar);
-    # stdout holds only the JSON
-    print(f"pixtok eval: evaluating {ckpt} ({task}, {args.split} split)", file=sys.stderr,
-          flush=True)
+    # classify, depth and generator evaluations show a bar on stderr; stdout holds only the JSON
+    # (no other stderr line: a user's mistake stays the one line there)
     metrics = trainer_class(task).evaluate_checkpoint(ckpt, config, args)
     print(json.dumps(metrics))
     return 0
