@@ -234,8 +234,6 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
     generator's diffusers pipeline folder (model_index.json). The archive's model version is
     the checkpoint's own (checkpoint_version) unless `version` says otherwise. progress: a bar
     on stderr names each stage as it starts (`pixtok export`)."""
-    from export.generator import stage_generator
-
     ckpt, out = Path(ckpt), Path(out)
     name = check_name(name or ckpt.resolve().name)
     task, config, source = read_source(ckpt, onnx)
@@ -250,6 +248,26 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
 
     if bar is not None:
         bar.set_description(f"export {name}: staging the code")
+    try:
+        version = write_archive(ckpt, out, name, task, config, source, onnx, version, log,
+                                stage_done)
+    except BaseException:
+        if bar is not None:     # cleared: a failed export's error stays the one stderr line
+            bar.leave = False
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close()
+    log(f"archive: {out / f'{name}.mar'} (version {version})")
+    return out / f"{name}.mar"
+
+
+def write_archive(ckpt: Path, out: Path, name: str, task: TaskInfo, config: dict | None,
+                  source, onnx: bool, version: str | None, log, stage_done) -> str:
+    """export_archive's stages: stage the code and the files, ONNX with onnx, the .mar into
+    out; stage_done(next stage) after each. -> the archive's version."""
+    from export.generator import stage_generator
+
     with tempfile.TemporaryDirectory(prefix="pixtok-export-") as tmp:
         stage = Path(tmp)
         stage_code(handler_path(task), stage)
@@ -273,10 +291,7 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
                            requirements(task), version)
         os.replace(mar, out / f"{name}.mar")     # TorchServe never sees a half-written archive
         stage_done("done")
-    if bar is not None:
-        bar.close()
-    log(f"archive: {out / f'{name}.mar'} (version {version})")
-    return out / f"{name}.mar"
+    return version
 
 
 def is_stale(ckpt: Path, mar: Path) -> bool:
@@ -303,7 +318,6 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
     """(Re)build NAME.mar for every checkpoint or pipeline folder in the model store that lacks
     a fresh one. With `broken` (a dict), a folder that cannot be built is noted there as
     {folder name: one-line reason} and the others are still built; without, the error is raised."""
-    from export.generator import is_pipeline_folder
 
     store = Path(store)
     built = []
@@ -316,6 +330,23 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
         except OSError:
             stale.append(ckpt)    # unreadable: building it below says why
     bar = archives_bar(len(stale))
+    try:
+        build_each(store, stale, log, broken, bar, built)
+    except BaseException:
+        if bar is not None:     # cleared: the error stays the one stderr line
+            bar.leave = False
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close()
+    return built
+
+
+def build_each(store: Path, stale: list[Path], log, broken: dict | None, bar,
+               built: list[Path]) -> None:
+    """build_missing_archives' loop: each stale folder's archive, appended to `built`."""
+    from export.generator import is_pipeline_folder
+
     for ckpt in stale:
         mar = store / f"{ckpt.name}.mar"
         if bar is not None:
@@ -338,9 +369,6 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
         finally:
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
-    return built
 
 
 def archives_bar(count: int):

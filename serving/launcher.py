@@ -331,8 +331,22 @@ def wait_ready(server: Server, timeout: float) -> None:
     client = server.client(timeout=10)
     deadline = time.monotonic() + timeout
     waiting = list(server.models)
-    with ready_bar(waiting) as bar:
+    bar = ready_bar(waiting)
+    with cleared_on_error(bar):
         wait_each_ready(server, client, waiting, deadline, timeout, bar)
+
+
+@contextlib.contextmanager
+def cleared_on_error(bar):
+    """Close a bar when the block ends; on an error clear it first, so that the error is the
+    one line it leaves on stderr."""
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        bar.close()
+        raise
+    bar.close()
 
 
 def ready_bar(models: list[str]):
@@ -509,7 +523,8 @@ def wait_kserve_ready(server: Server, proc: subprocess.Popen, timeout: float) ->
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     url = f"{local_url(server.inference_url)}/v2/health/ready"
     deadline = time.monotonic() + timeout
-    with ready_bar(list(server.models)) as bar:    # KServe says ready for all models at once
+    bar = ready_bar(list(server.models))    # KServe says ready for all models at once
+    with cleared_on_error(bar):
         wait_all_ready(server, proc, opener, url, deadline, timeout)
         bar.update(len(server.models))
         bar.set_description(waiting_for([]))
