@@ -217,24 +217,66 @@ def read_source(ckpt: Path, onnx: bool) -> tuple[TaskInfo, dict | None, object]:
     return TASKS[config["task"]], config, model
 
 
+def stage_bar(name: str, stages: int, show: bool):
+    """A bar on stderr over an export's stages, or None. Its description says the stage."""
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=stages, desc=f"export {name}", unit="stage", dynamic_ncols=True,
+                file=sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| "
+                "{elapsed}")
+
+
 def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool = False,
-                   log=print, version: str | None = None) -> Path:
+                   log=print, version: str | None = None, progress: bool = False) -> Path:
     """Build out/NAME.mar (and out/NAME.onnx with onnx=True) from a checkpoint folder, or from a
     generator's diffusers pipeline folder (model_index.json). The archive's model version is
-    the checkpoint's own (checkpoint_version) unless `version` says otherwise."""
-    from export.generator import stage_generator
-
+    the checkpoint's own (checkpoint_version) unless `version` says otherwise. progress: a bar
+    on stderr names each stage as it starts (`pixtok export`)."""
     ckpt, out = Path(ckpt), Path(out)
     name = check_name(name or ckpt.resolve().name)
     task, config, source = read_source(ckpt, onnx)
     out.mkdir(parents=True, exist_ok=True)
+    bar = stage_bar(name, 4 if onnx else 3, progress)
+
+    def stage_done(next_stage: str | None = None):
+        if bar is not None:
+            bar.update(1)
+            if next_stage:
+                bar.set_description(f"export {name}: {next_stage}")
+
+    if bar is not None:
+        bar.set_description(f"export {name}: staging the code")
+    try:
+        version = write_archive(ckpt, out, name, task, config, source, onnx, version, log,
+                                stage_done)
+    except BaseException:
+        if bar is not None:     # cleared: a failed export's error stays the one stderr line
+            bar.leave = False
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close()
+    log(f"archive: {out / f'{name}.mar'} (version {version})")
+    return out / f"{name}.mar"
+
+
+def write_archive(ckpt: Path, out: Path, name: str, task: TaskInfo, config: dict | None,
+                  source, onnx: bool, version: str | None, log, stage_done) -> str:
+    """export_archive's stages: stage the code and the files, ONNX with onnx, the .mar into
+    out; stage_done(next stage) after each. -> the archive's version."""
+    from export.generator import stage_generator
+
     with tempfile.TemporaryDirectory(prefix="pixtok-export-") as tmp:
         stage = Path(tmp)
         stage_code(handler_path(task), stage)
+        stage_done("staging the weights")
         if config is None:
             stage_generator(source, stage / "files")
         else:
             stage_files(ckpt, config, stage / "files")
+        stage_done("ONNX export and check" if onnx else "writing the archive")
         if onnx:
             from export.onnx import export_onnx
 
@@ -243,12 +285,13 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
                                out / f"{name}.onnx", output_name=task.onnx_output)
             log(f"onnx: {out / f'{name}.onnx'} (onnxruntime vs torch: {diff:.2e})")
             shutil.copy2(out / f"{name}.onnx", stage / "files" / "model.onnx")
+            stage_done("writing the archive")
         version = version or checkpoint_version(ckpt)
         mar = run_archiver(name, stage / "handler.py", stage / "files", stage,
                            requirements(task), version)
         os.replace(mar, out / f"{name}.mar")     # TorchServe never sees a half-written archive
-    log(f"archive: {out / f'{name}.mar'} (version {version})")
-    return out / f"{name}.mar"
+        stage_done("done")
+    return version
 
 
 def is_stale(ckpt: Path, mar: Path) -> bool:
@@ -275,15 +318,40 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
     """(Re)build NAME.mar for every checkpoint or pipeline folder in the model store that lacks
     a fresh one. With `broken` (a dict), a folder that cannot be built is noted there as
     {folder name: one-line reason} and the others are still built; without, the error is raised."""
-    from export.generator import is_pipeline_folder
 
     store = Path(store)
     built = []
-    for ckpt in sorted(p for p in store.iterdir() if is_model_folder(p)):
-        mar = store / f"{ckpt.name}.mar"
+    folders = sorted(p for p in store.iterdir() if is_model_folder(p))
+    stale = []
+    for ckpt in folders:
         try:
-            if not is_stale(ckpt, mar):
-                continue
+            if is_stale(ckpt, store / f"{ckpt.name}.mar"):
+                stale.append(ckpt)
+        except OSError:
+            stale.append(ckpt)    # unreadable: building it below says why
+    bar = archives_bar(len(stale))
+    try:
+        build_each(store, stale, log, broken, bar, built)
+    except BaseException:
+        if bar is not None:     # cleared: the error stays the one stderr line
+            bar.leave = False
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close()
+    return built
+
+
+def build_each(store: Path, stale: list[Path], log, broken: dict | None, bar,
+               built: list[Path]) -> None:
+    """build_missing_archives' loop: each stale folder's archive, appended to `built`."""
+    from export.generator import is_pipeline_folder
+
+    for ckpt in stale:
+        mar = store / f"{ckpt.name}.mar"
+        if bar is not None:
+            bar.set_description(f"building archives: {mar.name}")
+        try:
             if not is_pipeline_folder(ckpt):
                 task = read_config(ckpt).get("task")
                 if task not in CHECKS:
@@ -298,4 +366,17 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
                 raise
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             broken[ckpt.name] = f"{ckpt}: {reason}" if isinstance(e, OSError) else reason
-    return built
+        finally:
+            if bar is not None:
+                bar.update(1)
+
+
+def archives_bar(count: int):
+    """A bar on stderr over the archives a build will make (`pixtok serve`, `pixtok export
+    STORE`); none when nothing is to be built. TQDM_DISABLE=1 turns it off."""
+    if not count:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=count, desc="building archives", unit="archive", dynamic_ncols=True,
+                file=sys.stderr)

@@ -24,5 +24,5 @@ def run_cli(args) -> int:
                               "--name, --onnx or another --out")
         build_missing_archives(ckpt)
         return 0
-    export_archive(ckpt, args.out, name=args.name, onnx=args.onnx)
+    export_archive(ckpt, args.out, name=args.name, onnx=args.onnx, progress=True)
     return 0

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pixtok.errors import UserError
 from pixtok.models.dit import PixelDiT
-from pixtok.sampling import SAMPLERS
+from pixtok.sampling import SAMPLERS, report_step
 
 # the training schedule (diffusion.training_scheduler); make_scheduler copies these numbers
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
@@ -142,9 +142,12 @@ class PixelDiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels, guidance_scale: float = 4.0, num_inference_steps: int = 50,
                  generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, callback=None):
         """Sample one image per class label (names or indices). output_type: 'pil' (list of PIL
-        images), 'np' (N, H, W, C) floats, 'pt' (N, C, H, W) in [0, 1], 'latent'."""
+        images), 'np' (N, H, W, C) floats, 'pt' (N, C, H, W) in [0, 1], 'latent'.
+
+        callback(step, total), if given, is called after each sampler step (step 1..total); when
+        it returns False sampling stops with pixtok.sampling.SamplingCancelled."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise UserError(f"output_type must be pil, np, pt or latent, not {output_type!r}")
         most = self.scheduler.config.num_train_timesteps
@@ -160,10 +163,12 @@ class PixelDiTPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         keep = 2 * c if self.passes_variance() else c
-        for t in self.progress_bar(self.scheduler.timesteps):
+        total = len(self.scheduler.timesteps)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = self.scheduler.scale_model_input(latents, t)
             out = self.guided_prediction(model_in, t, ids, guidance_scale)[:, :keep]
             latents = self.scheduler.step(out, t, latents, generator=generator).prev_sample
+            report_step(callback, i + 1, total)
         if output_type == "latent":
             images = latents
         else:

@@ -11,3 +11,19 @@ SAMPLING_DEFAULTS = {"sampler": "dpm", "steps": 20, "guidance": 4.0}
 SAMPLERS = ("ddpm", "ddim", "dpm", "euler")    # diffusers schedulers, see pixtok/pipeline.py
 # steps that give good samples for each sampler at interactive speed
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 20, "euler": 50}
+
+
+class SamplingCancelled(Exception):
+    """A sampler's step callback asked it to stop (it returned False): no image was made.
+    .step and .total say how far it got."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"sampling was cancelled after {step} of {total} steps")
+        self.step, self.total = step, total
+
+
+def report_step(callback, step: int, total: int) -> None:
+    """Tell a step callback (callable(step, total) or None) that `step` of `total` is done;
+    raise SamplingCancelled when it returns False (None or True go on)."""
+    if callback is not None and callback(step, total) is False:
+        raise SamplingCancelled(step, total)

@@ -12,6 +12,10 @@ failed or an answer was cut short, with exponential backoff and full jitter (hon
 Retry-After), for at most `retry_seconds` (PIXTOK_CLIENT_RETRY_S, default 30; 0 turns retries
 off); then a ServerError or ServerUnreachable says how many tries were made. A socket timeout is
 a ServerTimeout, never retried. See docs/reliability.md.
+
+generate_stream() asks for a streamed generation ("stream": true) and yields each sampler step
+({"step": i, "total": n}) as the server sends it, then the answer; closing it (or breaking out of
+the loop) closes the connection.
 """
 from __future__ import annotations
 
@@ -146,6 +150,27 @@ def too_large(body: bytes) -> Response:
 def is_key_refused(resp: Response) -> bool:
     return resp.status == 401 or (resp.status == 400 and
                                   resp.json().get("type") == "InvalidKeyException")
+
+
+def read_stream(answer, model: str):
+    """The lines of a streamed answer: yields each {"step", "total"} and then the answer; an
+    error on the last line is a ServerError, a stream that ends without an answer is cut short."""
+    try:
+        for raw in answer:
+            line = raw.strip()
+            if not line:
+                continue
+            item = json.loads(line)
+            if isinstance(item, dict) and set(item) == {"step", "total"}:
+                yield item
+                continue
+            if isinstance(item, dict) and {"code", "type", "message"} <= set(item):
+                raise ServerError(int(item["code"]), item, " (the stream's last line)")
+            yield item
+            return
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise ServerUnreachable(f"the streamed answer of {model!r} was cut short ({e})") from None
+    raise ServerUnreachable(f"the streamed answer of {model!r} ended before its result")
 
 
 class Client:
@@ -283,6 +308,51 @@ class Client:
         opts = {k: v for k, v in opts.items() if v is not None}
         body = json.dumps({"label": label, **opts}).encode()
         return self.predict(model, body, "application/json", idempotent="seed" in opts)
+
+    def generate_stream(self, label, model: str = DEFAULT_MODELS["generate"], **opts):
+        """Like generate(), with the answer streamed: yields {"step": i, "total": n} after each
+        sampler step, then the answer ({"images", ...}) last. A refusal before the first step
+        (a bad field, an unknown model) raises ServerError as generate() does, and so does an
+        error sent as the stream's last line (the server stopping mid-way). Overload is retried
+        as in generate() (only with a seed); a stream that has begun never is."""
+        opts = {k: v for k, v in opts.items() if v is not None}
+        body = json.dumps({"label": label, **opts, "stream": True}).encode()
+        answer = self._open_stream(model, body, idempotent="seed" in opts)
+        with answer:
+            yield from read_stream(answer, model)
+
+    def _open_stream(self, model: str, body: bytes, idempotent: bool):
+        """POST a streamed request -> the open HTTP answer (status 200), re-keyed and retried
+        as predict() does."""
+        url = f"{self.base_url}/predictions/{model}"
+        budget = self.retry_seconds if idempotent else 0.0
+        start, attempt, refused = time.monotonic(), 0, 0
+        while True:
+            key = self.key("inference")
+            headers = {"Content-Type": "application/json"}
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+            try:
+                return self._opener.open(req, timeout=self.timeout)
+            except urllib.error.HTTPError as e:
+                resp = Response(e.code, dict(e.headers), e.read())
+            except (OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError):
+                    raise ServerTimeout(f"{url} sent no answer within {self.timeout:g} s") from None
+                raise ServerUnreachable(f"cannot reach {url} ({reason}); is `pixtok serve` "
+                                        "running?") from None
+            if is_key_refused(resp) and refused < 2:
+                refused += 1
+                self.refresh_key("inference", key)
+                continue
+            delay = backoff_delay(attempt, resp.header("Retry-After"))
+            if resp.status not in RETRY_STATUSES or time.monotonic() - start + delay > budget:
+                raise ServerError(resp.status, explain(resp, model))
+            time.sleep(delay)
+            attempt += 1
+            self.retries += 1
 
     # --- management -------------------------------------------------------------------------
     def management(self, method: str, path: str) -> Response:

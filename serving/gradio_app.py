@@ -1,7 +1,10 @@
 """The Gradio front end of `pixtok serve`: a browser page over the REST API; it holds no model.
 
 Every action is one REST call through serving.client.Client, which finds the server and its key
-in the run folder and renews the key when TorchServe rolls it over. Tabs and gradio_client API
+in the run folder and renews the key when TorchServe rolls it over. Generate streams its request
+("stream": true): each sampler step moves a gr.Progress bar, Stop cancels the run (the page is
+free at once; the run closes its stream at the next step), "Random seed" draws the seed, and
+examples under the form fill it in. Tabs and gradio_client API
 names: Generate (/generate), Classify (/classify), Depth (/depth). Uploaded files are forwarded
 to the server as they are (the event skips Gradio's own image decoding), so a file that is not an
 image gets the server's own message. Example inputs live in the run folder (ui/examples/): real
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import io
 import ipaddress
@@ -28,6 +32,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,7 @@ UI_USER, UI_PASSWORD_ENV, UI_PASSWORD_FILE = "pixtok", "PIXTOK_UI_PASSWORD", "ui
 COLOUR_MAP = "viridis_r"       # near is bright, far is dark
 CONCURRENCY = {"generate": 2, "classify": 8, "depth": 4}   # TorchServe batches the rest
 IMAGE_HEIGHT = 320
+RANDOM_SEEDS = 2**31      # "Random seed" draws from 0..2^31-1: short enough to read and retype
 # small images (28x28 Fashion-MNIST, 48x64 depth maps) are shown scaled up, with sharp pixels
 CSS = """
 #classify-input img, #depth-input img, #depth-output img {
@@ -175,6 +181,15 @@ def read_examples(folder: Path) -> dict[str, list[Path]]:
             "depth": sorted(folder.glob("scene-*.png"))}
 
 
+def generate_examples(labels: list[str]) -> list[list]:
+    """Rows of the Generate tab's examples: [class, seed, sampler, steps, guidance, images],
+    one per sampler, over the first classes."""
+    rows = [(0, 0, "dpm", 20, 4.0, 4), (1, 7, "ddim", 50, 4.0, 2), (2, 42, "euler", 50, 2.0, 1),
+            (3, 3, "ddpm", 250, 1.5, 1)]
+    return [[labels[i % len(labels)], seed, sampler, steps, guidance, n]
+            for i, seed, sampler, steps, guidance, n in rows]
+
+
 # --- depth colouring -------------------------------------------------------------------------
 def colour_table(name: str = COLOUR_MAP) -> np.ndarray:
     """A 256-entry uint8 RGB table (256, 3) of a matplotlib colour map (no pyplot, no GUI)."""
@@ -238,8 +253,12 @@ class PageActions:
         self.client, self.models, self.labels = client, models, labels
         self.table = colour_table()
 
-    def generate(self, label, seed, sampler, steps, guidance, count):
-        """class, seed, sampler, steps, guidance, count -> [(image, caption), ...]"""
+    def generate(self, label, seed, sampler, steps, guidance, count, random_seed=False,
+                 progress=None, stop: threading.Event | None = None):
+        """class, seed, sampler, steps, guidance, count, random seed? -> ([(image, caption),
+        ...], the seed used). The server streams its sampler steps and each one moves
+        `progress` (a gr.Progress). When `stop` is set (the page's Stop) it closes the stream
+        at the next step and leaves the page as it was (gr.skip)."""
         import gradio as gr
 
         if label is None or str(label).strip() == "":
@@ -247,17 +266,32 @@ class PageActions:
         label = str(label)
         if label not in self.labels and label.strip().isdigit():
             label = int(label)
+        if random_seed:
+            seed = secrets.randbelow(RANDOM_SEEDS)
+        seed = int(seed if seed is not None else GENERATE_DEFAULTS["seed"])
+        steps = int(round(steps))
+        # not `progress or ...`: a gr.Progress has a length, 0 until it tracks an iterable
+        report = progress if progress is not None else (lambda *a, **k: None)
+        report((0, steps), desc=f"seed {seed}: waiting for the server", unit="steps")
+        answer = None
+        stream = self.client.generate_stream(
+            label, model=self.models["generate"], seed=seed, steps=steps, sampler=sampler,
+            guidance=float(guidance), num_images=int(round(count)))
         try:
-            answer = self.client.generate(
-                label, model=self.models["generate"],
-                seed=int(seed if seed is not None else GENERATE_DEFAULTS["seed"]),
-                steps=int(round(steps)), sampler=sampler, guidance=float(guidance),
-                num_images=int(round(count)))
+            with contextlib.closing(stream):      # closing it closes the connection
+                for item in stream:
+                    if stop is not None and stop.is_set():
+                        return gr.skip(), gr.skip()
+                    if "step" in item:
+                        report((item["step"], item["total"]), unit="steps",
+                               desc=f"seed {seed}: step {item['step']} of {item['total']}")
+                    else:
+                        answer = item
         except UserError as e:
             raise readable_error(e) from None
         images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in answer["images"]]
-        return [(img, f"{answer['label']} · seed {answer['seed']} · #{i}")
-                for i, img in enumerate(images)]
+        return ([(img, f"{answer['label']} · seed {answer['seed']} · #{i}")
+                 for i, img in enumerate(images)], answer["seed"])
 
     def classify(self, upload):
         """an uploaded image -> {label: score} of the top k classes"""
@@ -276,6 +310,38 @@ class PageActions:
         lo, hi = float(answer["min"]), float(answer["max"])
         rgb = colourise(decode_depth(answer), lo, hi, self.table)
         return Image.fromarray(rgb), legend_html(lo, hi, self.table)
+
+
+def generate_events(actions: PageActions):
+    """(generate, stop): the Generate tab's two event functions. Each run gets a gr.Progress
+    and an Event that the same browser session's Stop sets."""
+    import gradio as gr
+
+    tracker = gr.Progress()      # Gradio hands each run its own, by this default
+    # {browser session: the Event of its running generation}. Keyed by gr.Request, not a
+    # gr.State: a State makes Gradio hold a heartbeat connection open for every page
+    stops: dict[str, threading.Event] = {}
+
+    def generate(label, seed, sampler, steps, guidance, count, random_seed, request=None,
+                 progress=tracker):
+        session = getattr(request, "session_hash", None) or ""
+        stops[session] = stop_event = threading.Event()
+        try:
+            return actions.generate(label, seed, sampler, steps, guidance, count, random_seed,
+                                    progress, stop_event)
+        finally:
+            if stops.get(session) is stop_event:
+                del stops[session]
+
+    def stop(request=None):
+        event = stops.get(getattr(request, "session_hash", None) or "")
+        if event is not None:
+            event.set()
+
+    # Gradio hands a gr.Request to a parameter annotated with it; this module's annotations are
+    # strings (from __future__) that cannot name gr, so the class is set here
+    generate.__annotations__["request"] = stop.__annotations__["request"] = gr.Request
+    return generate, stop
 
 
 # --- the page --------------------------------------------------------------------------------
@@ -299,24 +365,42 @@ def build_app(actions: PageActions, examples: dict[str, list[Path]]):
                         allow_custom_value=not labels,
                         info=None if labels else "the generator's classes are unknown here: "
                                                  "type a class name or index")
-                    seed = gr.Number(GENERATE_DEFAULTS["seed"], label="Seed", precision=0,
-                                     minimum=0)
+                    with gr.Row():
+                        seed = gr.Number(GENERATE_DEFAULTS["seed"], label="Seed", precision=0,
+                                         minimum=0, elem_id="generate-seed", scale=3)
+                        random_seed = gr.Checkbox(False, label="Random seed", scale=1,
+                                                  elem_id="generate-random-seed",
+                                                  info="a new seed each time; shown above")
                     sampler = gr.Radio(list(SAMPLERS), value=GENERATE_DEFAULTS["sampler"],
-                                       label="Sampler")
+                                       label="Sampler", elem_id="generate-sampler")
                     steps = gr.Slider(1, MAX_STEPS, GENERATE_DEFAULTS["steps"], step=1,
                                       label="Steps", elem_id="generate-steps")
                     guidance = gr.Slider(0.0, 20.0, GENERATE_DEFAULTS["guidance"], step=0.25,
                                          label="Guidance")
                     count = gr.Slider(1, MAX_IMAGES, GENERATE_DEFAULTS["num_images"], step=1,
                                       label="Images", elem_id="generate-count")
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                    with gr.Row():
+                        generate = gr.Button("Generate", variant="primary",
+                                             elem_id="generate-btn")
+                        stop = gr.Button("Stop", variant="stop", elem_id="generate-stop")
                 gallery = gr.Gallery(label="Samples", columns=4, format="png", scale=2,
                                      height=IMAGE_HEIGHT + 120, object_fit="contain",
                                      buttons=["download", "download_all", "fullscreen"],
                                      elem_id="generate-gallery")
-            generate.click(actions.generate, [label, seed, sampler, steps, guidance, count],
-                           gallery, api_name="generate",
-                           concurrency_limit=CONCURRENCY["generate"])
+            form = [label, seed, sampler, steps, guidance, count]
+            if labels:
+                gr.Examples(generate_examples(labels), form, elem_id="generate-examples",
+                            label="Examples: click one to fill in the form, then Generate")
+
+            generate_fn, stop_fn = generate_events(actions)
+            running = generate.click(generate_fn, [*form, random_seed], [gallery, seed],
+                                     api_name="generate",
+                                     concurrency_limit=CONCURRENCY["generate"])
+            # Stop: `cancels` frees the page at once (the run's answer is dropped), and the
+            # Event makes the run close its stream at the next step; what the server does then
+            # is in docs/serving.md (KServe stops sampling; TorchServe's worker finishes)
+            stop.click(stop_fn, None, None, cancels=[running], api_visibility="private",
+                       concurrency_limit=None)
         with gr.Tab("Classify"):
             with gr.Row():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],

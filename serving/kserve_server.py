@@ -8,7 +8,9 @@ core (pixtok/inference/), so both servers answer alike. It speaks two protocols 
   /v2/models/NAME, /v2/models/NAME/ready, /v2/models/NAME/infer; names and types in
   docs/architecture.md), errors as {"error": message} with a 4xx;
 - our REST routes as TorchServe answers them (POST /predictions/NAME, GET /ping), errors as
-  {"code", "type", "message"}, so serving/client.py and the Gradio page work unchanged.
+  {"code", "type", "message"}, so serving/client.py and the Gradio page work unchanged; a
+  generator request with "stream": true is answered as a stream of JSON lines, one per sampler
+  step and the answer last, and a client that leaves stops its generation at the next step.
 
 Requests of one model are batched across clients (up to --batch-size items, waiting at most
 --max-batch-delay ms after the first; defaults per task as TorchServe's in serving/launcher.py)
@@ -35,6 +37,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +46,7 @@ import numpy as np
 from fastapi import Request  # at module level: the route's annotation is resolved from here
 
 from pixtok.archive import read_archive_json
-from pixtok.inference.handler_base import v2_generate_body, v2_image
+from pixtok.inference.handler_base import STREAM_CONTENT_TYPE, v2_generate_body, v2_image
 from pixtok.inference.validate import MAX_BODY_BYTES, RequestError
 
 log = logging.getLogger("pixtok.kserve")
@@ -81,6 +84,7 @@ class Batcher:
         self.run, self.size, self.delay_s = run, max(1, size), max(0.0, delay_s)
         self.queue: asyncio.Queue | None = None
         self.carry = None
+        self.running = 0          # the size of the batch on the model thread now
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pixtok-model")
 
     async def submit(self, items: list) -> tuple[list, int]:
@@ -119,6 +123,7 @@ class Batcher:
                 batch.append(found)
                 count += len(found[0])
             items = [item for request, _ in batch for item in request]
+            self.running = len(items)
             try:
                 results = await loop.run_in_executor(self.executor, self.run_all, items)
             except Exception as e:               # never leave a client waiting
@@ -241,11 +246,55 @@ class PixtokModel:
     # REST: one request, one item; the answer as TorchServe's handler gives it
     async def rest(self, body: bytes, content_type: str | None) -> tuple[dict, int]:
         item = await self.in_thread(self.core.preprocess, body, content_type)
+        return await self.answer(item)
+
+    async def answer(self, item) -> tuple[dict, int]:
         [result], batch_size = await self.batcher.submit([item])
         error = first_error([result])
         if error:
             raise error
         return self.rest_answer(result), batch_size
+
+    async def stream(self, item: dict, request: Request):
+        """A request that asked for a stream -> its events as they come: ("step", {"step",
+        "total"}, batch size) per sampler step, then ("done", answer or RequestError, batch
+        size). When the client has gone the generation stops at its next step."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+
+        def on_step(step: int, total: int):          # on the model's thread
+            if gone.is_set():
+                return False
+            loop.call_soon_threadsafe(events.put_nowait, (
+                "step", {"step": step, "total": total}, self.batcher.running))
+            return None
+
+        async def run():
+            try:
+                answer, size = await self.answer({**item, "on_step": on_step})
+                events.put_nowait(("done", answer, size))
+            except RequestError as e:
+                if e.type == "cancelled":
+                    log.info("pixtok: %s: %s", self.name, e.message)
+                events.put_nowait(("done", e, self.batcher.running))
+
+        task = loop.create_task(run())
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), 1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                yield event
+                if event[0] == "done":
+                    return
+        finally:
+            gone.set()       # the client left, or the answer is out: no more steps to anyone
+            if not task.done():
+                task.add_done_callback(lambda t: t.exception())    # never "never retrieved"
 
     # v2: one request, its inputs one batch; any bad input fails the request with its 4xx
     async def predict(self, payload, headers=None, response_headers=None):
@@ -370,7 +419,9 @@ def make_model_classes():  # noqa: C901
             self.outputs = [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
 
         def run(self, items):
-            return self.core.predict(items)
+            # a streamed REST request carries its step callback (PixtokModel.stream)
+            return self.core.predict(items, progress=lambda j, step, total:
+                                     items[j]["on_step"](step, total))
 
         def rest_answer(self, answer):
             return answer
@@ -574,6 +625,35 @@ async def request_body(request: Request, content_type: str | None) -> bytes:
     return await request.body()
 
 
+async def streamed(model, item: dict, request: Request, headers: dict):
+    """A streamed generation: one line {"step", "total"} per sampler step, then the answer (or
+    the error that ended it) as the last line. A request refused before its first step gets a
+    plain JSON error, as without a stream."""
+    from fastapi.responses import StreamingResponse
+
+    events = model.stream(item, request)
+    kind, payload, size = await anext(events)
+    headers = {**headers, "X-Pixtok-Batch-Size": str(max(1, size))}
+    if kind == "done" and isinstance(payload, RequestError):
+        await events.aclose()
+        raise payload
+
+    async def lines():
+        nonlocal kind, payload
+        try:
+            while True:
+                if isinstance(payload, RequestError):
+                    payload = payload.to_dict()
+                yield json.dumps(payload) + "\n"
+                if kind == "done":
+                    return
+                kind, payload, _ = await anext(events)
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(lines(), 200, media_type=STREAM_CONTENT_TYPE, headers=headers)
+
+
 def install_routes(app, models: dict) -> None:
     """Our REST routes beside KServe's v2 ones, and the handlers that keep every refusal a 4xx
     in the route's own protocol."""
@@ -590,7 +670,10 @@ def install_routes(app, models: dict) -> None:
         headers = {"X-Pixtok-Backend": model.backend}
         try:
             body = await request_body(request, content_type)
-            answer, batch_size = await model.rest(body, content_type)
+            item = await model.in_thread(model.core.preprocess, body, content_type)
+            if isinstance(item, dict) and item.get("stream"):
+                return await streamed(model, item, request, headers)
+            answer, batch_size = await model.answer(item)
         except RequestError as e:
             return Response(e.to_json().encode(), e.code, media_type="application/json",
                             headers=headers)

@@ -331,14 +331,52 @@ def wait_ready(server: Server, timeout: float) -> None:
     client = server.client(timeout=10)
     deadline = time.monotonic() + timeout
     waiting = list(server.models)
+    bar = ready_bar(waiting)
+    with cleared_on_error(bar):
+        wait_each_ready(server, client, waiting, deadline, timeout, bar)
+
+
+@contextlib.contextmanager
+def cleared_on_error(bar):
+    """Close a bar when the block ends; on an error clear it first, so that the error is the
+    one line it leaves on stderr."""
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        bar.close()
+        raise
+    bar.close()
+
+
+def ready_bar(models: list[str]):
+    """A bar on stderr over the models that have a READY worker; its description names the
+    ones still loading. TQDM_DISABLE=1 turns it off."""
+    from tqdm import tqdm
+
+    return tqdm(total=len(models), desc=waiting_for(models), unit="model", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def waiting_for(models: list[str]) -> str:
+    return f"pixtok serve: waiting for READY: {', '.join(models)}" if models else \
+        "pixtok serve: every model READY"
+
+
+def wait_each_ready(server: Server, client: Client, waiting: list[str], deadline: float,
+                    timeout: float, bar) -> None:
     while waiting:
         if running_pid(server.run_dir) is None:
             raise ServeError(f"TorchServe exited while starting; see {server.run_dir / 'logs'} "
                              f"({log_tail(server.run_dir)})")
         try:
-            waiting = [m for m in waiting if not client.is_ready(m)]
+            still = [m for m in waiting if not client.is_ready(m)]
         except UserError:
-            pass    # the management API is not listening yet
+            still = waiting    # the management API is not listening yet
+        if still != waiting:
+            bar.update(len(waiting) - len(still))
+            bar.set_description(waiting_for(still))
+            waiting = still
         if waiting and time.monotonic() > deadline:
             stop(server.run_dir, log=lambda *_: None)
             raise ServeError(f"model(s) {', '.join(waiting)} not ready after {timeout:.0f} s; "
@@ -485,6 +523,17 @@ def wait_kserve_ready(server: Server, proc: subprocess.Popen, timeout: float) ->
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     url = f"{local_url(server.inference_url)}/v2/health/ready"
     deadline = time.monotonic() + timeout
+    bar = ready_bar(list(server.models))    # KServe says ready for all models at once
+    with cleared_on_error(bar):
+        wait_all_ready(server, proc, opener, url, deadline, timeout)
+        bar.update(len(server.models))
+        bar.set_description(waiting_for([]))
+
+
+def wait_all_ready(server: Server, proc: subprocess.Popen, opener, url: str, deadline: float,
+                   timeout: float) -> None:
+    import urllib.error
+
     while True:
         if proc.poll() is not None:
             kserve_pid_file(server.run_dir).unlink(missing_ok=True)

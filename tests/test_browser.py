@@ -1,5 +1,6 @@
 """The Gradio page in a real browser (headless Chromium from Debian's `chromium` package, driven by
-playwright without a browser download): generate, a bad upload, and the page working after it."""
+playwright without a browser download): generate, its progress bar moving with the server's
+streamed steps, Stop, the examples, a bad upload, and the page working after it."""
 from __future__ import annotations
 
 import io
@@ -70,6 +71,104 @@ def test_generate_shows_a_non_blank_image(ui, browser_page, tmp_path_factory):
     print(f"screenshot: {shot}")
     assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 8
     assert pixels.std() > 1.0, "the generated image is blank"
+
+
+# Installed before a generation: a MutationObserver writes down every progress-bar label the
+# Generate tab shows ("seed S: step i of n") and whether any of `watched` ever appeared in its
+# gallery, so the test reads what the page showed over the whole run, not one moment of it.
+RECORDER = """(watched) => {
+  const seen = {labels: [], hits: []};
+  const record = () => {
+    const gallery = document.querySelector('#generate-gallery');
+    if (!gallery) return;
+    const bar = gallery.querySelector('[role=progressbar]');
+    const label = bar ? bar.getAttribute('aria-label') : null;
+    if (label && seen.labels[seen.labels.length - 1] !== label) seen.labels.push(label);
+    for (const w of watched)
+      if (!seen.hits.includes(w) && gallery.innerHTML.includes(w)) seen.hits.push(w);
+  };
+  if (window.__pixtokObserver) window.__pixtokObserver.disconnect();
+  window.__pixtokObserver = new MutationObserver(record);
+  window.__pixtokObserver.observe(document.body,
+    {subtree: true, childList: true, attributes: true, characterData: true});
+  window.__pixtok = seen;
+}"""
+GENERATION_MS = 300_000       # hundreds of steps of the tiny generator on a busy 2-core machine
+
+
+def fill_generate_form(page, seed: int, steps: int, sampler: str):
+    page.get_by_role("tab", name="Generate").click()
+    for field, value in (("#generate-seed", seed), ("#generate-steps", steps)):
+        page.fill(f"{field} input[type=number]", str(value))
+        page.press(f"{field} input[type=number]", "Tab")
+    page.locator("#generate-sampler label", has_text=sampler).click()
+
+
+def steps_shown(page, seed: int) -> list[tuple[int, int]]:
+    """(step, total) of every progress label the recorder saw for this seed, in order."""
+    labels = page.evaluate("() => window.__pixtok.labels")
+    return [(int(m[1]), int(m[2])) for m in
+            (re.search(rf"seed {seed}: step (\d+) of (\d+)", t) for t in labels) if m]
+
+
+def caption(seed: int) -> str:
+    return f"seed {seed} · #0"      # the gallery caption of a finished run's first image
+
+
+def test_the_progress_bar_moves_with_the_servers_steps(ui, browser_page):
+    if "generate" not in ui.models:
+        pytest.skip("the session server has no generate model")
+    page, _ = browser_page
+    fill_generate_form(page, seed=21, steps=400, sampler="ddpm")
+    page.evaluate(RECORDER, [caption(21)])
+    page.click("#generate-btn")
+    page.wait_for_function("c => window.__pixtok.hits.includes(c)", arg=caption(21),
+                           timeout=GENERATION_MS)
+    shown = steps_shown(page, 21)
+    assert {total for _, total in shown} == {400}, shown
+    steps = [step for step, _ in shown]
+    assert steps == sorted(steps), steps                  # it only moves forward
+    assert len(set(steps)) >= 2 and any(0 < s < 400 for s in steps), steps    # it moved
+
+
+def test_stop_cancels_and_the_page_is_free_again(ui, browser_page):
+    if "generate" not in ui.models:
+        pytest.skip("the session server has no generate model")
+    page, _ = browser_page
+    fill_generate_form(page, seed=1234, steps=1000, sampler="ddpm")
+    page.evaluate(RECORDER, [caption(1234), caption(77)])
+    page.click("#generate-btn")
+    page.wait_for_function("() => window.__pixtok.labels.some(t => /step [1-9]/.test(t))",
+                           timeout=GENERATION_MS)
+    page.click("#generate-stop")
+    sync_api.expect(page.locator("#generate-gallery [role=progressbar]")).to_have_count(0)
+    # the page takes the next request; its answer comes once the server is free (TorchServe's
+    # worker finishes the stopped run first: docs/serving.md)
+    fill_generate_form(page, seed=77, steps=2, sampler="ddim")
+    page.click("#generate-btn")
+    page.wait_for_function("c => window.__pixtok.hits.includes(c)", arg=caption(77),
+                           timeout=GENERATION_MS)
+    hits = page.evaluate("() => window.__pixtok.hits")
+    assert caption(1234) not in hits, "the stopped run's image was shown"
+    stopped = [step for step, _ in steps_shown(page, 1234)]
+    assert stopped and max(stopped) < 1000, stopped
+
+
+def test_an_example_fills_in_the_generate_form(ui, browser_page):
+    from serving.gradio_app import archive_labels, generate_examples, served_archives
+
+    if "generate" not in ui.models:
+        pytest.skip("the session server has no generate model")
+    page, _ = browser_page
+    page.get_by_role("tab", name="Generate").click()
+    labels = archive_labels(served_archives(ui.run_dir)[ui.models["generate"]])
+    label, seed, sampler, steps, guidance, count = generate_examples(labels)[1]
+    page.locator("#generate-examples tbody tr").nth(1).click()
+    sync_api.expect(page.locator("#generate-seed input[type=number]")).to_have_value(str(seed))
+    sync_api.expect(page.locator("#generate-steps input[type=number]")).to_have_value(str(steps))
+    sync_api.expect(page.locator("#generate-count input[type=number]")).to_have_value(str(count))
+    sync_api.expect(page.locator("#generate-sampler input[type=radio]:checked")).to_have_value(
+        sampler)
 
 
 def test_a_bad_upload_shows_the_servers_message_and_the_page_keeps_working(

@@ -125,6 +125,7 @@ FIELDS = st.fixed_dictionaries({}, optional={
     "sampler": st.one_of(st.sampled_from(["ddpm", "ddim", "dpm", "euler"]), JSON_VALUES),
     "guidance": st.one_of(st.floats(allow_nan=True, allow_infinity=True), JSON_VALUES),
     "num_images": st.one_of(st.integers(-1, 20), JSON_VALUES),
+    "stream": st.one_of(st.booleans(), JSON_VALUES),
     "extra": JSON_VALUES,
 })
 
@@ -139,6 +140,7 @@ def check_generate(body):
     assert 1 <= got["steps"] <= MAX_STEPS and 1 <= got["num_images"] <= MAX_IMAGES
     assert got["sampler"] in SAMPLERS and np.isfinite(got["guidance"])
     assert isinstance(got["seed"], int) and not isinstance(got["seed"], bool)
+    assert isinstance(got["stream"], bool)
 
 
 @SETTINGS

@@ -41,6 +41,9 @@ def generator(classifier, tmp_path_factory):
 def test_eval_prints_fid_proxy_class_agreement_and_n(generator, classifier):
     res = pixtok("eval", str(generator), "-n", "40", "--steps", "3")   # classifier: from config
     metrics = json.loads(res.stdout)
+    # stderr says what it does and how far it got (one batch of 40 images, 3 sampler steps)
+    assert "eval: sampling 40 images, dpm-3, guidance 4: 100%" in res.stderr
+    assert "3/3" in res.stderr
     assert metrics["n"] == 40 and metrics["n_real"] == 40
     assert (metrics["sampler"], metrics["steps"], metrics["guidance"]) == ("dpm", 3, 4.0)
     assert metrics["classifier"] == str(classifier)
@@ -79,6 +82,11 @@ def test_bench_sample_on_any_generator(generator, classifier, tmp_path):
     res = pixtok("bench", "sample", "--quick", "--json", str(tmp_path / "b.json"), env=env)
     result = json.loads(res.stdout)
     assert result == json.loads((tmp_path / "b.json").read_text())
+    # stderr: which of the 10 settings runs and how far along, in sampler steps of all of them
+    # (one batch of 16 images per setting: 2 x (250 + 50 + 10 + 20 + 25) steps)
+    assert "bench sample 1/10: ddpm-250, guidance 1, 16 images" in res.stderr
+    assert "bench sample 10/10: dpm-25, guidance 4, 16 images: 100%" in res.stderr
+    assert "710/710" in res.stderr
     assert result["suite"] == "sample" and result["n"] == 16
     rows = result["results"]
     assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [

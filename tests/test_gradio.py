@@ -24,10 +24,13 @@ from pixtok.inference.validate import GENERATE_DEFAULTS
 from serving import launcher
 from serving.client import DEFAULT_MODELS
 from serving.gradio_app import (
+    RANDOM_SEEDS,
+    SAMPLERS,
     archive_labels,
     colour_table,
     colourise,
     decode_depth,
+    generate_examples,
     legend_html,
     model_names,
     served_archives,
@@ -123,16 +126,48 @@ def test_generate_matches_the_rest_api_byte_for_byte(server, ui, app):
     model = needs(ui, "generate")
     labels = archive_labels(served_archives(server.run_dir)[model])
     request = {"seed": 3, "sampler": "ddim", "steps": 2, "guidance": 2.0, "num_images": 2}
-    got = app.predict(labels[-1], request["seed"], request["sampler"], request["steps"],
-                      request["guidance"], request["num_images"], api_name="/generate")
+    got, seed = app.predict(labels[-1], request["seed"], request["sampler"], request["steps"],
+                            request["guidance"], request["num_images"], api_name="/generate")
     want = server.client().generate(labels[-1], model=model, **request)
-    assert len(got) == 2
+    assert seed == 3 and len(got) == 2
     for item, b64 in zip(got, want["images"]):
         shown = np.asarray(Image.open(item["image"]))
         sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
         np.testing.assert_array_equal(shown, sent)
         assert shown.std() > 0     # not a blank image
         assert labels[-1] in item["caption"] and "seed 3" in item["caption"]
+
+
+def test_a_random_seed_is_drawn_shown_and_reproduces_over_rest(server, ui, app):
+    model = needs(ui, "generate")
+    labels = archive_labels(served_archives(server.run_dir)[model])
+    request = {"sampler": "ddim", "steps": 2, "guidance": 2.0, "num_images": 1}
+    got, seed = app.predict(labels[0], 5, request["sampler"], request["steps"],
+                            request["guidance"], request["num_images"], True,
+                            api_name="/generate")
+    assert isinstance(seed, int) and 0 <= seed < RANDOM_SEEDS
+    assert f"seed {seed}" in got[0]["caption"]
+    want = server.client().generate(labels[0], model=model, seed=seed, **request)
+    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(want["images"][0]))))
+    np.testing.assert_array_equal(np.asarray(Image.open(got[0]["image"])), sent)
+    # unticked, the seed field is the seed
+    _, kept = app.predict(labels[0], 5, request["sampler"], request["steps"],
+                          request["guidance"], request["num_images"], False,
+                          api_name="/generate")
+    assert kept == 5
+
+
+def test_the_generate_examples_are_valid_requests(server, ui):
+    from pixtok.inference.validate import parse_generate_request
+
+    model = needs(ui, "generate")
+    labels = archive_labels(served_archives(server.run_dir)[model])
+    rows = generate_examples(labels)
+    assert {row[2] for row in rows} == set(SAMPLERS)     # one per sampler
+    for label, seed, sampler, steps, guidance, count in rows:
+        parse_generate_request({"label": label, "seed": seed, "sampler": sampler,
+                                "steps": steps, "guidance": guidance, "num_images": count},
+                               labels)
 
 
 def test_generate_defaults_are_the_rest_defaults(app):
@@ -144,6 +179,7 @@ def test_generate_defaults_are_the_rest_defaults(app):
     assert params["steps"]["parameter_default"] == GENERATE_DEFAULTS["steps"]
     assert params["guidance"]["parameter_default"] == GENERATE_DEFAULTS["guidance"]
     assert params["count"]["parameter_default"] == GENERATE_DEFAULTS["num_images"]
+    assert params["random_seed"]["parameter_default"] is False
 
 
 def test_labels_and_tasks_come_from_the_served_archives(server):
@@ -217,6 +253,11 @@ def test_pixtok_serve_starts_both_and_stop_stops_both(tmp_path):
     try:
         done = subprocess.run(pixtok, env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr
+        # start-up progress on stderr: the archive it builds, then the wait for READY workers
+        assert "building archives: tiny-cls.mar" in done.stderr
+        assert "pixtok serve: waiting for READY: tiny-cls" in done.stderr
+        assert "pixtok serve: every model READY: 100%" in done.stderr
+        assert "READY" not in done.stdout
         ui_url = f"http://127.0.0.1:{env['PIXTOK_UI_PORT']}/"
         assert ui_url in done.stdout and f"127.0.0.1:{ports['inference']}" in done.stdout
         ts_pid, ui_pid = launcher.running_pid(run_dir), launcher.running_ui_pid(run_dir)

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -226,6 +227,46 @@ def test_same_seed_gives_the_same_bytes_over_v2_and_rest(ks):
     assert rest["images"] == images["data"]
     other = generate_v2(ks, **{**fields, "seed": 8})[2]
     assert output(other, "images")["data"] != images["data"]
+
+
+def test_a_streamed_generation_sends_every_step_then_the_usual_answer(ks):
+    client = Client(run_dir=ks.run_dir)
+    fields = {"seed": 4, "steps": 5, "sampler": "dpm", "num_images": 2}
+    req = urllib.request.Request(
+        ks.url + "/predictions/tiny-gen", method="POST",
+        data=json.dumps({"label": "bag", **fields, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {ks.key}"})
+    with OPENER.open(req, timeout=300) as r:
+        assert r.status == 200 and r.headers["Transfer-Encoding"] == "chunked"
+        assert r.headers["Content-Type"].startswith("application/x-ndjson")
+        assert r.headers["X-Pixtok-Batch-Size"] == "1"
+        *steps, last = [json.loads(line) for line in r if line.strip()]
+    assert steps == [{"step": i, "total": 5} for i in range(1, 6)]
+    assert last == client.generate("bag", model="tiny-gen", **fields)
+    assert list(client.generate_stream("bag", model="tiny-gen", **fields)) == [*steps, last]
+    status, _, payload = call(ks, "POST", "/predictions/tiny-gen", {"label": 1, "stream": "on"})
+    assert status == 400 and payload["type"] == "bad_field" and "stream" in payload["message"]
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(ks):
+    """The page's Stop closes the connection: the server stops sampling at the next step."""
+    client = Client(run_dir=ks.run_dir)
+    log = ks.run_dir / "logs" / "kserve.out"
+    before = log.read_text().count("the client cancelled the request")
+    stream = client.generate_stream("bag", model="tiny-gen", seed=1, steps=1000, sampler="ddpm")
+    assert [next(stream), next(stream)] == [{"step": 1, "total": 1000},
+                                            {"step": 2, "total": 1000}]
+    stream.close()                     # closes the connection
+    cut = None
+    for _ in range(600):               # bounded: the server notices at its next step
+        found = re.findall(r"cancelled the request after (\d+) of 1000 steps", log.read_text())
+        if len(found) > before:
+            cut = int(found[-1])
+            break
+        time.sleep(0.5)
+    assert cut is not None and 2 <= cut < 1000, "the generation ran on after its client left"
+    # and the model serves the next request at once
+    assert client.generate("bag", model="tiny-gen", seed=1, steps=2)["steps"] == 2
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "euler"])

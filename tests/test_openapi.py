@@ -39,7 +39,14 @@ def check_answer(path: str, method: str, resp) -> None:
     documented = resolve(responses[str(resp.status)])
     content = documented.get("content", {})
     ctype = (resp.header("Content-Type") or "").split(";")[0].strip()
-    if "application/json" in content:
+    if ctype == "application/x-ndjson":      # a stream: every line against the line's schema
+        assert "application/x-ndjson" in content, (path, resp.status)
+        lines = [json.loads(line) for line in resp.body.splitlines() if line.strip()]
+        assert lines, (path, resp.status)
+        for line in lines:
+            validate(content["application/x-ndjson"]["schema"], line)
+        validate({"$ref": "#/components/schemas/StreamStep"}, lines[0])
+    elif "application/json" in content:
         assert ctype == "application/json", (path, resp.status, ctype)
         validate(content["application/json"]["schema"], json.loads(resp.body))
     elif "text/plain" in content:
@@ -71,11 +78,19 @@ def test_the_description_is_valid_openapi_31():
 
 def test_generate_request_schema_matches_the_core():
     """The documented request fields and limits are the core's."""
-    from pixtok.inference.validate import GENERATE_DEFAULTS, HF_NAMES, MAX_IMAGES, MAX_STEPS
+    from pixtok.inference.validate import (
+        GENERATE_DEFAULTS,
+        GENERATE_FLAGS,
+        HF_NAMES,
+        MAX_IMAGES,
+        MAX_STEPS,
+    )
     from pixtok.sampling import SAMPLERS
 
     props = SPEC["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert set(props) == {"label", *GENERATE_DEFAULTS, *HF_NAMES}
+    assert set(props) == {"label", *GENERATE_DEFAULTS, *GENERATE_FLAGS, *HF_NAMES}
+    assert props["stream"]["type"] == "boolean"
+    assert props["stream"]["default"] == GENERATE_FLAGS["stream"]
     assert props["sampler"]["enum"] == list(SAMPLERS)
     assert props["steps"]["maximum"] == props["num_inference_steps"]["maximum"] == MAX_STEPS
     assert props["num_images"]["maximum"] == MAX_IMAGES
@@ -106,6 +121,8 @@ def test_real_answers_validate(request, kind):
                                  "num_images_per_prompt": 2}).encode(), "application/json", 200),
         ("tiny-gen", b'{"label": "dress", "steps": 2, "sampler": "euler"}', "application/json",
          200),
+        ("tiny-gen", b'{"label": "dress", "steps": 3, "stream": true}', "application/json", 200),
+        ("tiny-gen", b'{"label": "dress", "stream": "yes"}', "application/json", 400),
         ("tiny-cls", b"not an image", "image/png", 400),
         ("tiny-cls", b"", "image/png", 400),
         ("tiny-cls", png_claiming(20000, 20000), "image/png", 413),
@@ -122,7 +139,7 @@ def test_real_answers_validate(request, kind):
         assert resp.status == status, (kind, model, body[:60], resp.status, resp.body[:200])
         check_answer("/predictions/{model}", "post", resp)
         if status == 200:
-            answer = json.loads(resp.body)
+            answer = json.loads(resp.body.splitlines()[-1])     # a stream's answer is its last
             schema = {"ClassifyAnswer": "tiny-cls", "DepthAnswer": "tiny-depth",
                       "GenerateAnswer": "tiny-gen"}
             (name,) = [n for n, m in schema.items() if m == model]

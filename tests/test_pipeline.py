@@ -63,6 +63,22 @@ def test_same_seed_same_bytes(pipe):
     assert a[0].mode == "L" and a[0].size == (32, 32)          # 8x8x4 latents -> 32x32 gray
 
 
+def test_the_step_callback_hears_every_step_and_can_cancel(pipe):
+    from pixtok.sampling import SamplingCancelled
+
+    def sample(callback=None):
+        return pipe([2], num_inference_steps=5, generator=torch.Generator().manual_seed(3),
+                    output_type="np", callback=callback).images
+    heard = []
+    with_callback = sample(lambda step, total: heard.append((step, total)))
+    assert heard == [(i, 5) for i in range(1, 6)]
+    np.testing.assert_array_equal(with_callback, sample())       # listening changes nothing
+    heard.clear()
+    with pytest.raises(SamplingCancelled, match="after 2 of 5 steps") as caught:
+        sample(lambda step, total: heard.append(step) or step < 2)
+    assert heard == [1, 2] and (caught.value.step, caught.value.total) == (2, 5)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "euler"])
 def test_samplers(sampler, pipe, monkeypatch):
     pipe.scheduler = make_scheduler(sampler)

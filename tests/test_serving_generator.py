@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from pixtok.inference.validate import GENERATE_DEFAULTS, MAX_STEPS, SAMPLERS, pa
 from pixtok.models.dit import PixelDiT
 from pixtok.pipeline import PixelDiTPipeline, make_scheduler
 from pixtok.sampling import DEFAULT_STEPS, SAMPLING_DEFAULTS
+from serving.client import Response, ServerError, is_key_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +113,9 @@ BAD_REQUESTS = [   # (body, content type, error type, words in the message)
     (b"label=1", "text/plain", "bad_json", "not valid JSON"),
     (b"[1, 2]", "application/json", "bad_json", "JSON object"),
     (b"", "application/json", "empty_body", "empty"),
+    (b'{"label": 1, "stream": "yes"}', "application/json", "bad_field", "stream must be true"),
+    (b'{"label": 1, "stream": 1}', "application/json", "bad_field", "stream must be true"),
+    (b'{"label": 1, "stream": null}', "application/json", "bad_field", "stream must be true"),
 ]
 
 
@@ -127,6 +133,55 @@ def test_bad_requests_get_a_4xx_json_and_a_good_one_follows(server):
                             {"Content-Type": "application/json"})
         assert ok.status == 200 and len(ok.json()["images"]) == 1, f"good request after {body}"
     assert [w["pid"] for w in client.describe("tiny-gen")["workers"]] == pids
+
+
+def post_stream(client, model: str, body: dict):
+    """(status, headers (any case), [lines]) of a POST read line by line, as a streaming client
+    reads it."""
+    url = f"{client.base_url}/predictions/{model}"
+    headers = {"Content-Type": "application/json",
+               "Authorization": f"Bearer {client.key('inference')}"}
+    for _ in range(2):        # the session's keys expire every 6 s: renew once if refused
+        req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+        try:
+            with client._opener.open(req, timeout=120) as r:
+                return r.status, r.headers, [line for line in r if line.strip()]
+        except urllib.error.HTTPError as e:
+            answer = Response(e.code, dict(e.headers), e.read())
+            if not is_key_refused(answer):
+                return e.code, e.headers, [answer.body]
+            client.refresh_key("inference", headers["Authorization"][7:])
+            headers["Authorization"] = f"Bearer {client.key('inference')}"
+    raise AssertionError("the key was refused twice")
+
+
+def test_a_streamed_generation_sends_every_step_then_the_usual_answer(server):
+    client = server.client()
+    request = {"seed": 5, "steps": 6, "sampler": "ddim", "guidance": 2.0, "num_images": 2}
+    status, headers, lines = post_stream(client, "tiny-gen",
+                                         {"label": "coat", **request, "stream": True})
+    assert status == 200, lines
+    assert headers.get("Transfer-Encoding") == "chunked"      # sent as it is made
+    assert headers.get("Content-Type", "").startswith("application/x-ndjson")
+    *steps, last = [json.loads(line) for line in lines]
+    assert steps == [{"step": i, "total": 6} for i in range(1, 7)]
+    assert last == client.generate("coat", model="tiny-gen", **request)   # the same bytes
+    # the client's way of reading it, and "stream": false changes nothing
+    assert list(client.generate_stream("coat", model="tiny-gen", **request)) == [*steps, last]
+    status, headers, lines = post_stream(client, "tiny-gen",
+                                         {"label": "coat", **request, "stream": False})
+    assert status == 200 and headers.get("Content-Type") == "application/json"
+    assert [json.loads(line) for line in lines] == [last]
+
+
+def test_a_bad_stream_request_is_refused_before_any_step(server):
+    client = server.client()
+    status, headers, lines = post_stream(client, "tiny-gen", {"label": 1, "stream": "yes"})
+    assert status == 400 and headers.get("Content-Type") == "application/json"
+    assert json.loads(b"".join(lines))["type"] == "bad_field"
+    with pytest.raises(ServerError, match="unknown_label") as caught:
+        next(client.generate_stream("cat", model="tiny-gen", steps=2))
+    assert caught.value.status == 400
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +221,22 @@ def test_the_archive_samples_what_the_pipeline_samples(archive, tiny_generator, 
         got = core.sample(index=7, n=2, seed=5, steps=3, sampler=sampler, guidance=guidance)
         want = pipeline_pixels(tiny_generator, 7, 2, 5, 3, sampler, guidance)
         np.testing.assert_array_equal(got[..., 0], want)
+
+
+def test_the_core_reports_steps_of_streamed_requests_only_and_cancels_one(archive):
+    core = load_generator(archive, PixelDiT.from_config, make_scheduler)
+    base = parse_generate_request({"label": 3, "steps": 4, "seed": 2}, LABELS)
+    quiet, loud, stopped = base, {**base, "stream": True}, {**base, "stream": True, "seed": 9}
+    heard = []
+
+    def progress(j, step, total):
+        heard.append((j, step, total))
+        return not (j == 2 and step == 3)          # the third request's client leaves
+    plain, streamed, cancelled = core.predict([quiet, loud, stopped], progress=progress)
+    assert heard == [(1, s, 4) for s in range(1, 5)] + [(2, 1, 4), (2, 2, 4), (2, 3, 4)]
+    assert plain == streamed == core.predict([base])[0]      # the same answer either way
+    assert (cancelled.code, cancelled.type) == (400, "cancelled")
+    assert "after 3 of 4 steps" in cancelled.message
 
 
 def test_rest_defaults_are_the_shared_sampling_defaults():

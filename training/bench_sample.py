@@ -25,6 +25,7 @@ from training.tasks.generate import (
     load_pipeline,
     real_reference,
     sample_images,
+    sampling_bar,
     score,
 )
 
@@ -60,15 +61,23 @@ def bench_sample(quick: bool = False) -> dict:
     labels = [i % k for i in range(n)]
     sample_images(pipe, labels[:2], "ddim", 2, 2.0)               # warm-up: kernels, allocations
     results = []
-    for guidance in (1.0, SAMPLING_DEFAULTS["guidance"]):
-        for sampler, steps in CASES:
-            images, seconds = sample_images(pipe, labels, sampler, steps, guidance,
-                                            batch_size=BATCH)
-            row = {"sampler": sampler, "steps": steps, "guidance": guidance,
-                   "images_per_s": n / seconds, "fid_proxy": None, "class_agreement": None}
-            if classifier is not None:
-                row |= score(classifier, images, labels, reference, pad)
-            results.append(row)
+    settings = [(g, sampler, steps) for g in (1.0, SAMPLING_DEFAULTS["guidance"])
+                for sampler, steps in CASES]
+    batches = -(-n // BATCH)
+    # stderr: where it is (setting i of 10) and how far, in sampler steps; stdout keeps the JSON
+    bar = sampling_bar(sum(batches * steps for _, _, steps in settings),
+                       f"bench sample: {n} images per setting")
+    for i, (guidance, sampler, steps) in enumerate(settings):
+        bar.set_description(f"bench sample {i + 1}/{len(settings)}: {sampler}-{steps}, "
+                            f"guidance {guidance:g}, {n} images")
+        images, seconds = sample_images(pipe, labels, sampler, steps, guidance,
+                                        batch_size=BATCH, progress=bar)
+        row = {"sampler": sampler, "steps": steps, "guidance": guidance,
+               "images_per_s": n / seconds, "fid_proxy": None, "class_agreement": None}
+        if classifier is not None:
+            row |= score(classifier, images, labels, reference, pad)
+        results.append(row)
+    bar.close()
     floor = None
     if reference is not None:
         from training.metrics.generation import fid_from_features

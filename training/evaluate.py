@@ -31,6 +31,8 @@ def run_cli(args) -> int:
     task = config.get("task")
     if task not in TASKS:
         raise UserError(f"{ckpt}: cannot evaluate task {task!r}")
+    # classify, depth and generator evaluations show a bar on stderr; stdout holds only the JSON
+    # (no other stderr line: a user's mistake stays the one line there)
     metrics = trainer_class(task).evaluate_checkpoint(ckpt, config, args)
     print(json.dumps(metrics))
     return 0

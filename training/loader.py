@@ -79,3 +79,16 @@ def crop_flip_batches(dataset, index_lists, aug_seeds, crop_flip, dist, num_work
         params = crop_flip.params(torch.Generator().manual_seed(seed), n * w, *x.shape[-2:])
         params = {k: v[r * n:(r + 1) * n] for k, v in params.items()}
         yield crop_flip.apply(x, params), targets, params
+
+
+def with_bar(batches, total: int, desc: str | None):
+    """The batches as they are, or through a progress bar on stderr that says `desc` and counts
+    them (`pixtok eval`: stdout keeps its JSON; TQDM_DISABLE=1 turns the bar off)."""
+    if desc is None:
+        return batches
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr)

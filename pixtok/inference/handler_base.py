@@ -9,6 +9,11 @@ With TorchServe's kservev2 envelope on (service_envelope=kservev2, KServe's open
 protocol), handle() gets the "inputs" of one v2 request instead of a batch of requests; they are
 read here (see "KServe v2" below and serving/deploy/kserve/README.md). Plain REST is unchanged.
 On a graceful stop the handler finishes or refuses what it holds (drain.py).
+
+A generator request with "stream": true is answered in chunks: one line {"step": i, "total": n}
+per sampler step, sent while the batch runs through TorchServe's intermediate responses (the
+handler's send_intermediate, the one place that touches `ts`), then the usual answer as the last
+line. TorchServe sends each chunk of the HTTP answer as it comes.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from .drain import SHUTTING_DOWN, Drain
 from .validate import HF_NAMES, RequestError
 
 log = logging.getLogger(__name__)
+STREAM_CONTENT_TYPE = "application/x-ndjson"     # a streamed answer: one JSON object per line
 REPOSITORY_PACKAGES = {"training", "serving", "export"}    # never shipped in an archive
 
 
@@ -153,6 +159,26 @@ class PixtokHandler:
         self.backend = "none"
         self.initialized = False
         self.drain = Drain()
+        self.streaming: set[int] = set()     # requests of the batch in hand that stream
+
+    def send_intermediate(self, text: str, idx: int, context) -> None:
+        """Send `text` to request idx's client now, as one chunk of its answer (TorchServe's
+        intermediate response). A handler whose core can stream implements it."""
+        raise NotImplementedError
+
+    def progress_sender(self, good: list[int], batch: int, context):
+        """progress(j, step, total) for the core: one {"step", "total"} line to the client of
+        request good[j]; the answer's headers go with the first."""
+        def progress(j: int, step: int, total: int) -> None:
+            idx = good[j]
+            if idx not in self.streaming:
+                self.streaming.add(idx)
+                context.set_response_content_type(idx, STREAM_CONTENT_TYPE)
+                context.set_response_header(idx, "X-Pixtok-Batch-Size", str(batch))
+                context.set_response_header(idx, "X-Pixtok-Backend", self.backend)
+            self.send_intermediate(json.dumps({"step": step, "total": total}) + "\n", idx,
+                                   context)
+        return progress
 
     def load(self, model_dir: str, device):
         raise NotImplementedError
@@ -186,14 +212,18 @@ class PixtokHandler:
                 inputs[idx] = RequestError(400, "bad_request", f"could not read the request ({e})")
         return inputs
 
-    def inference(self, inputs: dict) -> dict:
-        """One batched run over the good inputs: {idx: result | error}."""
+    def inference(self, inputs: dict, context=None) -> dict:
+        """One batched run over the good inputs: {idx: result | error}. Requests that ask for a
+        stream hear of each sampler step while it runs (with a context to send through)."""
         good = [i for i, x in inputs.items() if not isinstance(x, RequestError)]
         results = dict(inputs)
         if not good:
             return results
+        streams = context is not None and any(
+            isinstance(inputs[i], dict) and inputs[i].get("stream") for i in good)
+        kwargs = {"progress": self.progress_sender(good, len(inputs), context)} if streams else {}
         try:
-            outputs = self.core.predict([inputs[i] for i in good])
+            outputs = self.core.predict([inputs[i] for i in good], **kwargs)
         except RequestError as e:    # one answer for the whole batch (a stop cut it off)
             outputs = [e] * len(good)
         except Exception:
@@ -223,6 +253,9 @@ class PixtokHandler:
                 phrase = HTTPStatus(result.code).phrase
                 context.set_response_status(result.code, phrase, idx)
                 result = result.to_dict()
+            if idx in self.streaming:    # the last line of a stream; its headers went out
+                out.append(json.dumps(result) + "\n")
+                continue
             context.set_response_content_type(idx, "application/json")
             context.set_response_header(idx, "X-Pixtok-Batch-Size", batch)
             context.set_response_header(idx, "X-Pixtok-Backend", self.backend)
@@ -262,11 +295,12 @@ class PixtokHandler:
             count = 1 if is_v2_inputs(data) else len(data)
             return self.postprocess({i: SHUTTING_DOWN for i in range(count)}, context)
         self.drain.busy = True
+        self.streaming = set()
         try:
             if is_v2_inputs(data):
                 return self.handle_v2(data, context)
             inputs = self.preprocess(data, context)
-            results = self.inference(inputs)
+            results = self.inference(inputs, context)
             log.info("pixtok: batch of %d, %d rejected", len(data),
                      sum(isinstance(r, RequestError) for r in results.values()))
             return self.postprocess(results, context)

@@ -12,12 +12,15 @@ import base64
 import io
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from pixtok.sampling import SamplingCancelled, report_step
 
 from .validate import MAX_IMAGES, MAX_STEPS, RequestError, parse_generate_request
 
@@ -112,22 +115,38 @@ class ImageGenerator:
         return parse_generate_request(body, self.labels, self.max_steps, MAX_IMAGES,
                                       self.sampler_steps)
 
-    def predict(self, requests: list[dict]) -> list[dict]:
-        """Requests batched by TorchServe are sampled one by one, each from its own seed."""
-        return [self.generate(r) for r in requests]
+    def predict(self, requests: list[dict], progress: Callable | None = None) -> list:
+        """Requests batched by TorchServe are sampled one by one, each from its own seed.
 
-    def generate(self, request: dict) -> dict:
+        progress(j, step, total), if given, hears of each sampler step of requests[j] that asked
+        for a stream ("stream": true); it may return False to cancel that request (its client
+        has gone), whose result is then a RequestError of type "cancelled"; the others of the
+        batch go on."""
+        results = []
+        for j, request in enumerate(requests):
+            wants = progress is not None and request.get("stream")
+            try:
+                results.append(self.generate(request, partial(progress, j) if wants else None))
+            except SamplingCancelled as e:
+                results.append(RequestError(400, "cancelled", f"the client cancelled the "
+                                            f"request after {e.step} of {e.total} steps"))
+        return results
+
+    def generate(self, request: dict, callback: Callable | None = None) -> dict:
+        """One request -> its answer; callback(step, total) as in sample()."""
         images = self.sample(request["index"], request["num_images"], request["seed"],
-                             request["steps"], request["sampler"], request["guidance"])
+                             request["steps"], request["sampler"], request["guidance"],
+                             callback)
         return {"images": [png_base64(im) for im in images], "label": request["label"],
                 "seed": request["seed"], "steps": request["steps"],
                 "sampler": request["sampler"], "guidance": request["guidance"]}
 
     @torch.inference_mode()
     def sample(self, index: int, n: int, seed: int, steps: int, sampler: str,
-               guidance: float) -> np.ndarray:
+               guidance: float, callback: Callable | None = None) -> np.ndarray:
         """n samples of class index -> uint8 (n, H, W, C); the same arguments give the same
-        pixels on the same device."""
+        pixels on the same device. callback(step, total) is called after each sampler step
+        (step 1..total); returning False stops with SamplingCancelled."""
         from diffusers.utils.torch_utils import randn_tensor
 
         # a CPU generator: the starting noise is the same on every device, as in the pipeline
@@ -149,6 +168,7 @@ class ImageGenerator:
             model_in = scheduler.scale_model_input(latents, t)
             out = self.backend(model_in, t, ids, guidance)[:, :keep]
             latents = scheduler.step(out, t, latents, generator=generator).prev_sample
+            report_step(callback, i + 1, steps)
         images = self.decoder(latents / self.scaling_factor)          # (n, C, H, W) in [-1, 1]
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return (images * 255).round().astype(np.uint8)                  # as diffusers' numpy_to_pil

@@ -18,6 +18,9 @@ MAX_IMAGES = 16
 # what an omitted generator field means: the sampler, steps and guidance of `pixtok sample` and
 # the Gradio page (one constant, pixtok/sampling.py), seed 0 and one image
 GENERATE_DEFAULTS = {"seed": 0, **SAMPLING_DEFAULTS, "num_images": 1}
+# how the answer comes, not what is generated: "stream": true answers one JSON line per sampler
+# step, {"step": i, "total": n}, then the usual answer as the last line (docs/serving.md)
+GENERATE_FLAGS = {"stream": False}
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
 # the diffusers / Hugging Face names of three fields -> ours; a request may use either name, and
 # both only when they agree (docs/serving.md has the two side by side)
@@ -107,10 +110,10 @@ def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
                            sampler_steps: dict[str, int] = DEFAULT_STEPS) -> dict:
     """A generator request (JSON bytes/str or an already decoded dict) -> a complete dict.
 
-    Returns {"label": name, "index": int, "seed", "steps", "sampler", "guidance", "num_images"}
-    with omitted fields taken from GENERATE_DEFAULTS, except that a sampler other than the
-    default, given without steps, takes its own step count from sampler_steps (as `pixtok
-    sample` does; pixtok/sampling.py's DEFAULT_STEPS).
+    Returns {"label": name, "index": int, "seed", "steps", "sampler", "guidance", "num_images",
+    "stream"} with omitted fields taken from GENERATE_DEFAULTS (and GENERATE_FLAGS), except
+    that a sampler other than the default, given without steps, takes its own step count from
+    sampler_steps (as `pixtok sample` does; pixtok/sampling.py's DEFAULT_STEPS).
     """
     if isinstance(body, (bytes, bytearray, str)):
         if len(body) == 0:
@@ -123,10 +126,14 @@ def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
     if not isinstance(body, dict):
         raise RequestError(400, "bad_json",
                            f"the body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - {"label", *GENERATE_DEFAULTS, *HF_NAMES})
+    unknown = sorted(set(body) - {"label", *GENERATE_DEFAULTS, *GENERATE_FLAGS, *HF_NAMES})
     if unknown:
         raise RequestError(400, "bad_field", f"unknown field {unknown[0]!r}; expected label, "
-                           + ", ".join(GENERATE_DEFAULTS) + " (or " + ", ".join(HF_NAMES) + ")")
+                           + ", ".join([*GENERATE_DEFAULTS, *GENERATE_FLAGS])
+                           + " (or " + ", ".join(HF_NAMES) + ")")
+    stream = body.get("stream", GENERATE_FLAGS["stream"])
+    if not isinstance(stream, bool):
+        raise RequestError(400, "bad_field", f"stream must be true or false, got {stream!r}")
     body = with_our_names(body)
     if "label" not in body:
         raise RequestError(400, "bad_field", "label is required (a class name or index)")
@@ -148,4 +155,4 @@ def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
             "seed": _integer(request, "seed", 0, 2**63 - 1),
             "steps": _integer(request, "steps", 1, max_steps),
             "sampler": sampler, "guidance": float(guidance),
-            "num_images": _integer(request, "num_images", 1, max_images)}
+            "num_images": _integer(request, "num_images", 1, max_images), "stream": stream}

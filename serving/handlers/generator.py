@@ -2,7 +2,8 @@
 
 It runs from the archive alone: the pixtok/ package beside it holds the sampling core, the DiT
 code and the sampler presets (pixtok/pipeline.py); the weights are transformer.safetensors and
-vq_decoder.safetensors (the VQGAN's decoding half).
+vq_decoder.safetensors (the VQGAN's decoding half). A request with "stream": true hears of each
+sampler step through TorchServe's intermediate responses (the only `ts` API it uses).
 """
 import os
 import sys
@@ -24,6 +25,13 @@ class GeneratorHandler(PixtokHandler):
     def load(self, model_dir, device):
         return load_generator(model_dir, PixelDiT.from_config, make_scheduler, device,
                               DEFAULT_STEPS)
+
+    def send_intermediate(self, text, idx, context):
+        # TorchServe sends it to the one request idx (not the whole batch) as an HTTP chunk
+        from ts.protocol.otf_message_handler import send_intermediate_predict_response
+
+        send_intermediate_predict_response({idx: text}, {idx: context.get_request_id(idx)},
+                                           "Intermediate Prediction success", 200, context)
 
     def v2_bodies(self, inputs):
         return [(v2_generate_body(inputs), "application/json")]

@@ -9,7 +9,7 @@ from pixtok.models import build_model
 from training.checkpoint import load_same_task
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
-from training.loader import crop_flip_batches, fetch_batches
+from training.loader import crop_flip_batches, fetch_batches, with_bar
 from training.recipe import Recipe
 from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
 from training.tasks.common import (
@@ -100,14 +100,16 @@ class ClassifyTask(Task):
 
 
 @torch.no_grad()
-def evaluate_classifier(model, dataset, dist: Dist, batch_size: int = 256, amp=None) -> dict:
-    """Acc@1, Acc@5 and mean loss over a data set, each process taking every world-th item."""
+def evaluate_classifier(model, dataset, dist: Dist, batch_size: int = 256, amp=None,
+                        progress: str | None = None) -> dict:
+    """Acc@1, Acc@5 and mean loss over a data set, each process taking every world-th item.
+    progress: what a bar on stderr says while the batches run (None: no bar)."""
     model.eval()
     idx = list(range(dist.rank, len(dataset), dist.world))
     lists = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     k = min(5, len(dataset.classes))
     correct1 = correct5 = loss = 0.0
-    for x, y in fetch_batches(dataset, lists, 0):
+    for x, y in with_bar(fetch_batches(dataset, lists, 0), len(lists), progress):
         x, y = x.to(dist.device).float().div_(255), y.to(dist.device)
         with amp or torch.autocast(dist.device.type, enabled=False):
             logits = model(x).float()
@@ -129,4 +131,5 @@ def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
     dataset = load_split(data, args.split)
     if list(dataset.classes) != list(config["labels"]):
         raise UserError(f"{data['data_dir']}: its classes differ from the checkpoint's labels")
-    return evaluate_classifier(model, dataset, Dist(), args.batch_size)
+    return evaluate_classifier(model, dataset, Dist(), args.batch_size,
+                               progress=f"eval: {len(dataset)} {args.split} images")

@@ -18,7 +18,7 @@ from training.checkpoint import load_same_task
 from training.data.augment import CropFlip
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
-from training.loader import crop_flip_batches, fetch_batches
+from training.loader import crop_flip_batches, fetch_batches, with_bar
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.recipe import Recipe
 from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
@@ -148,14 +148,15 @@ def pooled(metrics: DepthMetrics, dist: Dist) -> dict:
 
 @torch.no_grad()
 def evaluate_depth(model, dataset, dist: Dist, train_mean_depth: float,
-                   batch_size: int = 256) -> dict:
+                   batch_size: int = 256, progress: str | None = None) -> dict:
     """rmse, rel, delta1-3, log10 and n (valid pixels) over a data set, beside the same metrics
-    of a constant prediction of the training set's mean depth (baseline_*)."""
+    of a constant prediction of the training set's mean depth (baseline_*). progress: what a
+    bar on stderr says while the batches run (None: no bar)."""
     model.eval()
     idx = list(range(dist.rank, len(dataset), dist.world))
     lists = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     ours, baseline = DepthMetrics(), DepthMetrics()
-    for x, d in fetch_batches(dataset, lists, 0):
+    for x, d in with_bar(fetch_batches(dataset, lists, 0), len(lists), progress):
         x, d = x.to(dist.device).float().div_(255), d.to(dist.device)
         ours.update(model(x), d)
         baseline.update(torch.full_like(d, train_mean_depth), d)
@@ -175,4 +176,5 @@ def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
     model, config = load_model(ckpt)
     data = dict(config["data"], **({"data_dir": args.data} if args.data else {}))
     dataset = load_split(data, args.split)       # resized to the checkpoint's input size
-    return evaluate_depth(model, dataset, Dist(), config["train_mean_depth"], args.batch_size)
+    return evaluate_depth(model, dataset, Dist(), config["train_mean_depth"], args.batch_size,
+                          progress=f"eval: {len(dataset)} {args.split} scenes")

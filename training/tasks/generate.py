@@ -12,6 +12,7 @@ published FIDs (for those, see training.metrics.generation.InceptionFeatures).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -123,10 +124,22 @@ class Classifier:
 
 
 @torch.no_grad()
+def sampling_bar(total_steps: int, desc: str):
+    """A progress bar on stderr counting sampler steps (a batch of images takes one per step);
+    stdout stays for the command's JSON. TQDM_DISABLE=1 turns it off."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+                file=sys.stderr)
+
+
 def sample_images(pipe, labels: list[int], sampler: str, steps: int, guidance: float,
-                  seed: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, float]:
+                  seed: int = 0, batch_size: int = 64,
+                  progress=None) -> tuple[torch.Tensor, float]:
     """Generate one image per label -> (images (N, C, H, W) in [0, 1] on the CPU, seconds).
-    One CPU generator seeded once runs through the batches: same arguments, same images."""
+    One CPU generator seeded once runs through the batches: same arguments, same images.
+    progress: a bar (sampling_bar) that advances by one at every sampler step of every batch,
+    ceil(N / batch_size) * steps in all."""
     from pixtok.pipeline import make_scheduler
 
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config,
@@ -136,7 +149,8 @@ def sample_images(pipe, labels: list[int], sampler: str, steps: int, guidance: f
     start = time.perf_counter()
     for i in range(0, len(labels), batch_size):
         out = pipe(labels[i:i + batch_size], guidance_scale=guidance, num_inference_steps=steps,
-                   generator=gen, output_type="pt").images
+                   generator=gen, output_type="pt",
+                   callback=(lambda step, total: progress.update(1)) if progress else None).images
         images.append(out.float().cpu())
     return torch.cat(images), time.perf_counter() - start
 
@@ -187,8 +201,9 @@ def check_labels(pipe, classifier: Classifier) -> None:
 def generation_metrics(pipe, classifier, n: int = DEFAULT_SAMPLES, pad: int = 0,
                        sampler: str | None = None, steps: int | None = None,
                        guidance: float | None = None, seed: int = 0, batch_size: int = 64,
-                       data_dir=None, split: str = "test") -> dict:
-    """Sample n images (balanced over the classes) and score them -> the metrics dict."""
+                       data_dir=None, split: str = "test", show_progress: bool = False) -> dict:
+    """Sample n images (balanced over the classes) and score them -> the metrics dict.
+    show_progress: a bar on stderr over the sampler steps (`pixtok eval`)."""
     if n < 2:
         raise UserError(f"-n {n}: fid_proxy needs at least 2 samples")
     if not isinstance(classifier, Classifier):
@@ -201,7 +216,14 @@ def generation_metrics(pipe, classifier, n: int = DEFAULT_SAMPLES, pad: int = 0,
     reference = real_reference(classifier, n, data_dir, split)
     k = pipe.transformer.config.num_classes
     labels = [i % k for i in range(n)]
-    images, seconds = sample_images(pipe, labels, sampler, steps, guidance, seed, batch_size)
+    bar = (sampling_bar(-(-n // batch_size) * steps, f"eval: sampling {n} images, "
+                        f"{sampler}-{steps}, guidance {guidance:g}") if show_progress else None)
+    try:
+        images, seconds = sample_images(pipe, labels, sampler, steps, guidance, seed,
+                                        batch_size, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     floor = fid_from_features(reference["a"], reference["b"])
     return {**score(classifier, images, labels, reference, pad), "fid_proxy_floor": floor,
             "real_class_agreement": class_agreement(reference["a_logits"], reference["a_labels"]),
@@ -302,4 +324,5 @@ def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
     return generation_metrics(pipe, Classifier(path, dev), n, pad,
                               getattr(args, "sampler", None), getattr(args, "steps", None),
                               getattr(args, "guidance", None), getattr(args, "seed", 0) or 0,
-                              min(args.batch_size, 256), args.data, args.split)
+                              min(args.batch_size, 256), args.data, args.split,
+                              show_progress=True)
