@@ -284,7 +284,13 @@ def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int =
 
     by_guidance = {}
     for g in guidances:
-        images, seconds = sample_images(pipe, labels, sampler, steps, float(g), seed, batch_size)
+        bar = sampling_bar(-(-n // batch_size) * steps, f"study: sampling {n} images, "
+                           f"{sampler}-{steps}, guidance {float(g):g}")
+        try:
+            images, seconds = sample_images(pipe, labels, sampler, steps, float(g), seed,
+                                            batch_size, bar)
+        finally:
+            bar.close()
         by_guidance[f"{float(g):g}"] = {**keep(score(classifier, images, labels, reference, pad)),
                                         "images_per_s": n / seconds}
     result = {"by_guidance": by_guidance, "n": n, "n_real": reference["n_real"],
