@@ -43,6 +43,7 @@ from pixtok.archive import read_archive_json
 from pixtok.errors import UserError
 from pixtok.inference.validate import MAX_BODY_BYTES
 from serving.client import PORTS, Client, default_run_dir, local_url, read_properties
+from serving.load_failures import LoadFailures, load_attempts
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("config.properties")
@@ -326,11 +327,12 @@ def log_tail(run_dir: Path, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text[-lines:])
 
 
-def wait_ready(server: Server, timeout: float) -> None:
-    """Until every model has a READY worker (the management API; /ping is not enough)."""
+def wait_ready(server: Server, timeout: float, failures: LoadFailures | None = None) -> dict:
+    """Until every model has a READY worker (the management API; /ping is not enough) or has
+    failed to load as often as `failures` allows; returns {model: why} of the latter."""
     client = server.client(timeout=10)
     deadline = time.monotonic() + timeout
-    waiting = list(server.models)
+    waiting, failed = list(server.models), {}
     while waiting:
         if running_pid(server.run_dir) is None:
             raise ServeError(f"TorchServe exited while starting; see {server.run_dir / 'logs'} "
@@ -339,6 +341,9 @@ def wait_ready(server: Server, timeout: float) -> None:
             waiting = [m for m in waiting if not client.is_ready(m)]
         except UserError:
             pass    # the management API is not listening yet
+        if failures is not None:
+            failed.update(failures.failed(waiting))
+            waiting = [m for m in waiting if m not in failed]
         if waiting and time.monotonic() > deadline:
             stop(server.run_dir, log=lambda *_: None)
             raise ServeError(f"model(s) {', '.join(waiting)} not ready after {timeout:.0f} s; "
@@ -346,6 +351,7 @@ def wait_ready(server: Server, timeout: float) -> None:
                              f"({log_tail(server.run_dir)})")
         if waiting:
             time.sleep(0.25)
+    return failed
 
 
 def check_can_start(run_dir: Path, store: Path) -> None:
@@ -368,15 +374,23 @@ def servable_models(store: Path, build=None, log=print) -> tuple[dict, dict[str,
     if build is not None:
         build(store, log=log, broken=broken)
     models = collect_models(store, broken)
-    for why in broken.values():
-        print(f"pixtok serve: not serving a damaged model: {why}", file=sys.stderr, flush=True)
+    say_damaged(broken)
     if not models:
         if broken:
-            raise ServeError(f"no model in {store} can be served: {len(broken)} damaged "
-                             f"({', '.join(sorted(broken))}); see the lines above")
+            raise nothing_servable(store, broken)
         raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
                          f"(pixtok export CKPT --out {store})")
     return models, broken
+
+
+def say_damaged(broken: dict[str, str]) -> None:
+    for why in broken.values():
+        print(f"pixtok serve: not serving a damaged model: {why}", file=sys.stderr, flush=True)
+
+
+def nothing_servable(store: Path, broken: dict[str, str]) -> ServeError:
+    return ServeError(f"no model in {store} can be served: {len(broken)} damaged "
+                      f"({', '.join(sorted(broken))}); see the lines above")
 
 
 def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
@@ -391,18 +405,56 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     config: a finished config.properties to run as it is instead of one rendered from
     serving/config.properties (host and ports must then be its addresses); the models waited
     for are its model_snapshot's.
+    A model whose archive opens but whose worker fails to load it PIXTOK_LOAD_ATTEMPTS times is
+    damaged too: TorchServe cannot unregister it (its model API is off), so it is stopped and
+    started again without it (with a given config, that is an error instead).
     """
     run_dir = prepare_run_dir(run_dir)
     store = model_store_path(model_store)
     check_can_start(run_dir, store)
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, ports)
+    attempts = load_attempts_setting()
     models, broken = servable_models(store, build, log)
-    if config is None:
-        config = render_config(run_dir, store, host, ports, models, token_expiration_min)
-    else:
-        config = install_config(run_dir, config)
-        models = snapshot_models(config) or models
+    timeout = timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180))
+    while True:
+        if config is None:
+            path = render_config(run_dir, store, host, ports, models, token_expiration_min)
+            names = list(models)
+        else:
+            path = install_config(run_dir, config)
+            names = snapshot_models(path) or list(models)
+        failures = LoadFailures(run_dir / "logs", attempts,
+                                {m: store / mar for m, (mar, _, _) in models.items()})
+        server = launch(run_dir, store, path, host, ports, names, broken)
+        unloadable = wait_ready(server, timeout, failures)
+        if not unloadable:
+            break
+        stop(run_dir, log=lambda *_: None)
+        say_damaged(unloadable)
+        broken.update(unloadable)
+        models = {m: v for m, v in models.items() if m not in unloadable}
+        if config is not None:
+            raise ServeError(f"{config}: model(s) {', '.join(sorted(unloadable))} cannot be "
+                             "loaded; see the lines above")
+        if not models:
+            raise nothing_servable(store, broken)
+    key_file = run_dir / "key_file.json"
+    if key_file.exists():
+        os.chmod(key_file, 0o600)
+    return server
+
+
+def load_attempts_setting() -> int:
+    try:
+        return load_attempts()
+    except UserError as e:
+        raise ServeError(str(e)) from None
+
+
+def launch(run_dir: Path, store: Path, config: Path, host: str, ports: dict, models: list[str],
+           broken: dict) -> Server:
+    """Start TorchServe in the background on a written config; return once its pid file is."""
     (run_dir / "key_file.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-c", "from ts.model_server import start; start()", "--start",
            "--ts-config", str(config), "--model-store", str(store), "--ncs"]
@@ -416,12 +468,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         if time.monotonic() > deadline:
             raise ServeError(f"torchserve did not start; see {run_dir / 'logs'}")
         time.sleep(0.1)
-    server = Server(run_dir, pid, host, ports, list(models), broken)
-    wait_ready(server, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180)))
-    key_file = run_dir / "key_file.json"
-    if key_file.exists():
-        os.chmod(key_file, 0o600)
-    return server
+    return Server(run_dir, pid, host, ports, models, broken)
 
 
 def refuse_second_server(run_dir: Path) -> None:

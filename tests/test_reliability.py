@@ -24,6 +24,7 @@ from test_serving import encode, noise
 from export.archive import build_missing_archives
 from serving import launcher
 from serving.client import ServerError
+from serving.load_failures import ATTEMPTS_ENV
 
 pytestmark = pytest.mark.reliability
 
@@ -52,24 +53,45 @@ def damaged_store(tmp_path_factory):
     mar = export_archive(spare, store, name="cut-archive", log=lambda *_: None)
     mar.write_bytes(mar.read_bytes()[: mar.stat().st_size // 2])
     assert not zipfile.is_zipfile(mar)
+    # an archive that opens, but whose weights inside are cut short: only its worker finds out
+    inner = make_classifier(tmp_path_factory.mktemp("spare") / "inner-cut")
+    cut_inside(export_archive(inner, store, name="inner-cut", log=lambda *_: None))
     return store, {"cut-weights": "model.safetensors", "bad-config": "config.json",
-                   "odd-model": "resnet", "cut-archive": "cut-archive.mar"}
+                   "odd-model": "resnet", "cut-archive": "cut-archive.mar",
+                   "inner-cut": "inner-cut.mar (model inner-cut): the archive opens but its "
+                                "worker failed to load it 2 times (safetensors"}
+
+
+def cut_inside(mar):
+    """Rewrite a .mar (a zip) with its model.safetensors cut in half; the zip stays valid."""
+    tmp = mar.with_name(mar.name + ".tmp")
+    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("model.safetensors"):
+                data = data[: len(data) // 2]
+            dst.writestr(info, data)
+    tmp.replace(mar)
+    with zipfile.ZipFile(mar) as z:
+        assert z.testzip() is None
 
 
 @pytest.fixture(scope="module")
 def busy_server(damaged_store, tmp_path_factory):
     store, _ = damaged_store
     run_dir = tmp_path_factory.mktemp("run")
-    old = os.environ.get(launcher.QUEUE_SIZE_ENV)
-    os.environ[launcher.QUEUE_SIZE_ENV] = "2"
+    settings = {launcher.QUEUE_SIZE_ENV: "2", ATTEMPTS_ENV: "2"}
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
         srv = launcher.start(store, run_dir=run_dir, timeout=180, log=lambda *_: None,
                              ports=launcher.free_ports(), build=build_missing_archives)
     finally:
-        if old is None:
-            os.environ.pop(launcher.QUEUE_SIZE_ENV)
-        else:
-            os.environ[launcher.QUEUE_SIZE_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     yield srv
     launcher.stop(run_dir, log=lambda *_: None)
 
@@ -86,6 +108,7 @@ def test_damaged_models_are_named_and_the_others_served(busy_server, damaged_sto
         assert words in busy_server.broken[name], busy_server.broken[name]
         assert "\n" not in busy_server.broken[name]
     assert busy_server.client().classify(encode(noise(8, 8, 1)), model="tiny-cls")["label"]
+    assert busy_server.client().describe("inner-cut") is None     # left out, not crash-looping
 
 
 def test_serve_with_only_damaged_models_refuses_in_one_line(damaged_store, tmp_path):
@@ -103,6 +126,31 @@ def test_serve_with_only_damaged_models_refuses_in_one_line(damaged_store, tmp_p
     lines = done.stderr.strip().splitlines()
     assert "not serving a damaged model" in lines[0] and "model.safetensors" in lines[0]
     assert lines[-1].startswith("pixtok serve: error: no model in") and "only" in lines[-1]
+
+
+def test_an_archive_whose_worker_cannot_load_it_alone_refuses_in_one_line(tmp_path):
+    """The only model opens as an archive but its worker fails to load it: `pixtok serve`
+    names it and refuses to start, exit 2, instead of waiting for READY until its timeout."""
+    from export.archive import export_archive
+
+    store = tmp_path / "store"
+    store.mkdir()
+    cut_inside(export_archive(make_classifier(tmp_path / "only"), store, name="only",
+                              log=lambda *_: None))
+    env = {**ENV, "PIXTOK_RUN_DIR": str(tmp_path / "run"), ATTEMPTS_ENV: "1",
+           **{e: str(p) for (e, _), p in zip(launcher.PORTS.values(),
+                                             launcher.free_ports().values())}}
+    done = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui", "--model-store",
+                           str(store)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("pixtok serve: not serving a damaged model: ")
+    assert "only.mar (model only): the archive opens but its worker failed" in lines[0]
+    assert "SafetensorError" in lines[0]
+    assert lines[1].startswith("pixtok serve: error: no model in") and "(only)" in lines[1]
+    assert launcher.running_pid(tmp_path / "run") is None      # nothing left running
 
 
 def send_all(client, bodies: list[bytes], idempotent=True) -> list:
