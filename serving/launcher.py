@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -222,8 +223,9 @@ def collect_models(store: Path, broken: dict | None = None) -> dict[str, tuple[s
             continue
         manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json")
         if manifest is None:
-            broken[mar.stem] = (f"{mar}: not a readable TorchServe archive (damaged or cut "
-                                "short: no MAR-INF/MANIFEST.json)")
+            why = cannot_open(mar) or ("not a readable TorchServe archive (damaged or cut "
+                                       "short: no MAR-INF/MANIFEST.json)")
+            broken[mar.stem] = f"{mar}: {why}"
             continue
         name = manifest.get("model", {}).get("modelName", mar.stem)
         version = manifest.get("model", {}).get("modelVersion", "1.0")
@@ -232,6 +234,15 @@ def collect_models(store: Path, broken: dict | None = None) -> dict[str, tuple[s
         task = (read_archive_json(mar, "config.json") or {}).get("task", "classify")
         models[name] = (mar.name, version, task)
     return models
+
+
+def cannot_open(path: Path) -> str | None:
+    """Why a file cannot be opened for reading (no permission, say), or None if it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
 
 
 def positive_int_env(name: str, default: int, minimum: int = 1) -> int:
@@ -417,13 +428,15 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     attempts = load_attempts_setting()
     models, broken = servable_models(store, build, log)
     timeout = timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180))
+    check_room(run_dir, store, models)
     while True:
-        if config is None:
-            path = render_config(run_dir, store, host, ports, models, token_expiration_min)
-            names = list(models)
-        else:
-            path = install_config(run_dir, config)
-            names = snapshot_models(path) or list(models)
+        with run_dir_writes(run_dir):
+            if config is None:
+                path = render_config(run_dir, store, host, ports, models, token_expiration_min)
+                names = list(models)
+            else:
+                path = install_config(run_dir, config)
+                names = snapshot_models(path) or list(models)
         failures = LoadFailures(run_dir / "logs", attempts,
                                 {m: store / mar for m, (mar, _, _) in models.items()})
         server = launch(run_dir, store, path, host, ports, names, broken)
@@ -443,6 +456,39 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     if key_file.exists():
         os.chmod(key_file, 0o600)
     return server
+
+
+LOG_ROOM = 16 * 2**20      # bytes a start's logs and pid files need in the run folder
+
+
+def unpacked_size(store: Path, models: dict) -> int:
+    """Bytes the server unpacks the models' archives into (the run folder's tmp/)."""
+    total = 0
+    for mar, _, _ in models.values():
+        with contextlib.suppress(OSError, zipfile.BadZipFile), zipfile.ZipFile(store / mar) as z:
+            total += sum(info.file_size for info in z.infolist())
+    return total
+
+
+def check_room(run_dir: Path, store: Path, models: dict) -> None:
+    """ServeError, in one line, unless the run folder's disk has room for the unpacked archives
+    and the logs: a full disk is refused before any server starts, not found out by a worker."""
+    need = unpacked_size(store, models) + LOG_ROOM
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ServeError(f"the run folder {run_dir} has {free / 2**20:.1f} MB free; the server "
+                         f"needs about {need / 2**20:.0f} MB there (unpacked archives and logs): "
+                         "free some space or set PIXTOK_RUN_DIR to a folder on another disk")
+
+
+@contextlib.contextmanager
+def run_dir_writes(run_dir: Path):
+    """An OSError writing the run folder's files (a full or read-only disk) is a ServeError."""
+    try:
+        yield
+    except OSError as e:
+        raise ServeError(f"cannot write into the run folder {run_dir} ({e.strerror or e}): "
+                         "free some space or set PIXTOK_RUN_DIR to another folder") from None
 
 
 def load_attempts_setting() -> int:
@@ -570,11 +616,13 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, {"inference": ports["inference"]})
     models, broken = servable_models(store, build, log)
-    render_kserve_config(run_dir, store, host, ports["inference"], models)
-    if auth:
-        write_key_file(run_dir)
-    else:
-        (run_dir / "key_file.json").unlink(missing_ok=True)
+    check_room(run_dir, store, models)
+    with run_dir_writes(run_dir):
+        render_kserve_config(run_dir, store, host, ports["inference"], models)
+        if auth:
+            write_key_file(run_dir)
+        else:
+            (run_dir / "key_file.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", KSERVE_MODULE, "--model-store", str(store), "--run-dir",
            str(run_dir), "--host", host, "--port", str(ports["inference"])]
     if not auth:
