@@ -615,6 +615,7 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
                          "-e '.[kserve]')")
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, {"inference": ports["inference"]})
+    queue_size = positive_int_env(QUEUE_SIZE_ENV, DEFAULT_QUEUE_SIZE)
     models, broken = servable_models(store, build, log)
     check_room(run_dir, store, models)
     with run_dir_writes(run_dir):
@@ -631,6 +632,7 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
         cmd += ["--batch-size", str(batch_size)]
     if max_batch_delay is not None:
         cmd += ["--max-batch-delay", str(max_batch_delay)]
+    cmd += ["--queue-size", str(queue_size)]
     with open(run_dir / "logs" / "kserve.out", "ab") as out:
         # a session of its own: the server outlives `pixtok serve` and its terminal's Ctrl-C
         proc = subprocess.Popen(cmd, cwd=run_dir, env=kserve_env(run_dir), stdout=out,

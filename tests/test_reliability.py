@@ -314,3 +314,101 @@ def test_bench_drill_kills_each_worker_and_loses_nothing(busy_server):
     assert [k["killed_pid"] for k in result["kills"]] == [before["tiny-cls"], before["tiny-gen"]]
     assert all(k["ready_again_s"] is not None for k in result["kills"])
     assert result["sent"] == result["answered"] > 0 and result["lost"] == 0, result
+
+
+@pytest.fixture(scope="module")
+def small_kserve(tmp_path_factory):
+    """KServe's ModelServer (`pixtok serve --server kserve`) over tiny-gen, 2 requests queued."""
+    store = tmp_path_factory.mktemp("ks_store")
+    make_generator(store / "tiny-gen")
+    run_dir = tmp_path_factory.mktemp("ks_run")
+    old = os.environ.get(launcher.QUEUE_SIZE_ENV)
+    os.environ[launcher.QUEUE_SIZE_ENV] = "2"
+    try:
+        srv = launcher.start_kserve(store, run_dir=run_dir, timeout=180, log=lambda *_: None,
+                                    ports={"inference": launcher.free_ports()["inference"]},
+                                    build=build_missing_archives)
+    finally:
+        if old is None:
+            os.environ.pop(launcher.QUEUE_SIZE_ENV)
+        else:
+            os.environ[launcher.QUEUE_SIZE_ENV] = old
+    yield srv
+    launcher.stop(run_dir, log=lambda *_: None)
+
+
+# the KServe server runs the tiny generator far slower than TorchServe's worker does here
+# (about 0.1 s an image-step on the busy test machine), so its requests are smaller
+KS_GEN = {"steps": 20, "num_images": 1}
+
+
+def ks_gen_body(seed: int) -> bytes:
+    return json.dumps({"label": 1, "seed": seed, **KS_GEN}).encode()
+
+
+def v2_gen_body(seed: int) -> bytes:
+    def one(name, value):
+        return {"name": name, "datatype": "INT64", "shape": [1], "data": [value]}
+
+    return json.dumps({"inputs": [one("label", 1), one("seed", seed),
+                                  one("steps", KS_GEN["steps"]),
+                                  one("num_images", KS_GEN["num_images"])]}).encode()
+
+
+def post_all(srv, path: str, bodies: list[bytes]) -> list[tuple[int, dict, dict]]:
+    """Every body at once to srv's `path`, one thread each -> [(status, headers, JSON)]."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    key = srv.client().key("inference")
+    out, barrier = [None] * len(bodies), threading.Barrier(len(bodies))
+
+    def go(i):
+        req = urllib.request.Request(
+            launcher.local_url(srv.inference_url) + path, data=bodies[i], method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        barrier.wait()
+        try:
+            with opener.open(req, timeout=300) as r:
+                out[i] = (r.status, dict(r.headers), json.loads(r.read()))
+        except urllib.error.HTTPError as e:
+            out[i] = (e.code, dict(e.headers), json.loads(e.read()))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("route", ["rest", "v2"])
+def test_kserve_answers_a_full_queue_503_with_retry_after(small_kserve, route):
+    """The KServe server's own overload answer: 503 at once, JSON in the route's protocol, and
+    a Retry-After in whole seconds (TorchServe's frontend cannot send one)."""
+    path, body = (("/predictions/tiny-gen", ks_gen_body) if route == "rest"
+                  else ("/v2/models/tiny-gen/infer", v2_gen_body))
+    got = post_all(small_kserve, path, [body(i) for i in range(8)])
+    refused = [(h, j) for s, h, j in got if s == 503]
+    answered = [j for s, _, j in got if s == 200]
+    assert len(refused) + len(answered) == 8, [(s, j) for s, _, j in got]
+    assert refused and len(answered) >= 3                   # one running, two queued
+    for headers, payload in refused:
+        retry_after = {k.lower(): v for k, v in headers.items()}["retry-after"]
+        assert retry_after.isdigit() and int(retry_after) >= 1, retry_after
+        if route == "rest":
+            assert payload["code"] == 503 and payload["type"] == "ServiceUnavailableException"
+            assert "overloaded" in payload["message"] and "PIXTOK_QUEUE_SIZE" in payload["message"]
+        else:
+            assert "overloaded" in payload["error"]
+
+
+def test_the_retrying_client_waits_out_kserve_overload(small_kserve):
+    client = small_kserve.client()
+    client.retry_seconds = 120
+    got = send_all(client, [ks_gen_body(i % 3) for i in range(6)])
+    assert all(isinstance(g, dict) for g in got), got
+    assert client.retries > 0                              # it was refused and waited
+    for i in range(3, 6):
+        assert got[i]["images"] == got[i % 3]["images"]
