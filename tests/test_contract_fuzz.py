@@ -9,7 +9,7 @@ served models in turn (or keep a generated name: a 404). Left out, each for its 
 POST /token (it renews the shared server's keys; the client tests cover it), methods other than
 GET on the management API (PUT would scale the shared server's workers), and multipart forms
 with an unnamed field, which TorchServe 0.12's frontend answers 500 before pixtok's handler runs
-(a frontend limitation the spec documents; the KServe server answers it 400).
+(a frontend limitation the spec documents).
 """
 from __future__ import annotations
 
