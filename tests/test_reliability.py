@@ -402,13 +402,3 @@ def test_kserve_answers_a_full_queue_503_with_retry_after(small_kserve, route):
             assert "overloaded" in payload["message"] and "PIXTOK_QUEUE_SIZE" in payload["message"]
         else:
             assert "overloaded" in payload["error"]
-
-
-def test_the_retrying_client_waits_out_kserve_overload(small_kserve):
-    client = small_kserve.client()
-    client.retry_seconds = 120
-    got = send_all(client, [ks_gen_body(i % 3) for i in range(6)])
-    assert all(isinstance(g, dict) for g in got), got
-    assert client.retries > 0                              # it was refused and waited
-    for i in range(3, 6):
-        assert got[i]["images"] == got[i % 3]["images"]
