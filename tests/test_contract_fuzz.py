@@ -85,7 +85,8 @@ def call(server, case):
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 def test_every_answer_is_documented_and_never_a_server_error(case, server):
-    if case.media_type == "multipart/form-data" and "" in (case.body or {}):
+    if case.media_type == "multipart/form-data" and isinstance(case.body, dict) \
+            and "" in case.body:
         # TorchServe 0.12's frontend answers a form field without a name 500 before any of
         # pixtok's code runs (documented in the spec); nothing of ours can change that answer
         reject()
