@@ -15,6 +15,13 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def run_cli(args) -> int:
+    try:
+        return export(args)
+    except OSError as e:     # a file it may not read, a disk it cannot write: one line
+        raise ExportError(f"{e.filename or args.ckpt}: {e.strerror or e}") from None
+
+
+def export(args) -> int:
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
         raise ExportError(f"{ckpt}: no such checkpoint folder")

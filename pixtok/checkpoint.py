@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pixtok.errors import UserError
 
@@ -49,7 +49,9 @@ def write_json(path: Path, obj) -> None:
 
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    # serialized here and written by Python, so a full disk is an OSError (ENOSPC) like any
+    # other write, not safetensors' own error type
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(tensors)))
 
 
 def git_commit() -> str | None:

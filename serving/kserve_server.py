@@ -23,8 +23,14 @@ folder's key_file.json (TorchServe's format; the launcher writes a fresh one at 
 --no-auth only behind a gateway that authenticates. The model repository routes (load/unload)
 and KServe's gRPC server are off; bodies are limited as TorchServe's max_request_size.
 
+Overload: at most --queue-size requests wait per model (`pixtok serve` passes PIXTOK_QUEUE_SIZE,
+default 100); one more is answered at once with 503, TorchServe's JSON shape (type
+ServiceUnavailableException; v2: {"error"}) and a Retry-After of the seconds the requests waiting
+now need at the last batch's pace (1 to 60), which serving/client.py waits before it retries.
+
     python -m serving.kserve_server --model-store DIR --run-dir DIR [--host 127.0.0.1]
         [--port 8080] [--no-auth] [--batch-size N] [--max-batch-delay MS] [--models a,b]
+        [--queue-size N]
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -63,11 +70,26 @@ PID_FILE = "kserve.pid"          # in the run folder's tmp/, beside TorchServe's
 
 
 class V2Error(Exception):
-    """A v2 request the model refuses: answered {"error": message} with `code`."""
+    """A v2 request the model refuses: answered {"error": message} with `code` (and `headers`)."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.headers = code, message, headers or {}
+
+
+class Overloaded(RequestError):
+    """A model's queue is full: 503 at once, with Retry-After (whole seconds) as a hint of when
+    the requests waiting now will have run."""
+
+    def __init__(self, model: str, waiting: int, retry_after: int):
+        super().__init__(503, "ServiceUnavailableException",
+                         f"model {model!r} is overloaded: {waiting} requests are waiting, "
+                         f"the most it queues (PIXTOK_QUEUE_SIZE); retry after {retry_after} s")
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict:
+        return {"Retry-After": str(self.retry_after)}
 
 
 def bad(name: str, message: str) -> RequestError:
@@ -80,19 +102,31 @@ class Batcher:
     requests up to `size` items, waiting at most `delay_s` after the first (a request larger than
     `size` runs alone). run(items) -> one result or exception per item, on one thread."""
 
-    def __init__(self, run, size: int, delay_s: float):
+    def __init__(self, run, size: int, delay_s: float, name: str = "",
+                 max_waiting: int | None = None):
         self.run, self.size, self.delay_s = run, max(1, size), max(0.0, delay_s)
+        self.name, self.max_waiting = name, max_waiting
         self.queue: asyncio.Queue | None = None
         self.carry = None
         self.running = 0          # the size of the batch on the model thread now
+        self.batch_s = 0.0        # how long the last batch ran
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pixtok-model")
 
+    def retry_after(self, waiting: int) -> int:
+        """Whole seconds until the requests waiting now have run, at the last batch's pace."""
+        batches = -(-waiting // self.size) + 1
+        return max(1, min(60, math.ceil(batches * self.batch_s)))
+
     async def submit(self, items: list) -> tuple[list, int]:
-        """-> (one result or exception per item, the size of the batch they ran in)"""
+        """-> (one result or exception per item, the size of the batch they ran in); Overloaded
+        at once when max_waiting requests are waiting already."""
         loop = asyncio.get_running_loop()
         if self.queue is None:
             self.queue = asyncio.Queue()
             self.task = loop.create_task(self.loop())
+        waiting = self.queue.qsize() + (self.carry is not None)
+        if self.max_waiting is not None and waiting >= self.max_waiting:
+            raise Overloaded(self.name, waiting, self.retry_after(waiting))
         future = loop.create_future()
         await self.queue.put((items, future))
         return await future
@@ -123,11 +157,12 @@ class Batcher:
                 batch.append(found)
                 count += len(found[0])
             items = [item for request, _ in batch for item in request]
-            self.running = len(items)
+            self.running, began = len(items), loop.time()
             try:
                 results = await loop.run_in_executor(self.executor, self.run_all, items)
             except Exception as e:               # never leave a client waiting
                 results = [e] * len(items)
+            self.batch_s = loop.time() - began
             start = 0
             for request, future in batch:
                 if not future.done():
@@ -231,7 +266,7 @@ class PixtokModel:
     def setup(self, core, batch_size: int, delay_ms: float):
         self.core = core
         self.backend = getattr(getattr(core, "backend", None), "name", "torch")
-        self.batcher = Batcher(self.run, batch_size, delay_ms / 1000)
+        self.batcher = Batcher(self.run, batch_size, delay_ms / 1000, self.name)
         self.ready = True
 
     def get_input_types(self) -> list[dict]:
@@ -311,7 +346,7 @@ class PixtokModel:
                 raise error
             outputs, parameters = self.v2_outputs(items, results)
         except RequestError as e:
-            raise V2Error(e.code, e.message) from None
+            raise V2Error(e.code, e.message, getattr(e, "headers", None)) from None
         except V2Error:
             raise
         except FloatingPointError as e:     # the model's fault, not the client's
@@ -496,7 +531,7 @@ def load_core(task: str, folder: Path, device):
 
 
 def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: int | None,
-                delay_ms: float | None) -> list:
+                delay_ms: float | None, queue_size: int | None = None) -> list:
     from pixtok.inference.backend import pick_device
 
     classes = make_model_classes()
@@ -510,6 +545,7 @@ def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: 
         core = load_core(task, folder, device)
         models.append(classes[task](name, core, batch_size or size,
                                     delay if delay_ms is None else delay_ms))
+        models[-1].batcher.max_waiting = queue_size
         log.info("pixtok: %s (%s) ready on %s", name, task, device)
     return models
 
@@ -675,6 +711,7 @@ def install_routes(app, models: dict) -> None:
                 return await streamed(model, item, request, headers)
             answer, batch_size = await model.answer(item)
         except RequestError as e:
+            headers.update(getattr(e, "headers", {}))     # Retry-After of a full queue
             return Response(e.to_json().encode(), e.code, media_type="application/json",
                             headers=headers)
         except Exception as e:
@@ -690,7 +727,7 @@ def install_routes(app, models: dict) -> None:
                             200 if ready else 500)
 
     async def v2_error(request, exc):
-        return JSONResponse({"error": exc.message}, exc.code)
+        return JSONResponse({"error": exc.message}, exc.code, headers=exc.headers)
 
     async def invalid_body(request, exc):
         if not is_v2(request.url.path):
@@ -701,9 +738,11 @@ def install_routes(app, models: dict) -> None:
         return JSONResponse({"error": f"not a v2 inference request ({problems})"}, 400)
 
     async def request_error(request, exc):
+        headers = getattr(exc, "headers", None)
         if is_v2(request.url.path):
-            return JSONResponse({"error": exc.message}, exc.code)
-        return Response(exc.to_json().encode(), exc.code, media_type="application/json")
+            return JSONResponse({"error": exc.message}, exc.code, headers=headers)
+        return Response(exc.to_json().encode(), exc.code, media_type="application/json",
+                        headers=headers)
 
     app.add_api_route("/predictions/{model_name}", predictions, methods=["POST"])
     app.add_api_route("/ping", ping, methods=["GET"])
@@ -733,7 +772,7 @@ def serve(args) -> int:
 
     only = [m for m in (args.models or "").split(",") if m]
     models = load_models(Path(args.model_store), run_dir, only, args.batch_size,
-                         args.max_batch_delay)
+                         args.max_batch_delay, args.queue_size)
     if not models:
         raise SystemExit(f"kserve_server: no models in {args.model_store}")
     server = kserve.ModelServer(http_port=args.port, enable_grpc=False, workers=1,
@@ -772,6 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=float, default=None,
                    help="ms a batch waits for more requests (default: classify and depth 10)")
     p.add_argument("--models", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--queue-size", type=int, default=None,
+                   help="requests that may wait per model; one more is answered 503 at once "
+                        "with Retry-After (default: no limit; `pixtok serve` passes "
+                        "PIXTOK_QUEUE_SIZE, 100)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES)
     return p
 
@@ -782,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("kserve_server: --batch-size must be >= 1")
     if args.max_batch_delay is not None and args.max_batch_delay < 0:
         raise SystemExit("kserve_server: --max-batch-delay must be >= 0")
+    if args.queue_size is not None and args.queue_size < 1:
+        raise SystemExit("kserve_server: --queue-size must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return serve(args)
 

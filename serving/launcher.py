@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -43,6 +44,7 @@ from pixtok.archive import read_archive_json
 from pixtok.errors import UserError
 from pixtok.inference.validate import MAX_BODY_BYTES
 from serving.client import PORTS, Client, default_run_dir, local_url, read_properties
+from serving.load_failures import LoadFailures, load_attempts
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("config.properties")
@@ -221,8 +223,9 @@ def collect_models(store: Path, broken: dict | None = None) -> dict[str, tuple[s
             continue
         manifest = read_archive_json(mar, "MAR-INF/MANIFEST.json")
         if manifest is None:
-            broken[mar.stem] = (f"{mar}: not a readable TorchServe archive (damaged or cut "
-                                "short: no MAR-INF/MANIFEST.json)")
+            why = cannot_open(mar) or ("not a readable TorchServe archive (damaged or cut "
+                                       "short: no MAR-INF/MANIFEST.json)")
+            broken[mar.stem] = f"{mar}: {why}"
             continue
         name = manifest.get("model", {}).get("modelName", mar.stem)
         version = manifest.get("model", {}).get("modelVersion", "1.0")
@@ -231,6 +234,15 @@ def collect_models(store: Path, broken: dict | None = None) -> dict[str, tuple[s
         task = (read_archive_json(mar, "config.json") or {}).get("task", "classify")
         models[name] = (mar.name, version, task)
     return models
+
+
+def cannot_open(path: Path) -> str | None:
+    """Why a file cannot be opened for reading (no permission, say), or None if it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
 
 
 def positive_int_env(name: str, default: int, minimum: int = 1) -> int:
@@ -326,14 +338,15 @@ def log_tail(run_dir: Path, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text[-lines:])
 
 
-def wait_ready(server: Server, timeout: float) -> None:
-    """Until every model has a READY worker (the management API; /ping is not enough)."""
+def wait_ready(server: Server, timeout: float, failures: LoadFailures | None = None) -> dict:
+    """Until every model has a READY worker (the management API; /ping is not enough) or has
+    failed to load as often as `failures` allows; returns {model: why} of the latter."""
     client = server.client(timeout=10)
     deadline = time.monotonic() + timeout
     waiting = list(server.models)
     bar = ready_bar(waiting)
     with cleared_on_error(bar):
-        wait_each_ready(server, client, waiting, deadline, timeout, bar)
+        return wait_each_ready(server, client, waiting, deadline, timeout, bar, failures)
 
 
 @contextlib.contextmanager
@@ -350,8 +363,8 @@ def cleared_on_error(bar):
 
 
 def ready_bar(models: list[str]):
-    """A bar on stderr over the models that have a READY worker; its description names the
-    ones still loading. TQDM_DISABLE=1 turns it off."""
+    """A bar on stderr over the models that have a READY worker (or were given up on); its
+    description names the ones still loading. TQDM_DISABLE=1 turns it off."""
     from tqdm import tqdm
 
     return tqdm(total=len(models), desc=waiting_for(models), unit="model", dynamic_ncols=True,
@@ -360,11 +373,12 @@ def ready_bar(models: list[str]):
 
 def waiting_for(models: list[str]) -> str:
     return f"pixtok serve: waiting for READY: {', '.join(models)}" if models else \
-        "pixtok serve: every model READY"
+        "pixtok serve: done waiting for READY"
 
 
 def wait_each_ready(server: Server, client: Client, waiting: list[str], deadline: float,
-                    timeout: float, bar) -> None:
+                    timeout: float, bar, failures: LoadFailures | None) -> dict:
+    failed = {}
     while waiting:
         if running_pid(server.run_dir) is None:
             raise ServeError(f"TorchServe exited while starting; see {server.run_dir / 'logs'} "
@@ -373,6 +387,9 @@ def wait_each_ready(server: Server, client: Client, waiting: list[str], deadline
             still = [m for m in waiting if not client.is_ready(m)]
         except UserError:
             still = waiting    # the management API is not listening yet
+        if failures is not None:
+            failed.update(failures.failed(still))
+            still = [m for m in still if m not in failed]
         if still != waiting:
             bar.update(len(waiting) - len(still))
             bar.set_description(waiting_for(still))
@@ -384,6 +401,7 @@ def wait_each_ready(server: Server, client: Client, waiting: list[str], deadline
                              f"({log_tail(server.run_dir)})")
         if waiting:
             time.sleep(0.25)
+    return failed
 
 
 def check_can_start(run_dir: Path, store: Path) -> None:
@@ -406,15 +424,23 @@ def servable_models(store: Path, build=None, log=print) -> tuple[dict, dict[str,
     if build is not None:
         build(store, log=log, broken=broken)
     models = collect_models(store, broken)
-    for why in broken.values():
-        print(f"pixtok serve: not serving a damaged model: {why}", file=sys.stderr, flush=True)
+    say_damaged(broken)
     if not models:
         if broken:
-            raise ServeError(f"no model in {store} can be served: {len(broken)} damaged "
-                             f"({', '.join(sorted(broken))}); see the lines above")
+            raise nothing_servable(store, broken)
         raise ServeError(f"no models in {store}: add checkpoint folders or .mar archives "
                          f"(pixtok export CKPT --out {store})")
     return models, broken
+
+
+def say_damaged(broken: dict[str, str]) -> None:
+    for why in broken.values():
+        print(f"pixtok serve: not serving a damaged model: {why}", file=sys.stderr, flush=True)
+
+
+def nothing_servable(store: Path, broken: dict[str, str]) -> ServeError:
+    return ServeError(f"no model in {store} can be served: {len(broken)} damaged "
+                      f"({', '.join(sorted(broken))}); see the lines above")
 
 
 def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: float | None = None,
@@ -429,18 +455,91 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     config: a finished config.properties to run as it is instead of one rendered from
     serving/config.properties (host and ports must then be its addresses); the models waited
     for are its model_snapshot's.
+    A model whose archive opens but whose worker fails to load it PIXTOK_LOAD_ATTEMPTS times is
+    damaged too: TorchServe cannot unregister it (its model API is off), so it is stopped and
+    started again without it (with a given config, that is an error instead).
     """
     run_dir = prepare_run_dir(run_dir)
     store = model_store_path(model_store)
     check_can_start(run_dir, store)
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, ports)
+    attempts = load_attempts_setting()
     models, broken = servable_models(store, build, log)
-    if config is None:
-        config = render_config(run_dir, store, host, ports, models, token_expiration_min)
-    else:
-        config = install_config(run_dir, config)
-        models = snapshot_models(config) or models
+    timeout = timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180))
+    check_room(run_dir, store, models)
+    while True:
+        with run_dir_writes(run_dir):
+            if config is None:
+                path = render_config(run_dir, store, host, ports, models, token_expiration_min)
+                names = list(models)
+            else:
+                path = install_config(run_dir, config)
+                names = snapshot_models(path) or list(models)
+        failures = LoadFailures(run_dir / "logs", attempts,
+                                {m: store / mar for m, (mar, _, _) in models.items()})
+        server = launch(run_dir, store, path, host, ports, names, broken)
+        unloadable = wait_ready(server, timeout, failures)
+        if not unloadable:
+            break
+        stop(run_dir, log=lambda *_: None)
+        say_damaged(unloadable)
+        broken.update(unloadable)
+        models = {m: v for m, v in models.items() if m not in unloadable}
+        if config is not None:
+            raise ServeError(f"{config}: model(s) {', '.join(sorted(unloadable))} cannot be "
+                             "loaded; see the lines above")
+        if not models:
+            raise nothing_servable(store, broken)
+    key_file = run_dir / "key_file.json"
+    if key_file.exists():
+        os.chmod(key_file, 0o600)
+    return server
+
+
+LOG_ROOM = 16 * 2**20      # bytes a start's logs and pid files need in the run folder
+
+
+def unpacked_size(store: Path, models: dict) -> int:
+    """Bytes the server unpacks the models' archives into (the run folder's tmp/)."""
+    total = 0
+    for mar, _, _ in models.values():
+        with contextlib.suppress(OSError, zipfile.BadZipFile), zipfile.ZipFile(store / mar) as z:
+            total += sum(info.file_size for info in z.infolist())
+    return total
+
+
+def check_room(run_dir: Path, store: Path, models: dict) -> None:
+    """ServeError, in one line, unless the run folder's disk has room for the unpacked archives
+    and the logs: a full disk is refused before any server starts, not found out by a worker."""
+    need = unpacked_size(store, models) + LOG_ROOM
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ServeError(f"the run folder {run_dir} has {free / 2**20:.1f} MB free; the server "
+                         f"needs about {need / 2**20:.0f} MB there (unpacked archives and logs): "
+                         "free some space or set PIXTOK_RUN_DIR to a folder on another disk")
+
+
+@contextlib.contextmanager
+def run_dir_writes(run_dir: Path):
+    """An OSError writing the run folder's files (a full or read-only disk) is a ServeError."""
+    try:
+        yield
+    except OSError as e:
+        raise ServeError(f"cannot write into the run folder {run_dir} ({e.strerror or e}): "
+                         "free some space or set PIXTOK_RUN_DIR to another folder") from None
+
+
+def load_attempts_setting() -> int:
+    try:
+        return load_attempts()
+    except UserError as e:
+        raise ServeError(str(e)) from None
+
+
+def launch(run_dir: Path, store: Path, config: Path, host: str, ports: dict, models: list[str],
+           broken: dict) -> Server:
+    """Start TorchServe in the background on a written config; return once its pid file is."""
     (run_dir / "key_file.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-c", "from ts.model_server import start; start()", "--start",
            "--ts-config", str(config), "--model-store", str(store), "--ncs"]
@@ -454,12 +553,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         if time.monotonic() > deadline:
             raise ServeError(f"torchserve did not start; see {run_dir / 'logs'}")
         time.sleep(0.1)
-    server = Server(run_dir, pid, host, ports, list(models), broken)
-    wait_ready(server, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180)))
-    key_file = run_dir / "key_file.json"
-    if key_file.exists():
-        os.chmod(key_file, 0o600)
-    return server
+    return Server(run_dir, pid, host, ports, models, broken)
 
 
 def refuse_second_server(run_dir: Path) -> None:
@@ -571,12 +665,15 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
                          "-e '.[kserve]')")
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, {"inference": ports["inference"]})
+    queue_size = positive_int_env(QUEUE_SIZE_ENV, DEFAULT_QUEUE_SIZE)
     models, broken = servable_models(store, build, log)
-    render_kserve_config(run_dir, store, host, ports["inference"], models)
-    if auth:
-        write_key_file(run_dir)
-    else:
-        (run_dir / "key_file.json").unlink(missing_ok=True)
+    check_room(run_dir, store, models)
+    with run_dir_writes(run_dir):
+        render_kserve_config(run_dir, store, host, ports["inference"], models)
+        if auth:
+            write_key_file(run_dir)
+        else:
+            (run_dir / "key_file.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", KSERVE_MODULE, "--model-store", str(store), "--run-dir",
            str(run_dir), "--host", host, "--port", str(ports["inference"])]
     if not auth:
@@ -585,6 +682,7 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
         cmd += ["--batch-size", str(batch_size)]
     if max_batch_delay is not None:
         cmd += ["--max-batch-delay", str(max_batch_delay)]
+    cmd += ["--queue-size", str(queue_size)]
     with open(run_dir / "logs" / "kserve.out", "ab") as out:
         # a session of its own: the server outlives `pixtok serve` and its terminal's Ctrl-C
         proc = subprocess.Popen(cmd, cwd=run_dir, env=kserve_env(run_dir), stdout=out,

@@ -24,6 +24,7 @@ from test_serving import encode, noise
 from export.archive import build_missing_archives
 from serving import launcher
 from serving.client import ServerError
+from serving.load_failures import ATTEMPTS_ENV
 
 pytestmark = pytest.mark.reliability
 
@@ -52,24 +53,45 @@ def damaged_store(tmp_path_factory):
     mar = export_archive(spare, store, name="cut-archive", log=lambda *_: None)
     mar.write_bytes(mar.read_bytes()[: mar.stat().st_size // 2])
     assert not zipfile.is_zipfile(mar)
+    # an archive that opens, but whose weights inside are cut short: only its worker finds out
+    inner = make_classifier(tmp_path_factory.mktemp("spare") / "inner-cut")
+    cut_inside(export_archive(inner, store, name="inner-cut", log=lambda *_: None))
     return store, {"cut-weights": "model.safetensors", "bad-config": "config.json",
-                   "odd-model": "resnet", "cut-archive": "cut-archive.mar"}
+                   "odd-model": "resnet", "cut-archive": "cut-archive.mar",
+                   "inner-cut": "inner-cut.mar (model inner-cut): the archive opens but its "
+                                "worker failed to load it 2 times (safetensors"}
+
+
+def cut_inside(mar):
+    """Rewrite a .mar (a zip) with its model.safetensors cut in half; the zip stays valid."""
+    tmp = mar.with_name(mar.name + ".tmp")
+    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("model.safetensors"):
+                data = data[: len(data) // 2]
+            dst.writestr(info, data)
+    tmp.replace(mar)
+    with zipfile.ZipFile(mar) as z:
+        assert z.testzip() is None
 
 
 @pytest.fixture(scope="module")
 def busy_server(damaged_store, tmp_path_factory):
     store, _ = damaged_store
     run_dir = tmp_path_factory.mktemp("run")
-    old = os.environ.get(launcher.QUEUE_SIZE_ENV)
-    os.environ[launcher.QUEUE_SIZE_ENV] = "2"
+    settings = {launcher.QUEUE_SIZE_ENV: "2", ATTEMPTS_ENV: "2"}
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
         srv = launcher.start(store, run_dir=run_dir, timeout=180, log=lambda *_: None,
                              ports=launcher.free_ports(), build=build_missing_archives)
     finally:
-        if old is None:
-            os.environ.pop(launcher.QUEUE_SIZE_ENV)
-        else:
-            os.environ[launcher.QUEUE_SIZE_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     yield srv
     launcher.stop(run_dir, log=lambda *_: None)
 
@@ -86,6 +108,7 @@ def test_damaged_models_are_named_and_the_others_served(busy_server, damaged_sto
         assert words in busy_server.broken[name], busy_server.broken[name]
         assert "\n" not in busy_server.broken[name]
     assert busy_server.client().classify(encode(noise(8, 8, 1)), model="tiny-cls")["label"]
+    assert busy_server.client().describe("inner-cut") is None     # left out, not crash-looping
 
 
 def test_serve_with_only_damaged_models_refuses_in_one_line(damaged_store, tmp_path):
@@ -103,6 +126,31 @@ def test_serve_with_only_damaged_models_refuses_in_one_line(damaged_store, tmp_p
     lines = done.stderr.strip().splitlines()
     assert "not serving a damaged model" in lines[0] and "model.safetensors" in lines[0]
     assert lines[-1].startswith("pixtok serve: error: no model in") and "only" in lines[-1]
+
+
+def test_an_archive_whose_worker_cannot_load_it_alone_refuses_in_one_line(tmp_path):
+    """The only model opens as an archive but its worker fails to load it: `pixtok serve`
+    names it and refuses to start, exit 2, instead of waiting for READY until its timeout."""
+    from export.archive import export_archive
+
+    store = tmp_path / "store"
+    store.mkdir()
+    cut_inside(export_archive(make_classifier(tmp_path / "only"), store, name="only",
+                              log=lambda *_: None))
+    env = {**ENV, "PIXTOK_RUN_DIR": str(tmp_path / "run"), ATTEMPTS_ENV: "1",
+           **{e: str(p) for (e, _), p in zip(launcher.PORTS.values(),
+                                             launcher.free_ports().values())}}
+    done = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui", "--model-store",
+                           str(store)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("pixtok serve: not serving a damaged model: ")
+    assert "only.mar (model only): the archive opens but its worker failed" in lines[0]
+    assert "SafetensorError" in lines[0]
+    assert lines[1].startswith("pixtok serve: error: no model in") and "(only)" in lines[1]
+    assert launcher.running_pid(tmp_path / "run") is None      # nothing left running
 
 
 def send_all(client, bodies: list[bytes], idempotent=True) -> list:
@@ -266,3 +314,91 @@ def test_bench_drill_kills_each_worker_and_loses_nothing(busy_server):
     assert [k["killed_pid"] for k in result["kills"]] == [before["tiny-cls"], before["tiny-gen"]]
     assert all(k["ready_again_s"] is not None for k in result["kills"])
     assert result["sent"] == result["answered"] > 0 and result["lost"] == 0, result
+
+
+@pytest.fixture(scope="module")
+def small_kserve(tmp_path_factory):
+    """KServe's ModelServer (`pixtok serve --server kserve`) over tiny-gen, 2 requests queued."""
+    store = tmp_path_factory.mktemp("ks_store")
+    make_generator(store / "tiny-gen")
+    run_dir = tmp_path_factory.mktemp("ks_run")
+    old = os.environ.get(launcher.QUEUE_SIZE_ENV)
+    os.environ[launcher.QUEUE_SIZE_ENV] = "2"
+    try:
+        srv = launcher.start_kserve(store, run_dir=run_dir, timeout=180, log=lambda *_: None,
+                                    ports={"inference": launcher.free_ports()["inference"]},
+                                    build=build_missing_archives)
+    finally:
+        if old is None:
+            os.environ.pop(launcher.QUEUE_SIZE_ENV)
+        else:
+            os.environ[launcher.QUEUE_SIZE_ENV] = old
+    yield srv
+    launcher.stop(run_dir, log=lambda *_: None)
+
+
+# the KServe server runs the tiny generator far slower than TorchServe's worker does here
+# (about 0.1 s an image-step on the busy test machine), so its requests are smaller
+KS_GEN = {"steps": 20, "num_images": 1}
+
+
+def ks_gen_body(seed: int) -> bytes:
+    return json.dumps({"label": 1, "seed": seed, **KS_GEN}).encode()
+
+
+def v2_gen_body(seed: int) -> bytes:
+    def one(name, value):
+        return {"name": name, "datatype": "INT64", "shape": [1], "data": [value]}
+
+    return json.dumps({"inputs": [one("label", 1), one("seed", seed),
+                                  one("steps", KS_GEN["steps"]),
+                                  one("num_images", KS_GEN["num_images"])]}).encode()
+
+
+def post_all(srv, path: str, bodies: list[bytes]) -> list[tuple[int, dict, dict]]:
+    """Every body at once to srv's `path`, one thread each -> [(status, headers, JSON)]."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    key = srv.client().key("inference")
+    out, barrier = [None] * len(bodies), threading.Barrier(len(bodies))
+
+    def go(i):
+        req = urllib.request.Request(
+            launcher.local_url(srv.inference_url) + path, data=bodies[i], method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        barrier.wait()
+        try:
+            with opener.open(req, timeout=300) as r:
+                out[i] = (r.status, dict(r.headers), json.loads(r.read()))
+        except urllib.error.HTTPError as e:
+            out[i] = (e.code, dict(e.headers), json.loads(e.read()))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("route", ["rest", "v2"])
+def test_kserve_answers_a_full_queue_503_with_retry_after(small_kserve, route):
+    """The KServe server's own overload answer: 503 at once, JSON in the route's protocol, and
+    a Retry-After in whole seconds (TorchServe's frontend cannot send one)."""
+    path, body = (("/predictions/tiny-gen", ks_gen_body) if route == "rest"
+                  else ("/v2/models/tiny-gen/infer", v2_gen_body))
+    got = post_all(small_kserve, path, [body(i) for i in range(8)])
+    refused = [(h, j) for s, h, j in got if s == 503]
+    answered = [j for s, _, j in got if s == 200]
+    assert len(refused) + len(answered) == 8, [(s, j) for s, _, j in got]
+    assert refused and len(answered) >= 3                   # one running, two queued
+    for headers, payload in refused:
+        retry_after = {k.lower(): v for k, v in headers.items()}["retry-after"]
+        assert retry_after.isdigit() and int(retry_after) >= 1, retry_after
+        if route == "rest":
+            assert payload["code"] == 503 and payload["type"] == "ServiceUnavailableException"
+            assert "overloaded" in payload["message"] and "PIXTOK_QUEUE_SIZE" in payload["message"]
+        else:
+            assert "overloaded" in payload["error"]

@@ -15,7 +15,37 @@ from pixtok.errors import UserError
 
 
 def save_train_state(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch_save(state, tmp))
+
+
+class _NotedWrites:
+    """A binary file whose failed write is kept: torch.save turns an OSError of the file it
+    writes (a full disk) into a RuntimeError about stream positions."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj, path) -> None:
+    """torch.save(obj, path); a write that fails raises its own OSError."""
+    with open(path, "wb") as f:
+        noted = _NotedWrites(f)
+        try:
+            torch.save(obj, noted)
+        except RuntimeError:
+            if noted.error is not None:
+                raise noted.error from None
+            raise
 
 
 def load_train_state(path: Path) -> dict:

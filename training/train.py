@@ -7,6 +7,7 @@ checkpoint ends with the same weights as one never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pixtok.checkpoint import FORMAT, git_commit, read_config, write_json
+from pixtok.checkpoint import FORMAT, atomic_write, git_commit, read_config, write_json
 from pixtok.errors import UserError
 from training import distributed
 from training.checkpoint import (
@@ -167,11 +168,37 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop evaluations logged after the checkpoint we resume from (they will be redone)."""
+    """Drop evaluations logged after the checkpoint we resume from (they will be redone), and a
+    line a killed run or a full disk left half written."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+                if (entry := json_or_none(line)) is not None and entry.get("step", 0) <= step]
+        text = "".join(line + "\n" for line in keep)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def json_or_none(line: str) -> dict | None:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path, step: int, bar=None):
+    """An OSError while writing into the checkpoint folder (a full disk, a read-only one) is a
+    one-line error: every file there is written atomically, so the folder holds whole files of
+    the last checkpoints and `--resume` continues from train_state.pt once there is room. The
+    progress bar's line is ended first, so the error is a line of its own."""
+    try:
+        yield
+    except OSError as e:
+        if bar is not None:
+            bar.close()
+        raise UserError(f"cannot write into {out} at step {step} ({e.strerror or e}); stopped, "
+                        f"the last checkpoint written whole is kept there (free space, then "
+                        f"--resume)") from None
 
 
 def resume_state(recipe: Recipe, out: Path, resume: bool, overrides) -> tuple[Recipe, dict | None]:
@@ -183,6 +210,8 @@ def resume_state(recipe: Recipe, out: Path, resume: bool, overrides) -> tuple[Re
         raise UserError(f"{out} already holds a run; pass --resume to continue it "
                         "or choose another --out")
     state = load_train_state(out / "train_state.pt")
+    for stale in out.glob(".*.tmp"):    # atomic writes a killed run left unfinished
+        stale.unlink(missing_ok=True)
     return from_dict(read_config(out)["recipe"], overrides), state
 
 
@@ -302,16 +331,17 @@ class Run:
         opt_state = full_optim_state(self.model, self.opt, self.sharded)
         if not dist.main:
             return
-        self.task.on_checkpoint(out, export)
-        write_json(out / "config.json", {
-            **self.config, "step": step, "epoch": step / self.steps_per_epoch,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            **({"metrics": metrics} if metrics else {})})
-        save_train_state(out / "train_state.pt", {
-            "model": raw, "optimizer": opt_state, "step": step, "ema": ema_state, "rng": rngs,
-            "task": self.task.state_dict(), "best": self.best,
-            "data_position": {"epoch": step // self.steps_per_epoch,
-                              "batch": step % self.steps_per_epoch}})
+        with disk_errors(out, step, getattr(self, "bar", None)):
+            self.task.on_checkpoint(out, export)
+            write_json(out / "config.json", {
+                **self.config, "step": step, "epoch": step / self.steps_per_epoch,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                **({"metrics": metrics} if metrics else {})})
+            save_train_state(out / "train_state.pt", {
+                "model": raw, "optimizer": opt_state, "step": step, "ema": ema_state,
+                "rng": rngs, "task": self.task.state_dict(), "best": self.best,
+                "data_position": {"epoch": step // self.steps_per_epoch,
+                                  "batch": step % self.steps_per_epoch}})
 
     def keep_best(self, metrics: dict) -> None:
         """With a validation split (val_size=N), keep the weights that are best on it so far by
@@ -339,14 +369,16 @@ class Run:
                 "created": datetime.now(UTC).isoformat(timespec="seconds"), "metrics": metrics,
                 "selected": {"split": "val", **self.best}})
 
-        publish_folder(self.out / "best", write)
+        with disk_errors(self.out, self.step, getattr(self, "bar", None)):
+            publish_folder(self.out / "best", write)
 
     def evaluate(self) -> dict:
         metrics = self.task.evaluate(self.exported(), self.recipe.eval_batch_size)
         metrics = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                    **metrics, "time": round(time.time() - self.t_start, 1)}
         if self.dist.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            bar = getattr(self, "bar", None)
+            with disk_errors(self.out, self.step, bar), open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         self.model.train()
         return metrics
