@@ -6,6 +6,7 @@ Hub: nothing a test runs may reach the network.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,13 @@ def pixtok(*args, check: bool = True, env: dict | None = None, timeout: float = 
         raise AssertionError(f"pixtok {' '.join(map(str, args))} -> {out.returncode}\n"
                              f"{out.stderr[-3000:]}")
     return out
+
+
+PROGRESS_BAR = re.compile(r"\| *\d+/\d+ \[")      # a tqdm redraw: "... 40%|####  | 2/5 [00:01<..."
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr's lines less the progress bars' redraws (tqdm separates those with \\r): what a
+    command said in words, e.g. its one error line."""
+    return [line for line in (x.strip() for x in stderr.splitlines())
+            if line and not PROGRESS_BAR.search(line)]

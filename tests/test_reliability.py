@@ -17,7 +17,7 @@ import time
 import zipfile
 
 import pytest
-from clirun import ENV, ROOT
+from clirun import ENV, ROOT, message_lines
 from conftest import make_classifier, make_generator
 from test_serving import encode, noise
 
@@ -123,7 +123,7 @@ def test_serve_with_only_damaged_models_refuses_in_one_line(damaged_store, tmp_p
                            str(store)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    lines = message_lines(done.stderr)
     assert "not serving a damaged model" in lines[0] and "model.safetensors" in lines[0]
     assert lines[-1].startswith("pixtok serve: error: no model in") and "only" in lines[-1]
 
@@ -144,7 +144,7 @@ def test_an_archive_whose_worker_cannot_load_it_alone_refuses_in_one_line(tmp_pa
                            str(store)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
+    lines = message_lines(done.stderr)
     assert len(lines) == 2, lines
     assert lines[0].startswith("pixtok serve: not serving a damaged model: ")
     assert "only.mar (model only): the archive opens but its worker failed" in lines[0]

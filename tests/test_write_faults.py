@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import ENV, ROOT, pixtok
+from clirun import ENV, ROOT, message_lines, pixtok
 from conftest import make_classifier
 from datafiles import learnable_fashion
 from safetensors.torch import load_file
@@ -147,7 +147,7 @@ def test_a_full_disk_stops_training_in_one_line_and_resume_continues(fashion, un
         done = pixtok("train", "vit1-fashion", "--out", out, f"data_dir={fashion}", *ARGS,
                       check=False)
         assert done.returncode == 2, done.stderr[-2000:]
-        error = done.stderr.strip().splitlines()[-1]
+        error = message_lines(done.stderr)[-1]
         assert error.startswith(f"pixtok train: error: cannot write into {out} at step "), error
         assert "No space left on device" in error and "--resume" in error
         assert "Traceback" not in done.stderr
@@ -170,7 +170,7 @@ def test_serve_refuses_a_full_run_folder_in_one_line(tmp_path):
         env = {**ENV, "PIXTOK_RUN_DIR": str(disk / "run")}
         done = pixtok("serve", "--no-ui", "--model-store", store, check=False, env=env)
         assert done.returncode == 2, done.stderr[-2000:]
-        assert done.stderr.count("\n") == 1, done.stderr
+        assert len(message_lines(done.stderr)) == 1, done.stderr
         assert done.stderr.startswith(f"pixtok serve: error: the run folder {disk / 'run'} has ")
         assert "PIXTOK_RUN_DIR" in done.stderr
         assert not (disk / "run" / "tmp" / ".model_server.pid").exists()
@@ -221,7 +221,7 @@ def test_an_unreadable_model_folder_and_archive_are_named_and_left_out(tmp_path)
              str(store / "locked"), "--out", str(tmp_path / "out")],
             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert export.returncode == 2, export.stderr[-2000:]
-        assert export.stderr.count("\n") == 1, export.stderr
+        assert len(message_lines(export.stderr)) == 1, export.stderr
         assert str(store / "locked") in export.stderr and "ermission denied" in export.stderr
         chosen = subprocess.run([*WITHOUT_READ_OVERRIDE, sys.executable, "-c", CHOOSE,
                                  str(store)], cwd=ROOT, env=ENV, capture_output=True,
@@ -231,7 +231,7 @@ def test_an_unreadable_model_folder_and_archive_are_named_and_left_out(tmp_path)
         assert result["served"] == ["good"]
         assert sorted(result["broken"]) == ["locked", "sealed"]
         assert all("ermission denied" in why for why in result["broken"].values()), result
-        lines = chosen.stderr.strip().splitlines()
+        lines = message_lines(chosen.stderr)
         assert len(lines) == 2 and all(
             line.startswith("pixtok serve: not serving a damaged model: ") for line in lines)
     finally:
