@@ -153,6 +153,15 @@ def test_an_archive_whose_worker_cannot_load_it_alone_refuses_in_one_line(tmp_pa
     assert launcher.running_pid(tmp_path / "run") is None      # nothing left running
 
 
+def run_together(fn, n: int) -> None:
+    """fn(0) ... fn(n - 1), each on a thread of its own; returns when all have ended."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def send_all(client, bodies: list[bytes], idempotent=True) -> list:
     """Every body at once, one thread each -> [answer dict | ServerError | other exception]."""
     out = [None] * len(bodies)
@@ -165,11 +174,7 @@ def send_all(client, bodies: list[bytes], idempotent=True) -> list:
         except Exception as e:  # noqa: BLE001 - the test looks at what came back
             out[i] = e
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together(go, len(bodies))
     return out
 
 
@@ -375,11 +380,7 @@ def post_all(srv, path: str, bodies: list[bytes]) -> list[tuple[int, dict, dict]
         except urllib.error.HTTPError as e:
             out[i] = (e.code, dict(e.headers), json.loads(e.read()))
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together(go, len(bodies))
     return out
 
 
