@@ -109,7 +109,9 @@ def drill(inputs, threads: int = 6, settle: float = 20.0, ready_limit: float = 3
     with tempfile.TemporaryDirectory(prefix="pixtok-drill-") as tmp:
         paths = make_bodies(dict.fromkeys(models, 1.0), Path(tmp), inputs)
         bodies = {r: [Path(p).read_bytes() for p in ps] for r, ps in paths.items()}
-    client = Client(run_dir=run_dir, retry_seconds=120)
+    # an accepted request that is merely slow (a contended machine) is waited for: lost means
+    # an error the retries could not get past, not a slow answer
+    client = Client(run_dir=run_dir, timeout=600, retry_seconds=300)
     kills = []
     with Traffic(client, models, bodies, threads) as traffic:
         time.sleep(settle)
