@@ -170,9 +170,10 @@ def test_serve_refuses_a_full_run_folder_in_one_line(tmp_path):
         env = {**ENV, "PIXTOK_RUN_DIR": str(disk / "run")}
         done = pixtok("serve", "--no-ui", "--model-store", store, check=False, env=env)
         assert done.returncode == 2, done.stderr[-2000:]
-        assert len(message_lines(done.stderr)) == 1, done.stderr
-        assert done.stderr.startswith(f"pixtok serve: error: the run folder {disk / 'run'} has ")
-        assert "PIXTOK_RUN_DIR" in done.stderr
+        lines = message_lines(done.stderr)
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"pixtok serve: error: the run folder {disk / 'run'} has ")
+        assert "PIXTOK_RUN_DIR" in lines[0]
         assert not (disk / "run" / "tmp" / ".model_server.pid").exists()
     assert (store / "tiny-cls.mar").is_file()       # the archive was built in the store, not here
 
