@@ -373,7 +373,7 @@ def ready_bar(models: list[str]):
 
 def waiting_for(models: list[str]) -> str:
     return f"pixtok serve: waiting for READY: {', '.join(models)}" if models else \
-        "pixtok serve: done waiting for READY"
+        "pixtok serve: every model READY"
 
 
 def wait_each_ready(server: Server, client: Client, waiting: list[str], deadline: float,

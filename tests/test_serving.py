@@ -292,11 +292,11 @@ LABELS10 = ["tee", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "s
 
 def test_generate_request_defaults_and_names():
     got = parse_generate_request(b'{"label": "coat"}', LABELS10)
-    assert got == {**GENERATE_DEFAULTS, "label": "coat", "index": 4}
+    assert got == {**GENERATE_DEFAULTS, "label": "coat", "index": 4, "stream": False}
     got = parse_generate_request({"label": 9, "seed": 7, "steps": 1000, "sampler": "dpm",
                                   "guidance": 0, "num_images": 16}, LABELS10)
     assert got == {"label": "boot", "index": 9, "seed": 7, "steps": 1000, "sampler": "dpm",
-                   "guidance": 0.0, "num_images": 16}
+                   "guidance": 0.0, "num_images": 16, "stream": False}
     assert parse_generate_request('{"label": "3"}', LABELS10)["label"] == "dress"
 
 
