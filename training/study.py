@@ -340,7 +340,18 @@ def final_val(run_dir: Path, step: int) -> dict | None:
     last = json.loads(lines[-1]) if lines and lines[-1].strip() else {}
     if last.get("step") != step:
         return None
-    return {k: v for k, v in last.items() if k not in ("step", "epoch", "time")}
+    return metric_values(last)
+
+
+def metric_values(evaluation: dict) -> dict:
+    """An evaluation's line of metrics.jsonl less its step, epoch and time."""
+    return {k: v for k, v in evaluation.items() if k not in ("step", "epoch", "time")}
+
+
+def read_floors(out: Path) -> dict:
+    """DIR/floors.json of a generator study: {VQGAN weights sha256: floors}, {} before any."""
+    path = out / "floors.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def model_cost(run_dir: Path) -> tuple[int | None, int | None]:
@@ -384,8 +395,7 @@ def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path) -> dic
     spec, dev = study.generator, device()
     config = generator_config(run_dir)
     vqgan = weights_hash(run_dir / "vae" / "diffusion_pytorch_model.safetensors")
-    floors_path = out / "floors.json"
-    floors = json.loads(floors_path.read_text()) if floors_path.is_file() else {}
+    floors = read_floors(out)
     result = protocol_metrics(load_pipeline(run_dir, dev), Classifier(spec["judge"], dev),
                               spec["guidance"], spec["samples"],
                               config.get("input", {}).get("pad", 0), spec.get("sampler"),
@@ -395,7 +405,7 @@ def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path) -> dic
     if "floors" in result:
         floors[vqgan] = {**result.pop("floors"), "n": result["n"],
                          "judge_sha256": result["judge_sha256"], "first_run": str(run_dir)}
-        write_json(floors_path, floors)
+        write_json(out / "floors.json", floors)
     with open(log, "a") as f:
         f.write(f"generator protocol: {json.dumps(result)}\n")
     flat = {f"{m}@{g}": v for g, metrics in result["by_guidance"].items()
@@ -427,7 +437,7 @@ def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
         # the weights the validation split chose (training kept them as they went by); their
         # validation metrics are the ones that chose them
         chosen = json.loads((best / "config.json").read_text())
-        val = {k: v for k, v in chosen["metrics"].items() if k not in ("step", "epoch", "time")}
+        val = metric_values(chosen["metrics"])
         test = evaluate(best, "test", log)          # the only look at test, once it is done
         selected_step = chosen["step"]
     else:
@@ -589,9 +599,7 @@ def generator_section(study: Study, runs: list[dict], out: Path) -> list[str]:
                                  statistics.stdev(values) if len(values) > 1 else None,
                                  len(values)))
             lines.append(f"| {arm} | {g} | " + " | ".join(cells) + " |")
-    floors_path = out / "floors.json"
-    floors = json.loads(floors_path.read_text()) if floors_path.is_file() else {}
-    for vqgan, floor in floors.items():
+    for vqgan, floor in read_floors(out).items():
         for name, what in (("real", "real test images (a disjoint set)"),
                            ("vqgan_recon", "VQGAN reconstructions of those real images")):
             cells = [f"{floor[name][m]:.4f}" if m in floor[name] else "—"

@@ -317,6 +317,12 @@ class Run:
         self.template.load_state_dict(full_model_state(source, self.sharded, everywhere=True))
         return self.template
 
+    def folder_config(self, metrics: dict | None) -> dict:
+        """config.json of a checkpoint folder written now: the run's config at this step."""
+        return {**self.config, "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                **({"metrics": metrics} if metrics else {})}
+
     def checkpoint(self, metrics: dict | None) -> None:
         """Write the checkpoint folder: the exported model, config.json, train_state.pt."""
         dist, out, step = self.dist, self.out, self.step
@@ -333,10 +339,7 @@ class Run:
             return
         with disk_errors(out, step, getattr(self, "bar", None)):
             self.task.on_checkpoint(out, export)
-            write_json(out / "config.json", {
-                **self.config, "step": step, "epoch": step / self.steps_per_epoch,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                **({"metrics": metrics} if metrics else {})})
+            write_json(out / "config.json", self.folder_config(metrics))
             save_train_state(out / "train_state.pt", {
                 "model": raw, "optimizer": opt_state, "step": step, "ema": ema_state,
                 "rng": rngs, "task": self.task.state_dict(), "best": self.best,
@@ -364,10 +367,8 @@ class Run:
 
         def write(folder: Path) -> None:
             self.task.on_checkpoint(folder, export)
-            write_json(folder / "config.json", {
-                **self.config, "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"), "metrics": metrics,
-                "selected": {"split": "val", **self.best}})
+            write_json(folder / "config.json", {**self.folder_config(metrics),
+                                                "selected": {"split": "val", **self.best}})
 
         with disk_errors(self.out, self.step, getattr(self, "bar", None)):
             publish_folder(self.out / "best", write)
