@@ -7,7 +7,8 @@ management API for a fresh one with the never-expiring API key. A long-running s
 never strands a client, the Gradio front end included.
 
 Idempotent calls (classify, depth, and generate with a seed: same request, same bytes) are retried
-when the server is overloaded or lost a worker (HTTP 503, 429, 507, 502, 504), the connection
+when the server is overloaded or lost a worker (HTTP 503, 429, 507, 502, 504, and TorchServe's
+500 "Worker died."), the connection
 failed or an answer was cut short, with exponential backoff and full jitter (honouring a
 Retry-After), for at most `retry_seconds` (PIXTOK_CLIENT_RETRY_S, default 30; 0 turns retries
 off); then a ServerError or ServerUnreachable says how many tries were made. A socket timeout is
@@ -47,6 +48,7 @@ PORTS = {   # api -> (environment variable, default port); `pixtok serve` listen
 
 
 RETRY_STATUSES = {429, 502, 503, 504, 507}   # overload, a dying worker, a restarting frontend
+WORKER_DIED = "Worker died."   # TorchServe's message for a request whose worker process ended
 RETRY_ENV = "PIXTOK_CLIENT_RETRY_S"
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 5.0
 
@@ -76,6 +78,16 @@ def explain(resp: Response, model: str) -> dict:
                    "message": f"model {model!r} is overloaded: its request queue is full "
                    "(PIXTOK_QUEUE_SIZE) or it has no live worker; retry later"}
     return payload
+
+
+def worth_retrying(resp: Response) -> bool:
+    """An answer that a later try of the same request may not get: overload, a restarting
+    frontend, or a worker that died under the request. TorchServe answers the last with 507 when
+    it has already seen the worker's exit status (137) and with 500 when it has not yet; the
+    message is the same, so a 500 is retried only with exactly that message."""
+    if resp.status in RETRY_STATUSES:
+        return True
+    return resp.status == 500 and resp.json().get("message") == WORKER_DIED
 
 
 def backoff_delay(attempt: int, retry_after: str | None = None, rng=random) -> float:
@@ -268,7 +280,7 @@ class Client:
         while True:
             try:
                 resp = self.request("POST", url, body, {"Content-Type": content_type})
-                failure = None if resp.status not in RETRY_STATUSES else resp
+                failure = resp if worth_retrying(resp) else None
             except ServerUnreachable as e:
                 resp, failure = None, e
             if failure is None:
@@ -348,7 +360,7 @@ class Client:
                 self.refresh_key("inference", key)
                 continue
             delay = backoff_delay(attempt, resp.header("Retry-After"))
-            if resp.status not in RETRY_STATUSES or time.monotonic() - start + delay > budget:
+            if not worth_retrying(resp) or time.monotonic() - start + delay > budget:
                 raise ServerError(resp.status, explain(resp, model))
             time.sleep(delay)
             attempt += 1

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from serving.client import BACKOFF_MAX_S, Client, ServerUnreachable, backoff_delay
+from serving.client import (BACKOFF_MAX_S, Client, ServerError, ServerUnreachable,
+                            backoff_delay)
 
 
 class Rng:
@@ -63,10 +64,11 @@ def test_a_bad_retry_setting_is_a_one_line_error(tmp_path, monkeypatch):
 
 class CutShortServer:
     """A loopback HTTP server whose first `cut` answers stop half-way through their body (a worker
-    or frontend dying mid-answer); later answers are whole."""
+    or frontend dying mid-answer), or are the raw answer `first` where one is given; later answers
+    are whole."""
 
-    def __init__(self, cut: int):
-        self.cut, self.answered = cut, 0
+    def __init__(self, cut: int, first: bytes | None = None):
+        self.cut, self.first, self.answered = cut, first, 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -91,6 +93,9 @@ class CutShortServer:
                     rest += conn.recv(65536)
                 whole = self.answered >= self.cut
                 self.answered += 1
+                if not whole and self.first is not None:
+                    conn.sendall(self.first)
+                    continue
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
                              + (body if whole else body[: len(body) // 2]))
@@ -110,5 +115,32 @@ def test_an_answer_cut_short_is_retried_or_a_clear_error(tmp_path, retry_seconds
         else:
             with pytest.raises(ServerUnreachable, match="IncompleteRead|incomplete"):
                 client.classify(b"\x89PNG", model="m")
+    finally:
+        server.close()
+
+
+def error_answer(status: int, message: str) -> bytes:
+    body = json.dumps({"code": status, "type": "InternalServerException",
+                       "message": message}).encode()
+    return (b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (status, len(body)) + body)
+
+
+@pytest.mark.parametrize("status, message, retried", [
+    (500, "Worker died.", True),      # TorchServe before it has read the worker's exit status
+    (507, "Worker died.", True),      # ... and after (exit status 137)
+    (500, "Prediction failed", False),  # a handler's own error: the same request fails again
+])
+def test_a_worker_that_died_is_retried_any_other_500_is_not(tmp_path, status, message, retried):
+    server = CutShortServer(cut=1, first=error_answer(status, message))
+    try:
+        client = Client(server.url, tmp_path, retry_seconds=30)
+        if retried:
+            assert client.classify(b"\x89PNG", model="m") == {"label": "Bag", "index": 8}
+            assert client.retries == 1
+        else:
+            with pytest.raises(ServerError, match=f"HTTP {status} .*{message}"):
+                client.classify(b"\x89PNG", model="m")
+            assert client.retries == 0 and server.answered == 1
     finally:
         server.close()
