@@ -12,6 +12,8 @@ An archive runs on a stock TorchServe with only torch, numpy, pillow and safeten
     index_to_name.json      labels in TorchServe's usual form (classifiers and generators)
     model.safetensors       weights; never a pickle
     model.onnx              with --onnx; the handler prefers it when onnxruntime imports
+    code.sha256             the digest of the handlers and the core as they were staged: an
+                            archive of older code is stale (rebuilt by `pixtok serve`)
 
 A generator's archive holds transformer.safetensors and vq_decoder.safetensors instead of
 model.safetensors (export/generator.py).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,6 +45,7 @@ REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors"]
 HANDLERS = ROOT / "serving" / "handlers"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPOSITORY_PACKAGES = ("training", "serving", "export")
+CODE_DIGEST = "code.sha256"    # at an archive's root: code_digest() of the code it carries
 
 
 class ExportError(UserError):
@@ -124,11 +129,33 @@ def check_self_contained(stage: Path) -> None:
                                   "which the archive does not ship")
 
 
+SKIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", *CLI_ONLY)   # not staged
+
+
+def shipped_code() -> list[Path]:
+    """Every file an archive may carry as code: the handlers and the staged core package."""
+    def walk(folder: Path) -> list[Path]:
+        names = sorted(os.listdir(folder))
+        kept = [folder / n for n in names if n not in SKIPPED(str(folder), names)]
+        return [f for p in kept for f in (walk(p) if p.is_dir() else [p])]
+
+    return sorted(HANDLERS.glob("*.py")) + walk(CORE)
+
+
+def code_digest() -> str:
+    """sha256 over the names and bytes of shipped_code(): an archive records it, and an archive
+    whose digest differs from this checkout's carries other code."""
+    digest = hashlib.sha256()
+    for f in shipped_code():
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def stage_code(handler: Path, stage: Path) -> None:
-    """handler.py and the core package, both copied as they are."""
-    shutil.copytree(CORE, stage / "files" / "pixtok", ignore=shutil.ignore_patterns(
-        "__pycache__", "*.pyc", *CLI_ONLY))
+    """handler.py and the core package, both copied as they are, and their digest."""
+    shutil.copytree(CORE, stage / "files" / "pixtok", ignore=SKIPPED)
     shutil.copy2(handler, stage / "handler.py")
+    (stage / "files" / CODE_DIGEST).write_text(code_digest() + "\n")
     check_self_contained(stage)
 
 
@@ -294,13 +321,24 @@ def write_archive(ckpt: Path, out: Path, name: str, task: TaskInfo, config: dict
     return version
 
 
-def is_stale(ckpt: Path, mar: Path) -> bool:
-    """True when the archive is missing or older than any file of its checkpoint (a pipeline
-    folder's weights are in its subfolders)."""
+def archived_digest(mar: Path) -> str | None:
+    """The code digest an archive recorded; None for an archive from before digests, or one
+    that cannot be read as a zip."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return z.read(CODE_DIGEST).decode().strip()
+    except (KeyError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+
+
+def is_stale(ckpt: Path, mar: Path, digest: str | None = None) -> bool:
+    """True when the archive is missing, older than any file of its checkpoint (a pipeline
+    folder's weights are in its subfolders), or carries other code than this checkout's (digest:
+    code_digest(), computed once by the caller)."""
     if not mar.is_file():
         return True
     newest = max((f.stat().st_mtime for f in ckpt.rglob("*") if f.is_file()), default=0.0)
-    return newest > mar.stat().st_mtime
+    return newest > mar.stat().st_mtime or archived_digest(mar) != (digest or code_digest())
 
 
 def is_model_folder(path: Path) -> bool:
@@ -322,10 +360,10 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
     store = Path(store)
     built = []
     folders = sorted(p for p in store.iterdir() if is_model_folder(p))
-    stale = []
+    stale, digest = [], code_digest()
     for ckpt in folders:
         try:
-            if is_stale(ckpt, store / f"{ckpt.name}.mar"):
+            if is_stale(ckpt, store / f"{ckpt.name}.mar", digest):
                 stale.append(ckpt)
         except OSError:
             stale.append(ckpt)    # unreadable: building it below says why

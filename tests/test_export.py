@@ -4,9 +4,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,10 +20,13 @@ from clirun import pixtok
 from PIL import Image
 
 from export.archive import (
+    CODE_DIGEST,
     ExportError,
     build_missing_archives,
     checkpoint_version,
+    code_digest,
     export_archive,
+    is_stale,
 )
 from export.onnx import export_onnx
 from pixtok.checkpoint import load_model
@@ -192,3 +197,28 @@ def test_missing_and_stale_archives_are_rebuilt(tiny_classifier, tmp_path):
     newer = (store / "cls.mar").stat().st_mtime + 10
     os.utime(ckpt / "model.safetensors", (newer, newer))           # retrained since
     assert build_missing_archives(store, **QUIET) == [store / "cls.mar"]
+
+
+def test_an_archive_of_other_code_is_rebuilt(tiny_classifier, tmp_path):
+    """The archive carries its own copy of the handler and core: after the code changes (a pull,
+    an edit), `pixtok serve` must not keep serving the old copy. Its recorded digest says."""
+    store = tmp_path / "store"
+    store.mkdir()
+    ckpt = store / "cls"
+    shutil.copytree(tiny_classifier, ckpt)
+    mar = build_missing_archives(store, **QUIET)[0]
+    with zipfile.ZipFile(mar) as z:
+        assert z.read(CODE_DIGEST).decode().strip() == code_digest()
+        assert "code.sha256" in z.namelist() and "pixtok/inference/handler_base.py" in z.namelist()
+    assert not is_stale(ckpt, mar)
+    assert is_stale(ckpt, mar, digest="0" * 64)                   # this checkout's code differs
+    # an archive from before digests (or another checkout): same files, no digest -> rebuilt
+    older = tmp_path / "older.mar"
+    with zipfile.ZipFile(mar) as z, zipfile.ZipFile(older, "w") as out:
+        for item in z.infolist():
+            if item.filename != CODE_DIGEST:
+                out.writestr(item, z.read(item.filename))
+    os.replace(older, mar)
+    os.utime(mar, (time.time() + 10, time.time() + 10))            # newer than the checkpoint
+    assert build_missing_archives(store, **QUIET) == [mar]
+    assert not is_stale(ckpt, mar)
