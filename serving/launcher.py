@@ -72,6 +72,7 @@ UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generat
 # TorchServe 0.12 ignores clientTimeoutInMills given here, so the wait in the queue is bounded
 # by the queue's size, not by a timeout.
 QUEUE_SIZE_ENV, RESPONSE_TIMEOUT_ENV = "PIXTOK_QUEUE_SIZE", "PIXTOK_RESPONSE_TIMEOUT_S"
+THREADS_ENV = "PIXTOK_WORKER_THREADS"   # torch threads per TorchServe worker (worker_threads)
 DEFAULT_QUEUE_SIZE = 100
 
 
@@ -320,13 +321,28 @@ def snapshot_models(config: Path) -> list[str]:
                          '{"name", "modelCount", "models": {...}}') from None
 
 
-def torchserve_env(run_dir: Path) -> dict:
+def worker_threads(models: dict) -> int:
+    """Torch threads per TorchServe worker: PIXTOK_WORKER_THREADS, else OMP_NUM_THREADS where
+    the user set it, else the usable CPUs shared out between all the workers (at least 1). Every
+    worker left at torch's default (one thread per core) oversubscribes the cores as soon as two
+    are busy, and OpenMP's threads then wait on each other: docs/reliability.md measures it."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").strip():
+            return positive_int_env(name, 1)
+    workers = sum(batching(task)["minWorkers"] for _, _, task in models.values())
+    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+
+
+def torchserve_env(run_dir: Path, threads: int | None = None) -> dict:
     """The environment TorchServe and its workers run in: no PYTHONPATH, so an archive that is
-    not self-contained fails here instead of on a user's server; temp files in the run folder."""
+    not self-contained fails here instead of on a user's server; temp files in the run folder;
+    OMP_NUM_THREADS = `threads`, which torch in each worker takes as its thread count."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
     tmp = str(run_dir / "tmp")
     env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=str(run_dir / "logs"),
                METRICS_LOCATION=str(run_dir / "logs"))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -478,7 +494,8 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
                 names = snapshot_models(path) or list(models)
         failures = LoadFailures(run_dir / "logs", attempts,
                                 {m: store / mar for m, (mar, _, _) in models.items()})
-        server = launch(run_dir, store, path, host, ports, names, broken)
+        server = launch(run_dir, store, path, host, ports, names, broken,
+                        worker_threads(models))
         unloadable = wait_ready(server, timeout, failures)
         if not unloadable:
             break
@@ -538,13 +555,14 @@ def load_attempts_setting() -> int:
 
 
 def launch(run_dir: Path, store: Path, config: Path, host: str, ports: dict, models: list[str],
-           broken: dict) -> Server:
-    """Start TorchServe in the background on a written config; return once its pid file is."""
+           broken: dict, threads: int | None = None) -> Server:
+    """Start TorchServe in the background on a written config, its workers on `threads` torch
+    threads each; return once its pid file is."""
     (run_dir / "key_file.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-c", "from ts.model_server import start; start()", "--start",
            "--ts-config", str(config), "--model-store", str(store), "--ncs"]
     with open(run_dir / "logs" / "torchserve.out", "ab") as out:
-        done = subprocess.run(cmd, cwd=run_dir, env=torchserve_env(run_dir), stdout=out,
+        done = subprocess.run(cmd, cwd=run_dir, env=torchserve_env(run_dir, threads), stdout=out,
                               stderr=subprocess.STDOUT, timeout=120)
     if done.returncode:
         raise ServeError(f"torchserve did not start; see {run_dir / 'logs' / 'torchserve.out'}")

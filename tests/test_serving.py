@@ -257,6 +257,40 @@ def test_run_folder_is_private_and_config_locked_down(server):
     assert not (ROOT / "key_file.json").exists() and not (ROOT / "logs").exists()
 
 
+def test_worker_threads_share_the_cpus_out_unless_set(monkeypatch):
+    from serving import launcher
+
+    models = {"a": ("a.mar", "1", "classify"), "b": ("b.mar", "1", "depth"),
+              "c": ("c.mar", "1", "generate")}
+    for name in ("PIXTOK_WORKER_THREADS", "OMP_NUM_THREADS", "PIXTOK_GENERATE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert launcher.worker_threads(models) == 5            # 16 CPUs, 3 workers
+    monkeypatch.setenv("PIXTOK_GENERATE_WORKERS", "5")
+    assert launcher.worker_threads(models) == 2            # 16 CPUs, 7 workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert launcher.worker_threads(models) == 1            # never 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")             # the user's choice is kept ...
+    assert launcher.worker_threads(models) == 3
+    monkeypatch.setenv("PIXTOK_WORKER_THREADS", "2")       # ... unless pixtok's own is given
+    assert launcher.worker_threads(models) == 2
+    assert launcher.torchserve_env(Path("/tmp/run"), 2)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("PIXTOK_WORKER_THREADS", "all")
+    with pytest.raises(launcher.ServeError, match="PIXTOK_WORKER_THREADS='all'"):
+        launcher.worker_threads(models)
+
+
+def test_each_worker_runs_on_its_share_of_the_cpus(server):
+    """Four one-worker models: each worker's torch uses the CPUs divided by four (at least one
+    thread), or what the environment asks for; its ready line says how many."""
+    log = (server.run_dir / "logs" / "model_log.log").read_text()
+    found = dict(re.findall(r"pixtok: (\S+) ready on cpu \(\w+, (\d+) torch threads\)", log))
+    assert set(found) == {"tiny-cls", "tiny-cls-onnx", "tiny-depth", "tiny-gen"}, log[-2000:]
+    asked = os.environ.get("PIXTOK_WORKER_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    want = int(asked) if asked else max(1, len(os.sched_getaffinity(0)) // 4)
+    assert set(found.values()) == {str(want)}
+
+
 def test_each_archive_carries_its_checkpoints_version(server, tmp_path):
     from export.archive import checkpoint_version
 
