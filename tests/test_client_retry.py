@@ -10,8 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.client import (BACKOFF_MAX_S, Client, ServerError, ServerUnreachable,
-                            backoff_delay)
+from serving.client import BACKOFF_MAX_S, Client, ServerError, ServerUnreachable, backoff_delay
 
 
 class Rng:
