@@ -3,7 +3,9 @@ ModelServer and in process, in one run.
 
 Every path runs the same archive with the same batching rule (up to BATCHING["classify"]
 requests, waiting at most its delay), so the gaps are what each server's HTTP side and worker
-protocol cost. Paths: `torchserve` (REST), `kserve` (the same REST route on `pixtok serve
+protocol cost. Paths: `torchserve` (REST, through pixtok's gate, as `pixtok serve` runs it),
+`torchserve-direct` (the same server's own inference port, behind the gate: the gap between the
+two is what the gate costs), `kserve` (the same REST route on `pixtok serve
 --server kserve`), `kserve-v2` (the same image as a v2 `image` BYTES input), `in-process`. Each
 server gets its own run folder and free ports, so a user's running server is never touched.
 startup_s / startup_kserve_s: `pixtok serve` (archives already built) to the first answer.
@@ -25,7 +27,7 @@ from PIL import Image
 
 from pixtok.inference.backend import load_classifier, pick_device
 from serving import launcher
-from serving.client import ServerError
+from serving.client import Client, ServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "model_store" / "fashion-vit1"
@@ -130,6 +132,25 @@ def drive(call, bodies: list[bytes], clients: int, per_client: int) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+def ping_round_trips(gated, direct, n: int) -> dict:
+    """GET /ping through the gate and straight to TorchServe, n of each taken in turns: the
+    round trip with no model work in it, so the difference is the gate's own cost per request."""
+    ms = {"torchserve": [], "torchserve-direct": []}
+    for _ in range(n):
+        for path, client in (("torchserve", gated), ("torchserve-direct", direct)):
+            t0 = time.perf_counter()
+            resp = client.request("GET", f"{client.base_url}/ping")
+            ms[path].append((time.perf_counter() - t0) * 1000)
+            if resp.status != 200:
+                raise ServerError(resp.status, resp.json())
+    out = {path: {"p50_ms": round(float(np.percentile(v, 50)), 3),
+                  "p99_ms": round(float(np.percentile(v, 99)), 3)} for path, v in ms.items()}
+    out["n"] = n
+    out["gate_p50_ms"] = round(out["torchserve"]["p50_ms"] - out["torchserve-direct"]["p50_ms"],
+                               3)
+    return out
+
+
 def noise_pngs(n: int, seed: int = 0) -> list[bytes]:
     """n random 28x28 grey PNG files: the benchmark's request bodies."""
     rng = np.random.default_rng(seed)
@@ -143,7 +164,8 @@ def noise_pngs(n: int, seed: int = 0) -> list[bytes]:
 
 def bench_serve(quick: bool = False, export_archive=None) -> dict:
     """{"suite": "serve", "model", "results": [{"path", "clients", "images_per_s", "p50_ms",
-    "p99_ms"}], "startup_s"}. export_archive(ckpt, store, name=, log=) builds the benchmark
+    "p99_ms"}], "ping": {path: {"p50_ms", "p99_ms"}, "n", "gate_p50_ms"}, "startup_s"}.
+    export_archive(ckpt, store, name=, log=) builds the benchmark
     model's archive (`pixtok bench serve` passes export's; serving never imports export)."""
     from pixtok.models import build_model
     from pixtok.resize import resize_image
@@ -164,10 +186,13 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
             client = server.client()
             client.classify(bodies[0], model="bench")
             startup_s = time.perf_counter() - t0
-            for clients in (1, 4, 16):
-                row = drive(lambda b: client.classify(b, model="bench"), bodies, clients,
-                            per_client)
-                results.append({"path": "torchserve", **row})
+            direct = Client(server.upstream, server.run_dir)
+            for clients in (1, 4, 16):     # through the gate and around it, side by side
+                for path, via in (("torchserve", client), ("torchserve-direct", direct)):
+                    row = drive(lambda b, via=via: via.classify(b, model="bench"), bodies,
+                                clients, per_client)
+                    results.append({"path": path, **row})
+            ping = ping_round_trips(client, direct, 50 if quick else 300)
         finally:
             launcher.stop(tmp / "run", log=lambda *_: None)
         t0 = time.perf_counter()
@@ -196,5 +221,5 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
         finally:
             batcher.close()
     return {"suite": "serve", "model": model_label, "device": str(device),
-            "results": results, "startup_s": round(startup_s, 2),
+            "results": results, "ping": ping, "startup_s": round(startup_s, 2),
             "startup_kserve_s": round(startup_kserve_s, 2)}

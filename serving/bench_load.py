@@ -9,8 +9,8 @@ process makes the request bodies first (real Fashion-MNIST test images and scene
 training/data/scenes.py, from training/load_inputs.py, which pixtok's CLI hands in: serving
 imports no training code; generator requests with a seed) and writes them to a temporary folder;
 the load itself runs in serving/load_users.py, a locust process that imports no training code.
-While it runs, this process samples the resident memory (RSS) of TorchServe's worker processes
-every few seconds (psutil).
+While it runs, this process samples the resident memory (RSS) of TorchServe's worker processes,
+and of the gate in front of TorchServe (model name "gate"), every few seconds (psutil).
 
 Modes:
 - default: --users closed-loop users for --seconds;
@@ -101,11 +101,12 @@ def worker_processes(client, models: dict) -> dict[int, str]:
     return found
 
 
-def sample_memory(client, models: dict, t0: float) -> list[dict]:
+def sample_memory(client, models: dict, t0: float, others: dict | None = None) -> list[dict]:
+    """RSS of every worker now, and of `others` ({pid: name}, e.g. the gate)."""
     import psutil
 
     out = []
-    for pid, name in worker_processes(client, models).items():
+    for pid, name in {**worker_processes(client, models), **(others or {})}.items():
         try:
             rss = psutil.Process(pid).memory_info().rss
         except psutil.Error:
@@ -185,7 +186,7 @@ def served(client, mix: dict) -> dict[str, str]:
 def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
     """The load bench; inputs: see make_bodies (pixtok's CLI passes it)."""
     from serving.client import Client, ServerUnreachable, default_run_dir
-    from serving.launcher import running_pid
+    from serving.launcher import running_gate_pid, running_pid
 
     mix = parse_mix(args.mix if args else DEFAULT_MIX)
     stages, extra = plan(args)
@@ -219,9 +220,11 @@ def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
                                  str(tmp / "spec.json"), str(tmp / "out.json")],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         memory, period = [], max(1.0, min(30.0, total / 200))
+        gate = running_gate_pid(run_dir)
+        others = {gate: "gate"} if gate else {}      # the proxy in front of TorchServe
         deadline = time.monotonic() + total + 120          # bounded: the stages, then a margin
         while proc.poll() is None:
-            memory += sample_memory(client, models, t0)
+            memory += sample_memory(client, models, t0, others)
             if time.monotonic() > deadline:
                 proc.kill()
                 break

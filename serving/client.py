@@ -48,6 +48,7 @@ PORTS = {   # api -> (environment variable, default port); `pixtok serve` listen
 
 
 RETRY_STATUSES = {429, 502, 503, 504, 507}   # overload, a dying worker, a restarting frontend
+TORCHSERVE_FULL_QUEUE = "use scale workers API"   # in TorchServe's 503 for a full queue
 WORKER_DIED = "Worker died."   # TorchServe's message for a request whose worker process ended
 RETRY_ENV = "PIXTOK_CLIENT_RETRY_S"
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 5.0
@@ -71,12 +72,15 @@ class ServerTimeout(UserError):
 
 
 def explain(resp: Response, model: str) -> dict:
-    """The answer's JSON, with TorchServe's misleading words for a full queue made plain."""
+    """The answer's JSON; a server's overload (503 ServiceUnavailableException) is type
+    server_busy, and TorchServe's own misleading words for a full queue (when no gate is in
+    front) are made plain."""
     payload = resp.json()
     if resp.status == 503 and payload.get("type") == "ServiceUnavailableException":
-        payload = {**payload, "type": "server_busy",
-                   "message": f"model {model!r} is overloaded: its request queue is full "
-                   "(PIXTOK_QUEUE_SIZE) or it has no live worker; retry later"}
+        payload = {**payload, "type": "server_busy"}
+        if TORCHSERVE_FULL_QUEUE in str(payload.get("message")):
+            payload["message"] = (f"model {model!r} is overloaded: its request queue is full "
+                                  "(PIXTOK_QUEUE_SIZE) or it has no live worker; retry later")
     return payload
 
 
@@ -130,6 +134,15 @@ class Response:
 
 def default_run_dir() -> Path:
     return Path(os.environ.get("PIXTOK_RUN_DIR") or Path.home() / ".cache" / "pixtok" / "run")
+
+
+def gate_address(run_dir: Path) -> str | None:
+    """Where the run folder's gate answers (gate.json), if `pixtok serve` put one in front of
+    TorchServe: config.properties' inference address is then TorchServe's own, behind it."""
+    try:
+        return json.loads((Path(run_dir) / "gate.json").read_text())["address"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def port(api: str) -> int:
@@ -194,7 +207,8 @@ class Client:
         self.run_dir = Path(run_dir) if run_dir else default_run_dir()
         config = self.run_dir / "config.properties"
         props = read_properties(config) if config.is_file() else {}
-        self.base_url = local_url(base_url or props.get("inference_address")
+        self.base_url = local_url(base_url or gate_address(self.run_dir)
+                                  or props.get("inference_address")
                                   or f"http://127.0.0.1:{port('inference')}")
         self.management_url = local_url(management_url or props.get("management_address")
                                         or f"http://127.0.0.1:{port('management')}")

@@ -6,13 +6,19 @@ which is this folder), logs/, and tmp/ with TorchServe's pid file, worker socket
 archives. TorchServe's own "one server per machine" pid file lives in $TMPDIR, so pointing
 TMPDIR at tmp/ lets two run folders (a user's server and a test's) run side by side.
 
+TorchServe's inference API listens on a loopback port of its own; pixtok's gate
+(serving/gate.py, a reverse proxy; pid file tmp/gate.pid, output logs/gate.out, its address in
+gate.json) answers on the inference port in front of it and gives the overload answers TorchServe
+cannot (Retry-After, a request timeout). PIXTOK_GATE=off leaves it out.
+
 Unless --no-ui, the Gradio front end (serving/gradio_app.py, a REST client) then starts as a
 process of its own: pid file gradio.pid, output logs/gradio.out, Gradio's temp files tmp/gradio/.
 Beyond loopback the page asks for a login (user pixtok; $PIXTOK_UI_PASSWORD or a password made
 at each start, kept in ui_password, mode 0600, and printed once).
 
 `pixtok serve --foreground` (a container's entry point) then stays until SIGTERM/SIGINT (exit 0)
-or until TorchServe dies (exit 1), and stops the page, TorchServe and its workers either way.
+or until TorchServe or the gate dies (exit 1), and stops the page, TorchServe and its workers and
+the gate either way.
 
 `pixtok serve --server kserve` runs KServe's ModelServer (serving/kserve_server.py) on the same
 archives instead, as one process on the inference port (pid file tmp/kserve.pid, output
@@ -65,6 +71,9 @@ SERVER_CLASS = "org.pytorch.serve.ModelServer"
 KSERVE_MODULE = "serving.kserve_server"
 SERVERS = ("torchserve", "kserve")
 UI_MODULE = "serving.gradio_app"
+GATE_MODULE = "serving.gate"
+GATE_ENV = "PIXTOK_GATE"     # on (default): serving/gate.py answers on the inference port
+REQUEST_TIMEOUT_ENV = "PIXTOK_REQUEST_TIMEOUT_S"   # the gate's limit on a request's wait
 UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generate": "--generator"}
 # overload (docs/reliability.md): how many requests may wait per model (TorchServe's job queue;
 # one more is answered 503 at once), and how long a worker may take over one batch before
@@ -90,6 +99,7 @@ class Server:
     models: list[str] = field(default_factory=list)
     broken: dict = field(default_factory=dict)      # {name: why} of damaged models left out
     kind: str = "torchserve"
+    upstream: str | None = None      # TorchServe's own inference URL when the gate is in front
 
     @property
     def inference_url(self) -> str:
@@ -271,14 +281,16 @@ def batching(task: str) -> dict:
 
 
 def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
-                  token_expiration_min: float | None = None) -> Path:
-    """Fill serving/config.properties in for this run; values are escaped for Java properties."""
+                  token_expiration_min: float | None = None, gated: bool = False) -> Path:
+    """Fill serving/config.properties in for this run; values are escaped for Java properties.
+    gated: the inference API listens on 127.0.0.1 (the gate answers on `host`)."""
     overload, forced = overload_settings()
     per_model = {name: {version: {"defaultVersion": True, "marName": mar, **overload,
                                   **batching(task), **forced}}
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
+        "inference_address": bracketed("127.0.0.1" if gated else host),
         **{f"{api}_port": number for api, number in ports.items()},
         "token_expiration_min": token_expiration_min
         or os.environ.get("PIXTOK_TOKEN_EXPIRATION_MIN", "60"),
@@ -478,24 +490,31 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     run_dir = prepare_run_dir(run_dir)
     store = model_store_path(model_store)
     check_can_start(run_dir, store)
+    stop_gate(run_dir)      # one a TorchServe that died left behind holds the inference port
     ports = {**ports_from_env(), **(ports or {})}
     check_ports_free(host, ports)
     attempts = load_attempts_setting()
     models, broken = servable_models(store, build, log)
     timeout = timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180))
     check_room(run_dir, store, models)
+    gated = config is None and gate_setting()
+    # behind the gate, TorchServe's inference API listens on a loopback port of its own
+    ts_ports = {**ports, "inference": free_ports()["inference"]} if gated else ports
     while True:
         with run_dir_writes(run_dir):
             if config is None:
-                path = render_config(run_dir, store, host, ports, models, token_expiration_min)
+                path = render_config(run_dir, store, host, ts_ports,
+                                     models, token_expiration_min, gated)
                 names = list(models)
             else:
                 path = install_config(run_dir, config)
                 names = snapshot_models(path) or list(models)
         failures = LoadFailures(run_dir / "logs", attempts,
                                 {m: store / mar for m, (mar, _, _) in models.items()})
-        server = launch(run_dir, store, path, host, ports, names, broken,
+        server = launch(run_dir, store, path, host, ts_ports, names, broken,
                         worker_threads(models))
+        if gated:
+            server = start_gate(server, ports["inference"])
         unloadable = wait_ready(server, timeout, failures)
         if not unloadable:
             break
@@ -572,6 +591,95 @@ def launch(run_dir: Path, store: Path, config: Path, host: str, ports: dict, mod
             raise ServeError(f"torchserve did not start; see {run_dir / 'logs'}")
         time.sleep(0.1)
     return Server(run_dir, pid, host, ports, models, broken)
+
+
+# --- the gate in front of TorchServe (serving/gate.py) -------------------------------------------
+def gate_setting() -> bool:
+    value = os.environ.get(GATE_ENV, "on").strip().lower()
+    if value not in ("on", "off", "1", "0"):
+        raise ServeError(f"{GATE_ENV}={value!r}: expected on or off")
+    return value in ("on", "1")
+
+
+def request_timeout() -> float:
+    """PIXTOK_REQUEST_TIMEOUT_S: seconds the gate lets a request wait for its answer to begin
+    (0, the default: no limit)."""
+    value = os.environ.get(REQUEST_TIMEOUT_ENV, "0").strip() or "0"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise ServeError(f"{REQUEST_TIMEOUT_ENV}={value!r}: expected seconds from 0 (no limit) "
+                         "to 3600")
+    return seconds
+
+
+def gate_pid_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "tmp" / "gate.pid"
+
+
+def gate_file(run_dir: Path) -> Path:
+    """gate.json: where the gate answers and where TorchServe does; serving/client.py reads the
+    first (config.properties' inference address is TorchServe's, behind the gate)."""
+    return Path(run_dir) / "gate.json"
+
+
+def running_gate_pid(run_dir: Path) -> int | None:
+    return live_pid(gate_pid_file(run_dir), GATE_MODULE)
+
+
+def start_gate(server: Server, port: int, timeout: float = 30.0) -> Server:
+    """Start the gate on server.host:port in front of the TorchServe `server`; return the
+    Server as clients see it (the gate's port) once the gate takes connections."""
+    run_dir, host = server.run_dir, server.host
+    upstream = f"http://127.0.0.1:{server.ports['inference']}"
+    cmd = [sys.executable, "-m", GATE_MODULE, "--listen", f"{bracketed(host)}:{port}",
+           "--upstream", upstream, "--run-dir", str(run_dir), "--max-body",
+           str(MAX_REQUEST_BYTES), "--request-timeout", str(request_timeout())]
+    out_path = run_dir / "logs" / "gate.out"
+    with open(out_path, "ab") as out:
+        # a session of its own, as TorchServe's: it outlives `pixtok serve` and its Ctrl-C
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=ui_env(run_dir, None), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    gate_pid_file(run_dir).write_text(f"{proc.pid}\n")
+    public = {**server.ports, "inference": port}
+    gated = Server(run_dir, server.pid, host, public, server.models, server.broken,
+                   upstream=upstream)
+    gate_file(run_dir).write_text(json.dumps({"address": gated.inference_url,
+                                              "upstream": upstream, "pid": proc.pid}) + "\n")
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            gate_pid_file(run_dir).unlink(missing_ok=True)
+            stop(run_dir, log=lambda *_: None)
+            tail = " | ".join(out_path.read_text(errors="replace").strip().splitlines()[-3:])
+            raise ServeError(f"the gate in front of TorchServe exited (code {proc.returncode}); "
+                             f"see {out_path} ({tail})")
+        with contextlib.suppress(OSError), socket.create_connection(
+                (url_host(host).strip("[]"), port), timeout=1):
+            return gated
+        if time.monotonic() > deadline:
+            stop(run_dir, log=lambda *_: None)
+            raise ServeError(f"the gate did not take connections on port {port} within "
+                             f"{timeout:.0f} s; see {out_path}")
+        time.sleep(0.1)
+
+
+def stop_gate(run_dir: Path, timeout: float = 10.0) -> int | None:
+    """Stop this run folder's gate (it lets the answers in flight finish); its pid, or None."""
+    import psutil
+
+    pid = running_gate_pid(run_dir)
+    if pid is not None:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.terminate()
+            reap([proc], timeout)
+    gate_pid_file(run_dir).unlink(missing_ok=True)
+    gate_file(run_dir).unlink(missing_ok=True)
+    return pid
 
 
 def refuse_second_server(run_dir: Path) -> None:
@@ -675,6 +783,7 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
     gateway that authenticates). build as for start()."""
     run_dir = prepare_run_dir(run_dir)
     refuse_second_server(run_dir)
+    stop_gate(run_dir)      # one a TorchServe that died left behind holds the inference port
     store = model_store_path(model_store)
     if not store.is_dir():
         raise ServeError(f"{store}: no such model store folder")
@@ -810,7 +919,9 @@ def stop(run_dir=None, log=print, timeout: float = 30.0, drain_for: float | None
         return True
     pid = running_pid(run_dir)
     if pid is None:
-        log(f"pixtok serve: not running (run folder {run_dir})")
+        gate = stop_gate(run_dir)
+        log(f"pixtok serve: not running (run folder {run_dir})"
+            + (f"; stopped the gate it left (pid {gate})" if gate else ""))
         return False
     server = psutil.Process(pid)
     workers = server.children(recursive=True)
@@ -819,6 +930,7 @@ def stop(run_dir=None, log=print, timeout: float = 30.0, drain_for: float | None
         "stopping TorchServe")
     server.terminate()        # TorchServe's shutdown hook stops its workers
     reap([server, *workers], timeout)
+    stop_gate(run_dir, timeout=min(timeout, 10.0))     # after TorchServe: answers in flight pass
     pid_file(run_dir).unlink(missing_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tmp" / "models", ignore_errors=True)   # unpacked archives
@@ -984,7 +1096,7 @@ def stop_ui(run_dir=None, log=print, timeout: float = 10.0) -> bool:
 
 # --- `pixtok serve --foreground` ---------------------------------------------------------------
 STOP_WITHIN = 8.0     # seconds from SIGTERM to the end of the stop: `docker stop` kills at 10 s
-FOLLOWED_LOGS = {"torchserve.out": "torchserve", "gradio.out": "page"}
+FOLLOWED_LOGS = {"torchserve.out": "torchserve", "gradio.out": "page", "gate.out": "gate"}
 # TorchServe's console output (torchserve.out) holds its frontend log at INFO and, by log4j's
 # additivity, every line of access_log.log and model_log.log too; those lines are marked so
 TORCHSERVE_SOURCES = {" ACCESS_LOG - ": "access", " MODEL_LOG - ": "model"}
@@ -1061,7 +1173,9 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 0
     run_dir, workers, ui_gone = server.run_dir, [], False
     follower = follower or LogFollower(run_dir / "logs")
     server_pid = running_kserve_pid if server.kind == "kserve" else running_pid
-    while not caught and server_pid(run_dir) is not None:
+    gated = server.upstream is not None
+    while (not caught and server_pid(run_dir) is not None
+           and (not gated or running_gate_pid(run_dir) is not None)):
         follower.poll()
         try:
             workers = psutil.Process(server.pid).children(recursive=True)
@@ -1077,6 +1191,9 @@ def hold(server: Server, ui: FrontEnd | None, caught: list[int], poll: float = 0
     deadline = t0 + STOP_WITHIN
     if caught:
         print(f"pixtok serve: {signal.Signals(caught[0]).name}, stopping", flush=True)
+    elif gated and server_pid(run_dir) is not None:
+        print(f"pixtok serve: the gate on the inference port exited; see "
+              f"{run_dir / 'logs' / 'gate.out'}", file=sys.stderr, flush=True)
     else:
         name, tail = (("KServe", kserve_log_tail(run_dir)) if server.kind == "kserve"
                       else ("TorchServe", log_tail(run_dir)))
@@ -1111,6 +1228,8 @@ def check_serve_args(args, host: str, with_ui: bool) -> str:
     for task in BATCHING:     # an operator's bad setting fails now, not after the archives build
         batching(task)
     drain_seconds()
+    gate_setting()
+    request_timeout()
     kind = getattr(args, "server", None) or "torchserve"
     if kind not in SERVERS:
         raise ServeError(f"--server {kind!r}: expected one of {', '.join(SERVERS)}")
@@ -1125,6 +1244,8 @@ def print_addresses(server: Server, ui: FrontEnd | None, foreground: bool) -> No
     rd, kind = server.run_dir, server.kind
     print(f"  inference   {server.inference_url}/predictions/<model>   "
           f"models: {', '.join(server.models)}")
+    if server.upstream:
+        print(f"              (pixtok's gate; TorchServe's own inference API: {server.upstream})")
     if server.broken:
         print(f"  NOT served  {', '.join(sorted(server.broken))} (damaged; see above)")
     if kind == "kserve":

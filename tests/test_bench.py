@@ -35,8 +35,13 @@ def test_bench_serve_has_torchserve_kserve_and_in_process_rows(tmp_path):
     assert data == json.loads(res.stdout) and data["suite"] == "serve"
     rows = {(r["path"], r["clients"]): r for r in data["results"]}
     assert set(rows) == {(path, clients)
-                         for path in ("torchserve", "kserve", "kserve-v2", "in-process")
+                         for path in ("torchserve", "torchserve-direct", "kserve", "kserve-v2",
+                                      "in-process")
                          for clients in (1, 4, 16)}
     for r in rows.values():
         assert r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
     assert data["startup_s"] > 0 and data["startup_kserve_s"] > 0
+    ping = data["ping"]           # the gate's own cost: /ping through it and around it
+    assert ping["n"] > 0 and 0 < ping["torchserve"]["p50_ms"] <= ping["torchserve"]["p99_ms"]
+    assert ping["gate_p50_ms"] == round(ping["torchserve"]["p50_ms"]
+                                        - ping["torchserve-direct"]["p50_ms"], 3)

@@ -8,6 +8,7 @@ import pytest
 from clirun import ENV, pixtok
 
 from pixtok.errors import UserError
+from serving import launcher
 from serving.bench_load import parse_mix, slope_mb_per_h, summarise
 
 
@@ -31,10 +32,12 @@ def test_bench_load_writes_json_and_plot(server, tmp_path):
     classify = data["routes"]["classify"]
     assert classify["ok"] == classify["requests"] > 0
     assert classify["p50_s"] <= classify["p95_s"] <= classify["p99_s"]
-    # the workers' memory, sampled by pid from the management API
+    # the workers' memory, sampled by pid from the management API, and the gate's
     pids = {str(w["pid"]) for m in data["server_models"].values()
             for w in server.client().describe(m)["workers"]}
-    assert set(data["memory"]["workers"]) <= pids and data["memory"]["workers"]
+    gate = str(launcher.running_gate_pid(server.run_dir))
+    assert data["memory"]["workers"][gate]["model"] == "gate"
+    assert set(data["memory"]["workers"]) - {gate} <= pids and len(data["memory"]["workers"]) > 1
     assert all(w["max_mb"] > 10 for w in data["memory"]["workers"].values())
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -369,7 +369,9 @@ def test_operator_settings_reach_torchserve(foreground):
 @pytest.mark.parametrize("name, value", [("PIXTOK_CLASSIFY_BATCH_SIZE", "0"),
                                          ("PIXTOK_DEPTH_WORKERS", "two"),
                                          ("PIXTOK_GENERATE_MAX_BATCH_DELAY_MS", "-1"),
-                                         ("PIXTOK_DRAIN_SECONDS", "soon")])
+                                         ("PIXTOK_DRAIN_SECONDS", "soon"),
+                                         ("PIXTOK_GATE", "maybe"),
+                                         ("PIXTOK_REQUEST_TIMEOUT_S", "-5")])
 def test_a_bad_operator_setting_is_one_line_and_exit_2(name, value, tmp_path):
     env = {**os.environ, "PIXTOK_RUN_DIR": str(tmp_path / "run"), name: value}
     done = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui"], env=env,
@@ -412,9 +414,11 @@ def test_foreground_serves_until_sigterm_then_stops_everything(foreground):
     assert error.payload["type"] == "shutting_down", error.payload
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive and launcher.running_pid(run_dir) is None
+    assert launcher.running_gate_pid(run_dir) is None and not launcher.gate_file(run_dir).exists()
     assert not (run_dir / "key_file.json").exists()
     out = foreground.log.read_text()
     assert "SIGTERM, stopping" in out
+    assert re.search(r"^\[gate\] .*gate: 127\.0\.0\.1:\d+ -> http://127\.0\.0\.1:", out, re.M)
     # TorchServe's own logs reached stdout (`docker logs`), each line marked with its source
     assert re.search(r"^\[access\] .*POST /predictions/fashion-vit1 HTTP/1.1\" 200", out, re.M)
     assert re.search(r"^\[access\] .*POST /predictions/fashion-dit1 HTTP/1.1\" 503", out, re.M)
@@ -432,6 +436,7 @@ def test_foreground_exits_nonzero_when_torchserve_dies(store, tmp_path):
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive                        # the dead server's workers were stopped too
         assert f"TorchServe (pid {server.pid}) exited" in proc.log.read_text()
+        assert launcher.running_gate_pid(proc.run_dir) is None      # the gate went with it
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -19,6 +19,7 @@ import zipfile
 import pytest
 from clirun import ENV, ROOT, message_lines
 from conftest import make_classifier, make_generator
+from test_gate import gate_process, stop_gate_process
 from test_serving import encode, noise
 
 from export.archive import build_missing_archives
@@ -191,6 +192,32 @@ def test_a_full_queue_is_answered_503_json_at_once(busy_server):
         assert "queue is full" in e.payload["message"]
 
 
+def test_the_gate_gives_a_full_queue_a_retry_after(busy_server):
+    """The answer as it is sent (serving/gate.py): a plain message and Retry-After, the whole
+    seconds the requests in flight need at the model's pace."""
+    client = busy_server.client()
+    client.request("POST", f"{client.base_url}/predictions/tiny-gen", gen_body(0),
+                   {"Content-Type": "application/json"}, kind="inference")   # sets the pace
+    got = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def go(i):
+        barrier.wait()
+        got[i] = client.request("POST", f"{client.base_url}/predictions/tiny-gen", gen_body(i),
+                                {"Content-Type": "application/json"}, kind="inference")
+
+    run_together(go, 8)
+    refused = [r for r in got if r.status == 503]
+    assert refused and sum(r.status == 200 for r in got) >= 3, [r.status for r in got]
+    for r in refused:
+        payload = r.json()
+        assert payload["type"] == "ServiceUnavailableException"
+        seconds = int(r.header("Retry-After"))
+        assert 1 <= seconds <= 60
+        assert payload["message"].endswith(f"retry after {seconds} s")
+        assert "'tiny-gen' is overloaded: its request queue is full" in payload["message"]
+
+
 def test_the_retrying_client_gets_every_seeded_answer_under_overload(busy_server):
     client = busy_server.client()
     client.retry_seconds = 120
@@ -209,6 +236,27 @@ def test_generate_without_a_seed_is_not_retried(busy_server):
     got = send_all(client, bodies, idempotent=False)
     assert any(isinstance(g, ServerError) and g.status == 503 for g in got)
     assert client.retries == 0
+
+
+def test_a_request_that_waits_too_long_is_a_503_with_retry_after(busy_server, tmp_path):
+    """PIXTOK_REQUEST_TIMEOUT_S (the gate's --request-timeout): a request whose answer has not
+    begun in time gets 503 and Retry-After instead of waiting on. A gate of its own with a 1 s
+    limit, in front of the module's TorchServe."""
+    proc, url = gate_process(busy_server.upstream, tmp_path, "--request-timeout", "1")
+    try:
+        client = busy_server.client()
+        slow = json.dumps({"label": 1, "seed": 0, "steps": 1000, "num_images": 8}).encode()
+        r = client.request("POST", f"{url}/predictions/tiny-gen", slow,
+                           {"Content-Type": "application/json"}, kind="inference")
+        assert r.status == 503, r.body[:300]
+        assert int(r.header("Retry-After")) >= 1
+        assert r.json()["type"] == "ServiceUnavailableException"
+        assert "did not begin to answer within 1 s" in r.json()["message"]
+        fast = client.request("POST", f"{url}/predictions/tiny-cls", encode(noise(8, 8, 1)),
+                              {"Content-Type": "image/png"}, kind="inference")
+        assert fast.status == 200          # a quick answer is not held to anything
+    finally:
+        stop_gate_process(proc)
 
 
 def wait_for_new_worker(client, model: str, old: int, limit_s: float = 120) -> int:
@@ -263,9 +311,11 @@ def test_sigkill_of_a_busy_worker(busy_server, retrying):
     assert client.predict("tiny-gen", gen_body(7), "application/json") == reference
 
 
-def test_sigkill_of_the_frontend_under_foreground(tmp_path):
-    """`pixtok serve --foreground` exits 1 when TorchServe dies, leaves no stale pid file, and
-    `pixtok serve` starts again in the same run folder."""
+@pytest.mark.parametrize("killed", ["torchserve", "gate"])
+def test_sigkill_of_the_frontend_under_foreground(tmp_path, killed):
+    """`pixtok serve --foreground` exits 1 when TorchServe or the gate in front of it dies,
+    stops the other, leaves no stale pid file, and `pixtok serve` starts again in the same run
+    folder."""
     store = tmp_path / "store"
     make_classifier(store / "tiny-cls")
     run_dir = tmp_path / "run"
@@ -280,16 +330,21 @@ def test_sigkill_of_the_frontend_under_foreground(tmp_path):
         for line in proc.stdout:
             if "in the foreground" in line:
                 break
-        java = launcher.running_pid(run_dir)
-        assert java is not None
-        os.kill(java, signal.SIGKILL)
+        java, gate = launcher.running_pid(run_dir), launcher.running_gate_pid(run_dir)
+        assert java is not None and gate is not None
+        os.kill(java if killed == "torchserve" else gate, signal.SIGKILL)
         code = proc.wait(timeout=60)
         err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert code == 1 and "TorchServe (pid" in err and "exited" in err
+    said = "TorchServe (pid" if killed == "torchserve" else "the gate on the inference port"
+    assert code == 1 and said in err and "exited" in err, err[-2000:]
     assert not launcher.pid_file(run_dir).exists()
+    assert not launcher.gate_pid_file(run_dir).exists()
+    assert launcher.running_pid(run_dir) is None and launcher.running_gate_pid(run_dir) is None
+    if killed == "gate":
+        return
     again = subprocess.run([sys.executable, "-m", "pixtok", "serve", "--no-ui", "--model-store",
                             str(store)], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
