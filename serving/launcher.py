@@ -593,6 +593,18 @@ def launch(run_dir: Path, store: Path, config: Path, host: str, ports: dict, mod
     return Server(run_dir, pid, host, ports, models, broken)
 
 
+def spawn(cmd: list[str], run_dir: Path, env: dict, out_path: Path,
+          pid_path: Path) -> subprocess.Popen:
+    """Start one of the run folder's processes (the gate, the KServe server, the page) in the
+    background, its output appended to out_path and its pid written to pid_path. It runs in a
+    session of its own, so it outlives `pixtok serve` and its terminal's Ctrl-C."""
+    with open(out_path, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pid_path.write_text(f"{proc.pid}\n")
+    return proc
+
+
 # --- the gate in front of TorchServe (serving/gate.py) -------------------------------------------
 def gate_setting() -> bool:
     value = os.environ.get(GATE_ENV, "on").strip().lower()
@@ -638,12 +650,7 @@ def start_gate(server: Server, port: int, timeout: float = 30.0) -> Server:
            "--upstream", upstream, "--run-dir", str(run_dir), "--max-body",
            str(MAX_REQUEST_BYTES), "--request-timeout", str(request_timeout())]
     out_path = run_dir / "logs" / "gate.out"
-    with open(out_path, "ab") as out:
-        # a session of its own, as TorchServe's: it outlives `pixtok serve` and its Ctrl-C
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=ui_env(run_dir, None), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    gate_pid_file(run_dir).write_text(f"{proc.pid}\n")
+    proc = spawn(cmd, run_dir, ui_env(run_dir, None), out_path, gate_pid_file(run_dir))
     public = {**server.ports, "inference": port}
     gated = Server(run_dir, server.pid, host, public, server.models, server.broken,
                    upstream=upstream)
@@ -810,12 +817,8 @@ def start_kserve(model_store=None, host: str = "127.0.0.1", run_dir=None,
     if max_batch_delay is not None:
         cmd += ["--max-batch-delay", str(max_batch_delay)]
     cmd += ["--queue-size", str(queue_size)]
-    with open(run_dir / "logs" / "kserve.out", "ab") as out:
-        # a session of its own: the server outlives `pixtok serve` and its terminal's Ctrl-C
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=kserve_env(run_dir), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    kserve_pid_file(run_dir).write_text(f"{proc.pid}\n")
+    proc = spawn(cmd, run_dir, kserve_env(run_dir), run_dir / "logs" / "kserve.out",
+                 kserve_pid_file(run_dir))
     server = Server(run_dir, proc.pid, host, {"inference": ports["inference"]}, list(models),
                     broken, kind="kserve")
     wait_kserve_ready(server, proc, timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT",
@@ -1033,12 +1036,7 @@ def start_ui(run_dir=None, host: str = "127.0.0.1", port: int | None = None,
     else:
         (run_dir / UI_PASSWORD_FILE).unlink(missing_ok=True)
     out_path = run_dir / "logs" / "gradio.out"
-    with open(out_path, "ab") as out:
-        # a session of its own: the front end outlives `pixtok serve` and its terminal's Ctrl-C
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=ui_env(run_dir, env), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    ui_pid_file(run_dir).write_text(f"{proc.pid}\n")
+    proc = spawn(cmd, run_dir, ui_env(run_dir, env), out_path, ui_pid_file(run_dir))
     ui = FrontEnd(run_dir, proc.pid, host, port, credentials, generated)
     wait_for_page(ui, proc, out_path, timeout or float(os.environ.get("PIXTOK_UI_TIMEOUT", 120)))
     return ui
