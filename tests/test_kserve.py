@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from conftest import make_classifier, make_depth, make_generator
+from conftest import make_classifier, make_depth, make_generator, tiny_pipeline
 from PIL import Image
 from test_serving_generator import pipeline_pixels, pixels
 
@@ -300,8 +300,16 @@ OPERATOR_ENV = {"PIXTOK_CLASSIFY_BATCH_SIZE": "3", "PIXTOK_CLASSIFY_MAX_BATCH_DE
 
 @pytest.fixture(scope="module")
 def foreground(store, tmp_path_factory):
-    """The tiny classifier and generator, with OPERATOR_ENV."""
-    proc = start_foreground(store, tmp_path_factory.mktemp("foreground"),
+    """The tiny classifier and a slower generator (12x12 latents: a 1,000-step generation runs
+    several times longer than the drain, on any machine), with OPERATOR_ENV."""
+    folder = tmp_path_factory.mktemp("foreground")
+    models = folder / "models"
+    models.mkdir()
+    shutil.copy(store.path / "fashion-vit1.mar", models)
+    tiny_pipeline(latent_size=12).save_pretrained(folder / "fashion-dit1")
+    export_archive(folder / "fashion-dit1", models, log=lambda *_: None,
+                   version=snapshot_version("fashion-dit1"))
+    proc = start_foreground(SimpleNamespace(path=models), folder,
                             ("fashion-vit1", "fashion-dit1"), OPERATOR_ENV)
     yield proc
     if proc.poll() is None:
@@ -404,6 +412,7 @@ def test_foreground_serves_until_sigterm_then_stops_everything(foreground):
     thread = threading.Thread(target=generate)
     thread.start()
     time.sleep(2)
+    assert thread.is_alive(), answer        # still generating: the drain has to cut it short
     t0 = time.monotonic()
     foreground.send_signal(signal.SIGTERM)
     assert foreground.wait(60) == 0
