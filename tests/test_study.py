@@ -23,7 +23,7 @@ from pixtok.cli import main
 from pixtok.models.vit import ViT, vit_config
 from training.analyze import analyze, block_attention
 from training.data.permute import pixel_permutation
-from training.study import Study, study_names
+from training.study import Study, cpu_model, study_names
 
 COMMON = """
 base = "vit1-fashion"
@@ -134,6 +134,8 @@ def test_results_and_report_follow_the_contract(finished, capsys):
                             "images_seen", "wall_s", "device"}
         assert run["val"]["n"] == 128 and run["test"]["n"] == 128    # held out, and test once
         assert 0 <= run["test"]["acc1"] <= 1 and run["wall_s"] > 0
+        # which CPU ran it: the same seed on another CPU sums floats differently
+        assert run["device"].startswith(f"cpu ({cpu_model()}, ")
     p1, p2 = results["runs"]
     # ViT-F/1 on 14x14 = 196 tokens against 49 for /2: more FLOPs, a bigger position table
     assert p1["flops_per_image"] > 3 * p2["flops_per_image"]

@@ -25,6 +25,7 @@ PNG plots) are rewritten from the finished runs at the end of every invocation.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -298,12 +299,23 @@ def claim_folder(out: Path, study: Study, resume: bool) -> None:
                         "arms": study.arms})
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says: runs on two
+    CPUs differ in their float sums, so the same seed need not give the same number on both."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def device_name() -> str:
     import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     threads = os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
-    return f"cpu ({platform.machine()}, {threads} threads of {os.cpu_count()} cores)"
+    return (f"cpu ({cpu_model()}, {platform.machine()}, {threads} threads of "
+            f"{os.cpu_count()} cores)")
 
 
 def pixtok_cmd(*args) -> list[str]:
