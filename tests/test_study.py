@@ -23,7 +23,7 @@ from pixtok.cli import main
 from pixtok.models.vit import ViT, vit_config
 from training.analyze import analyze, block_attention
 from training.data.permute import pixel_permutation
-from training.study import Study, cpu_model, study_names
+from training.study import Study, cpu_model, plot_lines, study_names
 
 COMMON = """
 base = "vit1-fashion"
@@ -294,6 +294,27 @@ def test_pixel_permutation_swaps_within_the_distance():
     assert sorted(many.tolist()) == list(range(81))                      # a permutation
     assert torch.equal(many, pixel_permutation(9, 9, swaps=500, distance=2, seed=3))
     assert not torch.equal(many, pixel_permutation(9, 9, swaps=500, distance=2, seed=4))
+
+
+def test_plot_lines_join_only_arms_that_differ_in_plot_x():
+    """A line in metric_vs_arm.png joins arms that differ in plot_x alone: a line from one
+    model's last arm to another model's first would draw a trend that no run measured."""
+    lines = dict(plot_lines(Study("permutation-fashion"), list(Study("permutation-fashion").arms)))
+    assert lines == {"model=ViT-P/1 permute_distance=0": ["p1-T0", "p1-T196-any"],
+                     "model=ViT-P/1 permute_distance=1": ["p1-T196-d1"],
+                     "model=ViT-P/2 permute_distance=0": ["p2-T0", "p2-T196-any"],
+                     "model=ViT-P/2 permute_distance=1": ["p2-T196-d1"]}
+    pos = Study("pos-embed-fashion")
+    assert [arms for _, arms in plot_lines(pos, list(pos.arms))] == \
+        [["p1-learned", "p1-sincos", "p1-none"], ["p2-learned", "p2-sincos", "p2-none"]]
+    dit = Study("dit-patch-fashion")       # an arm that leaves pos_embed out has the default
+    assert dict(plot_lines(dit, ["dit1", "dit2", "dit1-sincos"])) == \
+        {"pos_embed=learned": ["dit1", "dit2"], "pos_embed=sincos": ["dit1-sincos"]}
+    patch = Study("patch-size-fashion")
+    assert plot_lines(patch, ["p7", "p1"]) == [("", ["p7", "p1"])]
+    fixed = Study("fixed-length-fashion")   # no plot_x: every arm its own point
+    assert [arms for _, arms in plot_lines(fixed, list(fixed.arms))] == \
+        [[arm] for arm in fixed.arms]
 
 
 @pytest.mark.parametrize("name", study_names())

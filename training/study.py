@@ -512,6 +512,26 @@ def fmt(mean, std, n) -> str:
     return f"{mean:.4f} (n=1)" if std is None else f"{mean:.4f} ± {std:.4f} (n={n})"
 
 
+def plot_lines(study: Study, arms: list[str]) -> list[tuple[str, list[str]]]:
+    """The lines of the metric-vs-plot_x figure: [(label, [arm, ...])]. Arms whose recipes
+    agree on every setting the arms vary, plot_x aside, share a line (T = 0 swaps is on the
+    line of the default distance, 0 = anywhere); the label names those settings. Without
+    plot_x each arm stands alone."""
+    if not study.plot_x:
+        return [(arm, [arm]) for arm in arms]
+    varied = []
+    for a in study.arms:
+        for k, v in study.arms[a].items():
+            if k != study.plot_x and k not in varied and \
+                    any(study.arms[b].get(k) != v for b in study.arms):
+                varied.append(k)
+    lines: dict[str, list[str]] = {}
+    for a in arms:
+        label = " ".join(f"{k}={getattr(study.recipes[a], k)}" for k in varied)
+        lines.setdefault(label, []).append(a)
+    return list(lines.items())
+
+
 def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -545,18 +565,26 @@ def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[st
         xlabel = study.plot_x
     else:
         xs, xlabel = [r["arm"] for r in done], "arm"
+    x_of, row_of = dict(zip((r["arm"] for r in done), xs)), {r["arm"]: r for r in done}
     by_val = {r["arm"]: r for r in val}
-    ax.errorbar(xs, [r["mean"] for r in done], yerr=[r["std"] or 0 for r in done], fmt="o-",
-                capsize=3, label="test")
-    vals = [by_val[r["arm"]] for r in done]
-    if all(v["mean"] is not None for v in vals):
-        ax.errorbar(xs, [v["mean"] for v in vals], yerr=[v["std"] or 0 for v in vals], fmt="s--",
-                    capsize=3, alpha=0.6, label="validation")
-    for x, r in zip(xs, done):
-        ax.annotate(r["arm"], (x, r["mean"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+    lines = plot_lines(study, [r["arm"] for r in done])
+    for i, (name, arms) in enumerate(lines):
+        if all(isinstance(x_of[a], (int, float)) for a in arms):
+            arms = sorted(arms, key=x_of.get)
+        x, colour = [x_of[a] for a in arms], f"C{i}"
+        ax.errorbar(x, [row_of[a]["mean"] for a in arms], yerr=[row_of[a]["std"] or 0
+                    for a in arms], fmt="o-", capsize=3, color=colour,
+                    label=f"test: {name}" if len(lines) > 1 else "test")
+        vals = [by_val[a] for a in arms]
+        if all(v["mean"] is not None for v in vals):
+            ax.errorbar(x, [v["mean"] for v in vals], yerr=[v["std"] or 0 for v in vals],
+                        fmt="s--", capsize=3, alpha=0.45, color=colour,
+                        label="validation (dashed)" if i == 0 else None)
+    for r in done:
+        ax.annotate(r["arm"], (x_of[r["arm"]], r["mean"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
     ax.set(xlabel=xlabel, ylabel=study.metric, title=f"{study.name}: {study.metric} vs {xlabel}")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "metric_vs_arm.png", dpi=120)
