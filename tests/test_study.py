@@ -299,11 +299,12 @@ def test_pixel_permutation_swaps_within_the_distance():
 def test_plot_lines_join_only_arms_that_differ_in_plot_x():
     """A line in metric_vs_arm.png joins arms that differ in plot_x alone: a line from one
     model's last arm to another model's first would draw a trend that no run measured."""
-    lines = dict(plot_lines(Study("permutation-fashion"), list(Study("permutation-fashion").arms)))
-    assert lines == {"model=ViT-P/1 permute_distance=0": ["p1-T0", "p1-T196-any"],
-                     "model=ViT-P/1 permute_distance=1": ["p1-T196-d1"],
-                     "model=ViT-P/2 permute_distance=0": ["p2-T0", "p2-T196-any"],
-                     "model=ViT-P/2 permute_distance=1": ["p2-T196-d1"]}
+    permutation = Study("permutation-fashion")
+    assert dict(plot_lines(permutation, list(permutation.arms))) == {
+        "model=ViT-P/1 permute_distance=0": ["p1-T0", "p1-T196-any"],
+        "model=ViT-P/1 permute_distance=1": ["p1-T196-d1"],
+        "model=ViT-P/2 permute_distance=0": ["p2-T0", "p2-T196-any"],
+        "model=ViT-P/2 permute_distance=1": ["p2-T196-d1"]}
     pos = Study("pos-embed-fashion")
     assert [arms for _, arms in plot_lines(pos, list(pos.arms))] == \
         [["p1-learned", "p1-sincos", "p1-none"], ["p2-learned", "p2-sincos", "p2-none"]]
