@@ -29,7 +29,10 @@ from serving.load_failures import ATTEMPTS_ENV
 
 pytestmark = pytest.mark.reliability
 
-SLOW_GEN = {"steps": 300, "num_images": 4}      # about a second a request on the tiny generator
+SLOW_GEN = {"steps": 300, "num_images": 4}      # 0.3-1 s a request on the tiny generator
+# 1.1-1.9 s on a quiet 2-core machine (guidance 1 and 1.5), longer under load: still running
+# when a test kills its worker 0.4 s after sending it
+LONG_GEN = {"steps": 1000, "num_images": 16}
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +100,8 @@ def busy_server(damaged_store, tmp_path_factory):
     launcher.stop(run_dir, log=lambda *_: None)
 
 
-def gen_body(seed: int) -> bytes:
-    return json.dumps({"label": 1, "seed": seed, **SLOW_GEN}).encode()
+def gen_body(seed: int, settings: dict = SLOW_GEN) -> bytes:
+    return json.dumps({"label": 1, "seed": seed, **settings}).encode()
 
 
 def test_damaged_models_are_named_and_the_others_served(busy_server, damaged_store):
@@ -281,19 +284,21 @@ def test_sigkill_of_a_busy_worker(busy_server, retrying):
     them; classify requests to the other model all succeed meanwhile; a new worker comes up."""
     client = busy_server.client()
     client.retry_seconds = 120 if retrying else 0
-    reference = client.predict("tiny-gen", gen_body(7), "application/json")
+    body = gen_body(7, LONG_GEN)
+    reference = client.predict("tiny-gen", body, "application/json")
     pid = worker_pid(client, "tiny-gen")
     result, side = {}, []
 
     def call():
         try:
-            result["answer"] = client.predict("tiny-gen", gen_body(7), "application/json")
+            result["answer"] = client.predict("tiny-gen", body, "application/json")
         except Exception as e:  # noqa: BLE001
             result["error"] = e
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.4)                     # the request is in the worker now (it runs ~1 s)
+    time.sleep(0.4)                     # the request is in the worker now (it runs over 1 s)
+    assert t.is_alive(), result         # still running: the kill lands in the middle of it
     os.kill(pid, signal.SIGKILL)
     image = encode(noise(8, 8, 1))
     while t.is_alive():
@@ -308,7 +313,7 @@ def test_sigkill_of_a_busy_worker(busy_server, retrying):
     assert side                          # the other model answered all along
     new = wait_for_new_worker(client, "tiny-gen", pid)
     assert new != pid
-    assert client.predict("tiny-gen", gen_body(7), "application/json") == reference
+    assert client.predict("tiny-gen", body, "application/json") == reference
 
 
 @pytest.mark.parametrize("killed", ["torchserve", "gate"])
