@@ -31,7 +31,7 @@ pytestmark = pytest.mark.reliability
 
 SLOW_GEN = {"steps": 300, "num_images": 4}      # 0.3-1 s a request on the tiny generator
 # 1.1-1.9 s on a quiet 2-core machine (guidance 1 and 1.5), longer under load: still running
-# when a test kills its worker 0.4 s after sending it
+# when a test kills its worker 0.4 s after sending it, or its gate stops waiting after 0.5 s
 LONG_GEN = {"steps": 1000, "num_images": 16}
 
 
@@ -243,18 +243,17 @@ def test_generate_without_a_seed_is_not_retried(busy_server):
 
 def test_a_request_that_waits_too_long_is_a_503_with_retry_after(busy_server, tmp_path):
     """PIXTOK_REQUEST_TIMEOUT_S (the gate's --request-timeout): a request whose answer has not
-    begun in time gets 503 and Retry-After instead of waiting on. A gate of its own with a 1 s
-    limit, in front of the module's TorchServe."""
-    proc, url = gate_process(busy_server.upstream, tmp_path, "--request-timeout", "1")
+    begun in time gets 503 and Retry-After instead of waiting on. A gate of its own with a 0.5 s
+    limit, in front of the module's TorchServe, and a request that runs over 1 s."""
+    proc, url = gate_process(busy_server.upstream, tmp_path, "--request-timeout", "0.5")
     try:
         client = busy_server.client()
-        slow = json.dumps({"label": 1, "seed": 0, "steps": 1000, "num_images": 8}).encode()
-        r = client.request("POST", f"{url}/predictions/tiny-gen", slow,
+        r = client.request("POST", f"{url}/predictions/tiny-gen", gen_body(0, LONG_GEN),
                            {"Content-Type": "application/json"}, kind="inference")
         assert r.status == 503, r.body[:300]
         assert int(r.header("Retry-After")) >= 1
         assert r.json()["type"] == "ServiceUnavailableException"
-        assert "did not begin to answer within 1 s" in r.json()["message"]
+        assert "did not begin to answer within 0.5 s" in r.json()["message"]
         fast = client.request("POST", f"{url}/predictions/tiny-cls", encode(noise(8, 8, 1)),
                               {"Content-Type": "image/png"}, kind="inference")
         assert fast.status == 200          # a quick answer is not held to anything
