@@ -66,6 +66,9 @@ def add_study(sub) -> None:
                    help="a study name from training/studies, or a .toml file")
     p.add_argument("--out", help="study folder (default: runs/studies/<study>)")
     p.add_argument("--resume", action="store_true", help="continue the folder's study")
+    p.add_argument("--records", metavar="DIR", help="where finished runs are recorded and "
+                   "read back (default: docs/studies/<study>/records for a shipped study, "
+                   "else <out>/records); a run with a record is never run again")
     p.add_argument("--shard", metavar="i/n", help="run only the i-th (0-based) of n slices of "
                    "the (arm, seed) list")
     p.add_argument("--report", nargs="*", metavar="DIR", help="run nothing: gather the finished "

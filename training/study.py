@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -43,13 +44,25 @@ from pixtok.checkpoint import write_json
 from pixtok.errors import UserError
 from training.checkpoint import settle_folder
 from training.recipe import FIELDS, load_recipe, parse_overrides
+from training.study_protocol import (
+    choose_lr,
+    decide,
+    fmt_interval,
+    fmt_move,
+    late_movement,
+    parse_decision,
+    parse_lr_grid,
+    rule_text,
+)
 
 STUDY_DIR = Path(__file__).parent / "studies"
 LOWER_IS_BETTER = {"loss", "rmse", "rel", "log10", "silog", "rmse_scaled", "fid_proxy"}
 NATIVE_SIZE = {"fashion-mnist": (28, 28), "cifar100": (32, 32), "cifar100-coarse": (32, 32),
                "scenes": (48, 64), "nyu": (48, 64)}
 STUDY_KEYS = {"base", "seeds", "metric", "overrides", "arms", "scales", "held_fixed", "plot_x",
-              "description", "analyze", "generator"}
+              "description", "analyze", "generator", "lr_grid", "decision"}
+# where a shipped study's finished runs are recorded, in the project (committed as they finish)
+RECORDS_DIR = STUDY_DIR.parents[1] / "docs" / "studies"
 # a generator study's [generator] table: how each finished generator is measured
 GENERATOR_KEYS = {"guidance", "samples", "judge", "judge_sha256", "sampler", "steps",
                   "sample_seed"}
@@ -107,6 +120,10 @@ class Study:
                             f"per study, not {', '.join(sorted(tasks))}")
         self.task = tasks.pop()
         self.generator = self._check_generator(spec.get("generator"), where)
+        self.lr_grid = parse_lr_grid(spec.get("lr_grid"), where)
+        if self.lr_grid and any("lr" in values for values in self.arms.values()):
+            raise UserError(f"{where}: an arm sets lr, which [lr_grid] chooses")
+        self.decision = parse_decision(spec.get("decision"), self.arms, self.seeds, where)
         digest = hashlib.sha256(text)
         digest.update(json.dumps(sorted(overrides)).encode())
         self.sha256 = digest.hexdigest()
@@ -249,11 +266,72 @@ class Study:
         return recipe
 
     def runs(self) -> list[tuple[str, int]]:
-        """Every (arm, seed): seeds in order, each with every arm in file order, so that a study
-        stopped early has compared every arm on its first seeds."""
+        """Every (arm, seed) of the first seeds: seeds in order, each with every arm in file
+        order, so that a study stopped early has compared every arm on its first seeds."""
         return [(arm, seed) for seed in self.seeds for arm in self.arms]
 
-    def arm_args(self, arm: str, seed: int) -> list[str]:
+    def all_seeds(self) -> list[int]:
+        return self.seeds + (self.decision.add_seeds if self.decision else [])
+
+    def shard_of(self, arm: str, seed: int, n: int) -> int:
+        """The shard (of n) that runs (arm, seed), every lr of it: fixed whatever has run."""
+        order = [(a, s) for s in self.all_seeds() for a in self.arms]
+        return order.index((arm, seed)) % n
+
+    @staticmethod
+    def run_path(arm: str, seed: int, lr: float | None = None) -> str:
+        """A run's place under DIR/runs/ (and its record's under the records folder)."""
+        return f"{arm}/seed{seed}" if lr is None else f"{arm}/lr{lr:g}/seed{seed}"
+
+    def chosen_lrs(self, done: dict) -> dict[str, float | None]:
+        """{arm: the grid's rate that seed 0 found best on val, None until its grid ran}."""
+        first = self.seeds[0]
+        return {arm: choose_lr({lr: done.get((arm, first, lr)) for lr in self.lr_grid},
+                               self.metric, self.lower_is_better) for arm in self.arms}
+
+    def finals(self, done: dict) -> dict[tuple[str, int], dict]:
+        """{(arm, seed): result} of the finished runs that count: each arm at its chosen lr."""
+        if not self.lr_grid:
+            return {(arm, seed): r for (arm, seed, _), r in done.items()}
+        chosen = self.chosen_lrs(done)
+        return {(arm, seed): r for (arm, seed, lr), r in done.items() if lr == chosen[arm]}
+
+    def verdicts(self, done: dict, seeds: list[int] | None = None) -> list[dict]:
+        if self.decision is None:
+            return []
+        finals = {k: r for k, r in self.finals(done).items() if seeds is None or k[1] in seeds}
+        return decide(self.decision, finals, self.metric, self.lower_is_better)
+
+    def extra_seeds(self, done: dict) -> set[tuple[str, int]]:
+        """(arm, seed) runs the rule adds: the decision's add_seeds for both arms of each
+        comparison that is inconclusive (and converged) on the first seeds, all of them run,
+        decided on the first seeds alone so that no verdict is reached by stopping early."""
+        finals, extra = self.finals(done), set()
+        for row in self.verdicts(done, self.seeds):
+            complete = all((arm, s) in finals for arm in row["arms"] for s in self.seeds)
+            if complete and row["verdict"] == "inconclusive":
+                extra |= {(arm, s) for arm in row["arms"] for s in self.decision.add_seeds}
+        return extra
+
+    def plan(self, done: dict) -> list[tuple[tuple[str, int, float | None], bool]]:
+        """[((arm, seed, lr), ready)]: every run the protocol asks for, given the finished ones
+        ({(arm, seed, lr): result}); a run waits (not ready) until its arm's lr is chosen."""
+        chosen = self.chosen_lrs(done) if self.lr_grid else {}
+        extra = self.extra_seeds(done)
+        planned = []
+        for seed in self.all_seeds():
+            for arm in self.arms:
+                if seed not in self.seeds and (arm, seed) not in extra:
+                    continue
+                if not self.lr_grid:
+                    planned.append(((arm, seed, None), True))
+                elif seed == self.seeds[0]:
+                    planned += [((arm, seed, lr), True) for lr in self.lr_grid]
+                else:
+                    planned.append(((arm, seed, chosen[arm]), chosen[arm] is not None))
+        return planned
+
+    def arm_args(self, arm: str, seed: int, lr: float | None = None) -> list[str]:
         """The key=value overrides `pixtok train` gets for one run."""
         args = []
         for key, value in self.arms[arm].items():
@@ -262,7 +340,7 @@ class Study:
             elif isinstance(value, bool):
                 value = str(value).lower()
             args.append(f"{key}={value}")
-        return args + [f"seed={seed}"]
+        return args + ([f"lr={lr:g}"] if lr is not None else []) + [f"seed={seed}"]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -426,14 +504,22 @@ def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path) -> dic
             "vqgan_sha256": vqgan}
 
 
-def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
-    """Train (or continue) one arm x seed, then evaluate it on val and test once."""
-    run_dir = out / "runs" / arm / f"seed{seed}"
+def read_curve(run_dir: Path) -> list[dict]:
+    """The run's evaluations in training (metrics.jsonl: val where it holds one out)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def run_one(study: Study, out: Path, arm: str, seed: int, lr: float | None = None) -> dict:
+    """Train (or continue) one arm x seed (at one lr of the grid), then evaluate it on val and
+    on test once."""
+    run_dir = out / "runs" / study.run_path(arm, seed, lr)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "study.log"
     t0 = time.time()
     code = run_logged(pixtok_cmd("train", study.base, "--out", run_dir, "--resume",
-                                 *study.arm_args(arm, seed)), log)
+                                 *study.arm_args(arm, seed, lr)), log)
     if code:
         raise UserError(f"arm {arm} seed {seed}: pixtok train exited {code}: {last_error(log)} "
                         f"(log: {log})")
@@ -457,19 +543,56 @@ def run_one(study: Study, out: Path, arm: str, seed: int) -> dict:
             if recipe.get("val_size") else {}
         test = evaluate(run_dir, "test", log)
     params, flops = model_cost(run_dir)
-    result = {"arm": arm, "seed": seed, "val": val, "test": test, "params": params,
+    curve = read_curve(run_dir)
+    # a run's own clock (metrics.jsonl's time) where the study's is shorter: a run started by
+    # hand with the study's arguments and finished under it
+    spent = max(spent, max((e.get("time", 0) for e in curve), default=0))
+    keys = sorted(study.arms[arm]) + (["lr"] if lr is not None else [])
+    result = {"arm": arm, "seed": seed, **({"lr": lr} if lr is not None else {}),
+              "val": val, "test": test, "params": params,
               "flops_per_image": flops, "images_seen": config["step"] * recipe["batch_size"],
               "steps": config["step"], "selected_step": selected_step,
               "epochs": round(config.get("epoch", 0), 4),
               "wall_s": round(spent, 1), "device": device_name(),
-              "recipe": {k: recipe[k] for k in sorted(study.arms[arm]) if k in recipe}}
+              "recipe": {k: recipe[k] for k in keys if k in recipe}, "curve": curve}
     write_json(run_dir / "result.json", result)
     return result
 
 
-def collect(study: Study, folders: list[Path]) -> list[dict]:
-    """Finished runs' results from the study folders, in the study's (arm, seed) order."""
+def run_key(result: dict) -> tuple[str, int, float | None]:
+    return result["arm"], result["seed"], result.get("lr")
+
+
+def write_record(records: Path, study: Study, result: dict, run_dir: Path) -> Path:
+    """A finished run's record, to be committed: its result (metrics, curve, device, wall time)
+    and its config.json (recipe, labels, git commit), no weights. `--resume` skips a run that
+    has one, on any machine."""
+    path = records / f"{study.run_path(*run_key(result))}.json"
+    config = json.loads((run_dir / "config.json").read_text())
+    write_json(path, {"study": study.name, "sha256": study.sha256, "result": result,
+                      "config": config})
+    return path
+
+
+def read_records(records: Path, study: Study) -> dict:
+    """{(arm, seed, lr): result} of the records in the folder; a record of another study file
+    is an error (the rule it was decided by is not this one)."""
     found = {}
+    for path in sorted(records.rglob("*.json")) if records.is_dir() else []:
+        record = json.loads(path.read_text())
+        if record.get("sha256") != study.sha256:
+            raise UserError(f"{path}: a record of study file {record.get('study')} "
+                            f"{str(record.get('sha256'))[:12]}, not of this one "
+                            f"({study.sha256[:12]}); records are kept per study file")
+        result = record["result"]
+        if result["arm"] in study.arms:
+            found[run_key(result)] = result
+    return found
+
+
+def collect(study: Study, folders: list[Path], records: Path | None = None) -> dict:
+    """{(arm, seed, lr): result} of the finished runs: the records, then the study folders'."""
+    found = read_records(records, study) if records is not None else {}
     for folder in folders:
         marker = folder / "study.json"
         if not marker.is_file():
@@ -477,11 +600,18 @@ def collect(study: Study, folders: list[Path]) -> list[dict]:
         if json.loads(marker.read_text()).get("sha256") != study.sha256:
             raise UserError(f"{folder} holds a study made by a different study file or "
                             "overrides")
-        for arm, seed in study.runs():
-            path = folder / "runs" / arm / f"seed{seed}" / "result.json"
-            if path.is_file():
-                found[(arm, seed)] = json.loads(path.read_text())
-    return [found[key] for key in study.runs() if key in found]
+        for path in sorted((folder / "runs").rglob("result.json")):
+            result = json.loads(path.read_text())
+            if result.get("arm") in study.arms:
+                found.setdefault(run_key(result), result)
+    return found
+
+
+def ordered(study: Study, done: dict) -> list[dict]:
+    """The finished runs that count (each arm at its chosen lr), seeds then arms in order."""
+    finals = study.finals(done)
+    return [finals[(arm, seed)] for seed in study.all_seeds() for arm in study.arms
+            if (arm, seed) in finals]
 
 
 def metric_of(run: dict, study: Study, split: str):
@@ -593,24 +723,25 @@ def plots(study: Study, test: list[dict], val: list[dict], out: Path) -> list[st
     return files
 
 
-def analyses(study: Study, runs: list[dict], out: Path) -> list[tuple[str, dict]]:
+def analyses(study: Study, runs: list[dict], out: Path, runs_dir: Path
+             ) -> list[tuple[str, dict]]:
     """`pixtok analyze` of the first finished seed of each arm the study file lists under
     `analyze`, kept in DIR/analysis/ARM/ (computed once)."""
     from training.analyze import analyze_checkpoint
     done = []
     for arm in study.analyze:
         mine = [r for r in runs if r["arm"] == arm]
-        run_dir = out / "runs" / arm / f"seed{mine[0]['seed']}" if mine else None
-        if run_dir is None or not (run_dir / "model.safetensors").is_file():
-            continue
+        run_dir = runs_dir / "runs" / study.run_path(*run_key(mine[0])) if mine else None
         folder = out / "analysis" / arm
         if not (folder / "analysis.json").is_file():
+            if run_dir is None or not (run_dir / "model.safetensors").is_file():
+                continue
             analyze_checkpoint(run_dir, folder)
         done.append((arm, json.loads((folder / "analysis.json").read_text())))
     return done
 
 
-def generator_section(study: Study, runs: list[dict], out: Path) -> list[str]:
+def generator_section(study: Study, runs: list[dict], runs_dir: Path) -> list[str]:
     """The report's table for a dit study: every protocol metric at every guidance scale
     (mean ± std over seeds), then the two floors and the judge."""
     from training.tasks.generate import PROTOCOL_METRICS
@@ -639,7 +770,7 @@ def generator_section(study: Study, runs: list[dict], out: Path) -> list[str]:
                                  statistics.stdev(values) if len(values) > 1 else None,
                                  len(values)))
             lines.append(f"| {arm} | {g} | " + " | ".join(cells) + " |")
-    for vqgan, floor in read_floors(out).items():
+    for vqgan, floor in read_floors(runs_dir).items():
         for name, what in (("real", "real test images (a disjoint set)"),
                            ("vqgan_recon", "VQGAN reconstructions of those real images")):
             cells = [f"{floor[name][m]:.4f}" if m in floor[name] else "—"
@@ -648,15 +779,128 @@ def generator_section(study: Study, runs: list[dict], out: Path) -> list[str]:
     return lines
 
 
-def write_report(study: Study, runs: list[dict], out: Path) -> dict:
+def grid_rows(study: Study, done: dict) -> list[dict]:
+    """The lr grid's runs (first seed of each arm at each rate) and which rate was chosen."""
+    chosen, first = study.chosen_lrs(done), study.seeds[0]
+    return [{"arm": arm, "lr": lr, "seed": first,
+             "val": done[(arm, first, lr)]["val"].get(study.metric)
+             if (arm, first, lr) in done else None, "chosen": lr == chosen[arm]}
+            for arm in study.arms for lr in study.lr_grid]
+
+
+def grid_only(study: Study, done: dict) -> list[dict]:
+    """The grid's runs at the rates that were not chosen (reported, never compared)."""
+    kept = {id(r) for r in study.finals(done).values()}
+    return [r for key, r in sorted(done.items(), key=lambda kv: str(kv[0]))
+            if id(r) not in kept and "lr" in r]
+
+
+def movements(study: Study, runs: list[dict]) -> dict:
+    """{arm: [each run's val improvement over the last quarter of training]}."""
+    moves: dict[str, list] = {}
+    for r in runs:
+        moves.setdefault(r["arm"], []).append(
+            late_movement(r.get("curve", []), study.metric, study.lower_is_better))
+    return moves
+
+
+def curves_plot(study: Study, runs: list[dict], out: Path) -> list[str]:
+    """curves.png: every counted run's val metric against epochs, one colour per arm."""
+    from training.study_protocol import curve_values
+    drawn = [(r, curve_values(r.get("curve", []), study.metric)) for r in runs]
+    drawn = [(r, points) for r, points in drawn if len(points) > 1]
+    if not drawn:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colour = {arm: f"C{i}" for i, arm in enumerate(study.arms)}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labelled = set()
+    for r, points in drawn:
+        ax.plot([e for e, _ in points], [v for _, v in points], "o-", ms=3, alpha=0.8,
+                color=colour[r["arm"]], label=None if r["arm"] in labelled else r["arm"])
+        labelled.add(r["arm"])
+    ax.set(xlabel="epoch", ylabel=f"val {study.metric}",
+           title=f"{study.name}: learning curves (each seed a line)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    return ["curves.png"]
+
+
+def mixed_devices(runs: list[dict]) -> list[str]:
+    """A warning line for each seed whose arms ran on more than one device."""
+    lines = []
+    for seed in sorted({r["seed"] for r in runs}):
+        devices = sorted({r["device"] for r in runs if r["seed"] == seed})
+        if len(devices) > 1:
+            lines += [f"**Seed {seed} ran on more than one device** ({'; '.join(devices)}): "
+                      "its pairs mix float sums of different machines.", ""]
+    return lines
+
+
+def decision_section(study: Study, verdicts: list[dict]) -> list[str]:
+    lines = ["## Decision", "", rule_text(study.decision, study.seeds, study.metric), ""]
+    if not verdicts:
+        return lines
+    lines += ["| comparison | the paper says (where) | mean paired difference [95 % t-interval] "
+              "(pairs) | last-quarter val movement per arm | verdict |", "|---|---|---|---|---|"]
+    for v in verdicts:
+        a, b = v["arms"]
+        moves = ", ".join(f"{arm} {fmt_move(m)}" for arm, m in v["late_movement"].items())
+        lines.append(f"| {a} vs {b} | {a} {v['paper']} ({v['source']}) | {fmt_interval(v)} | "
+                     f"{moves} | **{v['verdict']}** |")
+    return lines + [""]
+
+
+def grid_section(study: Study, done: dict) -> list[str]:
+    if not study.lr_grid:
+        return []
+    lines = ["## Learning rate, chosen on val", "",
+             f"Seed {study.seeds[0]} of each arm at each peak lr; the rate best on val "
+             f"{study.metric} (at the step val chose) is used for every seed of that arm.", "",
+             f"| arm | lr | val {study.metric} | chosen |", "|---|---|---|---|"]
+    for row in grid_rows(study, done):
+        value = "not yet run" if row["val"] is None else f"{row['val']:.4f}"
+        lines.append(f"| {row['arm']} | {row['lr']:g} | {value} | "
+                     f"{'yes' if row['chosen'] else ''} |")
+    return lines + [""]
+
+
+def convergence_section(study: Study, runs: list[dict]) -> list[str]:
+    moves = movements(study, runs)
+    if not moves:
+        return []
+    lines = ["## Convergence", "",
+             f"How much val {study.metric} improved over the last quarter of each run (> 0: "
+             "still improving); a run with fewer than four evaluations cannot show it.", "",
+             "| arm | per run | mean |", "|---|---|---|"]
+    for arm, values in moves.items():
+        shown = [v for v in values if v is not None]
+        mean = f"{statistics.fmean(shown):+.4f}" if shown and len(shown) == len(values) else "—"
+        lines.append(f"| {arm} | {', '.join(fmt_move(v) for v in values)} | {mean} |")
+    return lines + [""]
+
+
+def write_report(study: Study, done: dict, out: Path, runs_dir: Path | None = None
+                 ) -> dict:
+    """results.json, report.md and plots into `out`; analyses read weights under runs_dir."""
+    runs = ordered(study, done)
     test, val = summarise(study, runs, "test"), summarise(study, runs, "val")
+    verdicts = study.verdicts(done)
     results = {"study": study.name, "metric": study.metric, "sha256": study.sha256,
                "lower_is_better": study.lower_is_better, "overrides": study.overrides,
                "runs": runs,
                "arms": [{k: r[k] for k in ("arm", "n", "mean", "std")} for r in test],
-               "val_arms": [{k: r[k] for k in ("arm", "n", "mean", "std")} for r in val]}
+               "val_arms": [{k: r[k] for k in ("arm", "n", "mean", "std")} for r in val],
+               "decision": study.decision.to_dict() if study.decision else None,
+               "verdicts": verdicts, "lr_grid": grid_rows(study, done),
+               "late_movement": movements(study, runs)}
     write_json(out / "results.json", results)
-    files = plots(study, test, val, out)
+    files = plots(study, test, val, out) + curves_plot(study, runs, out)
     total = len(study.runs())
     devices = sorted({r["device"] for r in runs})
     lines = [f"# Study `{study.name}`", "",
@@ -686,9 +930,11 @@ def write_report(study: Study, runs: list[dict], out: Path) -> dict:
                      f"{val_cell} | {t['params'] or '—'} | {gflops} | "
                      f"{t['images_seen'] or '—'} |")
     lines += ["", f"Devices: {', '.join(devices) or '—'}. Wall time of the finished runs: "
-              f"{sum(r['wall_s'] for r in runs) / 3600:.2f} h.", ""]
+              f"{sum(r['wall_s'] for r in runs + grid_only(study, done)) / 3600:.2f} h.", ""]
+    lines += mixed_devices(runs) + decision_section(study, verdicts)
+    lines += grid_section(study, done) + convergence_section(study, runs)
     lines += [f"![{f}]({f})" for f in files]
-    looked = analyses(study, runs, out)
+    looked = analyses(study, runs, out, runs_dir or out)
     if looked:
         lines += ["", "## Where the heads look (`pixtok analyze`, first seed of each arm)", "",
                   "Mean attention distance in pixels per layer (averaged over heads; each head "
@@ -706,15 +952,41 @@ def write_report(study: Study, runs: list[dict], out: Path) -> dict:
             lines += [f"![{arm}: distances](analysis/{arm}/attention_distance.png)",
                       f"![{arm}: offsets](analysis/{arm}/attention_offsets.png)"]
     if study.task == "dit":
-        lines += generator_section(study, runs, out)
+        lines += generator_section(study, runs, runs_dir or out)
     lines += ["", "## Runs", "", f"| arm | seed | test {study.metric} | val {study.metric} | "
               "steps | chosen at step | wall s |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
+    for r in runs + grid_only(study, done):
         tv, vv = metric_of(r, study, "test"), (metric_of(r, study, "val") if r["val"] else None)
-        lines.append(f"| {r['arm']} | {r['seed']} | {tv:.4f} | "
+        arm = r["arm"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        lines.append(f"| {arm} | {r['seed']} | {tv:.4f} | "
                      f"{'—' if vv is None else f'{vv:.4f}'} | {r['steps']} | "
                      f"{r.get('selected_step', r['steps'])} | {r['wall_s']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+def records_folder(study: Study, out: Path, given: str | None) -> Path:
+    """Where finished runs are recorded: --records, else a shipped study's folder in the
+    project (docs/studies/NAME/records, committed as runs finish), else DIR/records."""
+    if given:
+        return Path(given)
+    if study.path.parent.resolve() == STUDY_DIR.resolve():
+        # runs under command-line overrides (scale=gpu) are another study: their own folder
+        label = "-".join(re.sub(r"[^A-Za-z0-9.]+", "-", o) for o in study.overrides)
+        return RECORDS_DIR / study.name / label / "records" if label else \
+            RECORDS_DIR / study.name / "records"
+    return out / "records"
+
+
+def report(study: Study, done: dict, out: Path, records: Path) -> dict:
+    """results.json, report.md and the plots, beside the records (the study's docs folder for
+    a shipped study) and, where it differs, in the study folder too."""
+    results = {}
+    for folder in dict.fromkeys([records.parent, out]):
+        if folder == out and not out.is_dir():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        results = write_report(study, done, folder, out)
     return results
 
 
@@ -724,39 +996,68 @@ def run_cli(args) -> int:
         args.report = [a for a in args.report if "=" not in a]
     study = Study(args.study, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / "studies" / study.name
+    records = records_folder(study, out, getattr(args, "records", None))
     if args.report is not None:
-        folders = [out, *map(Path, args.report)]
-        runs = collect(study, folders)
-        write_report(study, runs, out)
-        print(f"study {study.name}: {len(runs)} of {len(study.runs())} runs finished; "
-              f"wrote {out / 'results.json'} and {out / 'report.md'}")
+        folders = [f for f in [out] if (f / "study.json").is_file()] + list(map(Path, args.report))
+        done = collect(study, folders, records)
+        report(study, done, out, records)
+        print(f"study {study.name}: {len(study.finals(done))} of {len(study.runs())} runs "
+              f"finished; wrote results.json and report.md in {records.parent}")
         return 0
     i, n = parse_shard(args.shard)
     claim_folder(out, study, args.resume)
-    todo = [run for k, run in enumerate(study.runs()) if k % n == i]
-    pending = [(arm, seed) for arm, seed in todo
-               if not (out / "runs" / arm / f"seed{seed}" / "result.json").is_file()]
+    done = collect(study, [out], records)
+    for key, result in done.items():             # a study folder's runs not recorded yet
+        if not (records / f"{study.run_path(*key)}.json").is_file():
+            write_record(records, study, result, out / "runs" / study.run_path(*key))
+    mine = [(key, ready) for key, ready in study.plan(done) if study.shard_of(*key[:2], n) == i]
+    todo = [key for key, _ in mine if key not in done]
     print(f"study {study.name}: {len(study.runs())} runs ({len(study.arms)} arms x "
-          f"{len(study.seeds)} seeds), shard {i}/{n} holds {len(todo)}, {len(pending)} to do; "
-          f"folder {out}", flush=True)
-    bar = tqdm(pending, desc=study.name, unit="run", dynamic_ncols=True,
+          f"{len(study.seeds)} seeds)" + (f" + an lr grid of {len(study.lr_grid)}"
+                                           if study.lr_grid else "")
+          + f", shard {i}/{n} holds {len(mine)}, {len(todo)} to do; folder {out}, records "
+          f"{records}", flush=True)
+    bar = tqdm(total=len(todo), desc=study.name, unit="run", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)
-    for arm, seed in bar:
-        run_dir = out / "runs" / arm / f"seed{seed}"
-        state = "continues" if (run_dir / "train_state.pt").is_file() else "starts"
-        bar.write(f"{arm} seed {seed}: {state} pixtok train {study.base} "
-                  f"{' '.join(study.arm_args(arm, seed))} -> {run_dir} "
-                  f"(log: {run_dir / 'study.log'})")
-        result = run_one(study, out, arm, seed)
-        val = result["val"].get(study.metric)
-        bar.write(f"{arm} seed {seed}: done in {result['wall_s'] / 60:.1f} min; "
-                  + (f"val {study.metric} {val if val is None else f'{val:.4f}'}, "
-                     if result["val"] else "")
-                  + f"test {study.metric} {result['test'].get(study.metric, float('nan')):.4f}")
-        write_report(study, collect(study, [out]), out)
+    while (key := next_run(study, done, i, n)) is not None:
+        if bar.n >= bar.total:
+            bar.total += 1                     # the rule added seeds
+        run_and_record(study, out, records, key, bar)
+        done = collect(study, [out], records)
+        report(study, done, out, records)
+        bar.update()
     bar.close()
-    results = write_report(study, collect(study, [out]), out)
+    results = report(study, done, out, records)
+    waiting = [key for key, ready in study.plan(done) if not ready and
+               study.shard_of(*key[:2], n) == i]
+    if waiting:
+        print(f"{len(waiting)} run(s) wait for another shard's lr grid to finish; run this "
+              "shard again with --resume once it has")
     for row in results["arms"]:
         print(f"{row['arm']}: {fmt(row['mean'], row['std'], row['n'])}")
-    print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    for v in results["verdicts"]:
+        print(f"{v['arms'][0]} vs {v['arms'][1]}: {v['verdict']}")
+    print(f"wrote results.json and report.md in {records.parent}")
     return 0
+
+
+def next_run(study: Study, done: dict, i: int, n: int):
+    """The first run of shard i of n that the protocol asks for, can start and has not run."""
+    return next((key for key, ready in study.plan(done)
+                 if ready and key not in done and study.shard_of(*key[:2], n) == i), None)
+
+
+def run_and_record(study: Study, out: Path, records: Path, key, bar) -> None:
+    arm, seed, lr = key
+    run_dir = out / "runs" / study.run_path(*key)
+    state = "continues" if (run_dir / "train_state.pt").is_file() else "starts"
+    bar.write(f"{arm} seed {seed}: {state} pixtok train {study.base} "
+              f"{' '.join(study.arm_args(*key))} -> {run_dir} (log: {run_dir / 'study.log'})")
+    result = run_one(study, out, arm, seed, lr)
+    path = write_record(records, study, result, run_dir)
+    val = result["val"].get(study.metric)
+    bar.write(f"{arm} seed {seed}: done in {result['wall_s'] / 60:.1f} min; "
+              + (f"val {study.metric} {val if val is None else f'{val:.4f}'}, "
+                 if result["val"] else "")
+              + f"test {study.metric} {result['test'].get(study.metric, float('nan')):.4f}; "
+              f"record {path}")
