@@ -60,7 +60,7 @@ LOWER_IS_BETTER = {"loss", "rmse", "rel", "log10", "silog", "rmse_scaled", "fid_
 NATIVE_SIZE = {"fashion-mnist": (28, 28), "cifar100": (32, 32), "cifar100-coarse": (32, 32),
                "scenes": (48, 64), "nyu": (48, 64)}
 STUDY_KEYS = {"base", "seeds", "metric", "overrides", "arms", "scales", "held_fixed", "plot_x",
-              "description", "analyze", "generator", "lr_grid", "decision"}
+              "description", "analyze", "generator", "lr_grid", "decision", "also"}
 # where a shipped study's finished runs are recorded, in the project (committed as they finish)
 RECORDS_DIR = STUDY_DIR.parents[1] / "docs" / "studies"
 # a generator study's [generator] table: how each finished generator is measured
@@ -106,6 +106,9 @@ class Study:
         self.seeds = self._check_seeds(spec["seeds"], where)
         self.held_fixed = spec.get("held_fixed", "")
         self.plot_x = spec.get("plot_x", "")
+        self.also = spec.get("also", [])           # more test metrics, reported beside
+        if not isinstance(self.also, list) or not all(isinstance(m, str) for m in self.also):
+            raise UserError(f"{where}: also must list metric names, not {self.also!r}")
         if self.plot_x and self.plot_x not in FIELDS:
             raise UserError(f"{where}: plot_x={self.plot_x!r} is not a recipe key")
         self.lower_is_better = self.metric.split("@")[0] in LOWER_IS_BETTER
@@ -856,6 +859,23 @@ def decision_section(study: Study, verdicts: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def also_section(study: Study, runs: list[dict]) -> list[str]:
+    """The study's other test metrics (`also`), mean ± std over seeds per arm."""
+    if not study.also:
+        return []
+    lines = ["## Other test metrics", "", "| arm | " + " | ".join(study.also) + " |",
+             "|---|" + "---|" * len(study.also)]
+    for arm in study.arms:
+        cells = []
+        for m in study.also:
+            values = [float(r["test"][m]) for r in runs if r["arm"] == arm and m in r["test"]]
+            cells.append(fmt(statistics.fmean(values) if values else None,
+                             statistics.stdev(values) if len(values) > 1 else None,
+                             len(values)))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def grid_section(study: Study, done: dict) -> list[str]:
     if not study.lr_grid:
         return []
@@ -932,7 +952,8 @@ def write_report(study: Study, done: dict, out: Path, runs_dir: Path | None = No
     lines += ["", f"Devices: {', '.join(devices) or '—'}. Wall time of the finished runs: "
               f"{sum(r['wall_s'] for r in runs + grid_only(study, done)) / 3600:.2f} h.", ""]
     lines += mixed_devices(runs) + decision_section(study, verdicts)
-    lines += grid_section(study, done) + convergence_section(study, runs)
+    lines += also_section(study, runs) + grid_section(study, done)
+    lines += convergence_section(study, runs)
     lines += [f"![{f}]({f})" for f in files]
     looked = analyses(study, runs, out, runs_dir or out)
     if looked:
