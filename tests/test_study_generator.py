@@ -166,3 +166,35 @@ def test_the_shipped_dit_study_pins_the_shipped_judge():
         assert not recipe.latent_dir.startswith("model_store")
     with pytest.raises(UserError, match=r"\[generator\] is for dit studies"):
         Study("patch-size-fashion")._check_generator({"guidance": [1.0]}, "x")
+
+
+@pytest.mark.slow
+def test_snapshots_give_a_generator_curve_scored_by_a_second_judge(parts):
+    """keep_every keeps the model every few steps (CKPT/snapshots/epochN/); the study scores
+    each snapshot with the protocol (once: a resumed study reads protocol.json) for a curve,
+    and a second, pinned judge of another patch size scores the same samples."""
+    root, data, _, _ = parts
+    judge2 = root / "judge2"
+    pixtok("train", "vit1-fashion", "--out", judge2, f"data_dir={data}", "model=ViT-F/2",
+           "image_size=14", "batch_size=32", "eval_batch_size=128", "threads=1", "amp=off",
+           "max_steps=20", "lr=3e-3", "warmup_epochs=0.1")
+    pin = f'judge2 = "{judge2}"\njudge2_sha256 = "{judge_sha256(judge2)}"\n'
+    spec = study_file(parts, **{
+        'steps = 2\n': 'steps = 2\n' + pin,
+        "max_steps = 6\n": "max_steps = 6\nkeep_every = 0.125\nschedule = \"constant\"\n",
+        '[arms.dit2]\nmodel = "DiT-F/2"\n': ""})
+    out = root / "out-curve"
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    run_dir = out / "runs/dit1/seed0"
+    snaps = sorted(p.name for p in (run_dir / "snapshots").iterdir())
+    assert snaps == ["epoch0.125", "epoch0.25"]          # steps 2 and 4 of 16 per epoch; 6 ends
+    assert [e["epoch"] for e in run["curve"]] == [0.125, 0.25, 0.375]
+    for point in run["curve"]:
+        assert point["fid_proxy@2"] > 0 and point["judge2.fid_proxy@2"] > 0
+    assert run["curve"][-1]["fid_proxy@2"] == run["test"]["fid_proxy@2"]
+    assert run["test"]["judge2_sha256"] == judge_sha256(judge2)
+    # the second judge sees other features: its score is not the first judge's
+    assert run["test"]["judge2.fid_proxy@2"] != run["test"]["fid_proxy@2"]
+    measured = json.loads((run_dir / "snapshots/epoch0.25/protocol.json").read_text())
+    assert measured == {k: v for k, v in run["curve"][1].items() if k != "epoch"}

@@ -73,6 +73,8 @@ class Recipe:
     threads: int = 0              # torch threads per process; 0 = torch's default
     # bookkeeping
     eval_every: float = 1.0       # epochs between evaluations
+    keep_every: float = 0.0       # > 0: keep the exported model every this many epochs, as
+                                  # CKPT/snapshots/epochN/ (a study scores each); 0 = off
     ckpt_minutes: float = 10.0    # also checkpoint when this much time has passed
     eval_batch_size: int = 256
     # depth
@@ -117,7 +119,7 @@ COMMON_KEYS = frozenset({
     "name", "source", "task", "model", "epochs", "max_steps", "budget_minutes", "batch_size",
     "lr", "min_lr", "warmup_epochs", "schedule", "weight_decay", "beta1", "beta2",
     "layer_decay", "grad_clip", "ema", "amp", "fsdp", "seed", "threads", "eval_every",
-    "ckpt_minutes", "eval_batch_size", "dataset", "data_dir", "image_size", "resize",
+    "keep_every", "ckpt_minutes", "eval_batch_size", "dataset", "data_dir", "image_size", "resize",
     "cache_dir", "num_workers", "crop_padding", "hflip"})
 # the ViT's architecture keys, for every task built on one (classify, depth, MAE)
 VIT_KEYS = frozenset({"width", "depth", "heads", "embed", "dict_dim", "pos_embed", "pool",

@@ -65,7 +65,7 @@ STUDY_KEYS = {"base", "seeds", "metric", "overrides", "arms", "scales", "held_fi
 RECORDS_DIR = STUDY_DIR.parents[1] / "docs" / "studies"
 # a generator study's [generator] table: how each finished generator is measured
 GENERATOR_KEYS = {"guidance", "samples", "judge", "judge_sha256", "sampler", "steps",
-                  "sample_seed"}
+                  "sample_seed", "judge2", "judge2_sha256"}
 
 
 def study_names() -> list[str]:
@@ -178,23 +178,18 @@ class Study:
         from pixtok.sampling import SAMPLERS
         if table.get("sampler", SAMPLERS[0]) not in SAMPLERS:
             raise UserError(f"{where} [generator]: sampler must be one of {', '.join(SAMPLERS)}")
-        from training.tasks.generate import PROTOCOL_METRICS, judge_sha256
+        from training.tasks.generate import PROTOCOL_METRICS
         name, _, at = self.metric.partition("@")
         scales = [f"{float(g):g}" for g in guidance]
         if name not in PROTOCOL_METRICS or at not in scales:
             raise UserError(f"{where}: metric {self.metric!r}: a dit study's metric is "
                             f"METRIC@GUIDANCE with METRIC one of {', '.join(PROTOCOL_METRICS)} "
                             f"and GUIDANCE one of {', '.join(scales)}")
-        judge = Path(table["judge"])
-        if not judge.is_absolute() and not judge.exists():
-            judge = STUDY_DIR.parents[1] / judge           # a path in the project
-        found = judge_sha256(judge)
-        if found != table["judge_sha256"]:
-            raise UserError(f"{where} [generator]: the judge {judge} has weights sha256 "
-                            f"{found[:16]}..., the study pins {str(table['judge_sha256'])[:16]}"
-                            "...; scores from another judge are not comparable (pin the new "
-                            "hash in a new study file to change judges)")
-        return {**table, "judge": str(judge), "guidance": [float(g) for g in guidance]}
+        if ("judge2" in table) != ("judge2_sha256" in table):
+            raise UserError(f"{where} [generator]: judge2 and judge2_sha256 go together")
+        judges = {key: pinned_judge(table[key], table[f"{key}_sha256"], f"{where} [generator]")
+                  for key in ("judge", "judge2") if key in table}
+        return {**table, **judges, "guidance": [float(g) for g in guidance]}
 
     @staticmethod
     def _check_seeds(seeds, where: str) -> list[int]:
@@ -346,6 +341,21 @@ class Study:
         return args + ([f"lr={lr:g}"] if lr is not None else []) + [f"seed={seed}"]
 
 
+def pinned_judge(path: str, sha256: str, where: str) -> str:
+    """The judge classifier's folder, whose weights must be the ones the study file pins, so
+    that a re-shipped classifier never silently changes a score."""
+    from training.tasks.generate import judge_sha256
+    judge = Path(path)
+    if not judge.is_absolute() and not judge.exists():
+        judge = STUDY_DIR.parents[1] / judge           # a path in the project
+    found = judge_sha256(judge)
+    if found != sha256:
+        raise UserError(f"{where}: the judge {judge} has weights sha256 {found[:16]}..., the "
+                        f"study pins {str(sha256)[:16]}...; scores from another judge are not "
+                        "comparable (pin the new hash in a new study file to change judges)")
+    return str(judge)
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     if not text:
         return 0, 1
@@ -472,10 +482,12 @@ def model_cost(run_dir: Path) -> tuple[int | None, int | None]:
     return params, flops
 
 
-def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path) -> dict:
-    """The [generator] protocol on a finished generator run -> flat test metrics
-    ({"fid_proxy@1.5": ..., ...}); the floors, which depend only on the VQGAN, the judge and n,
-    are measured with the first run of each VQGAN and kept in DIR/floors.json."""
+def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path,
+                       floors_too: bool = True) -> dict:
+    """The [generator] protocol on a generator folder (a finished run, or one of its snapshots)
+    -> flat test metrics ({"fid_proxy@1.5": ..., "judge2.fid_proxy@1.5": ...}); the floors,
+    which depend only on the VQGAN, the judge and n, are measured with the first run of each
+    VQGAN and kept in DIR/floors.json."""
     from training.tasks.generate import (
         Classifier,
         device,
@@ -489,22 +501,37 @@ def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path) -> dic
     config = generator_config(run_dir)
     vqgan = weights_hash(run_dir / "vae" / "diffusion_pytorch_model.safetensors")
     floors = read_floors(out)
+    more = {"judge2": Classifier(spec["judge2"], dev)} if "judge2" in spec else {}
     result = protocol_metrics(load_pipeline(run_dir, dev), Classifier(spec["judge"], dev),
                               spec["guidance"], spec["samples"],
                               config.get("input", {}).get("pad", 0), spec.get("sampler"),
                               spec.get("steps"), spec.get("sample_seed", 0),
                               data_dir=(config.get("data") or {}).get("data_dir"),
-                              floors=vqgan not in floors)
+                              floors=floors_too and vqgan not in floors, more_judges=more)
     if "floors" in result:
         floors[vqgan] = {**result.pop("floors"), "n": result["n"],
                          "judge_sha256": result["judge_sha256"], "first_run": str(run_dir)}
         write_json(out / "floors.json", floors)
     with open(log, "a") as f:
-        f.write(f"generator protocol: {json.dumps(result)}\n")
+        f.write(f"generator protocol ({run_dir.name}): {json.dumps(result)}\n")
     flat = {f"{m}@{g}": v for g, metrics in result["by_guidance"].items()
             for m, v in metrics.items()}
-    return {**flat, **{k: result[k] for k in ("n", "sampler", "steps", "seed", "judge_sha256")},
-            "vqgan_sha256": vqgan}
+    keys = ("n", "sampler", "steps", "seed", "judge_sha256") + tuple(f"{k}_sha256" for k in more)
+    return {**flat, **{k: result[k] for k in keys}, "vqgan_sha256": vqgan}
+
+
+def generator_curve(study: Study, out: Path, run_dir: Path, log: Path) -> list[dict]:
+    """The protocol on each of the run's snapshots (keep_every), oldest first: [{"epoch",
+    metrics...}]; each kept in its snapshot folder once measured, so a resumed study does not
+    sample it again."""
+    curve = []
+    snapshots = [p for p in (run_dir / "snapshots").glob("epoch*") if settle_folder(p)]
+    for snap in sorted(snapshots, key=lambda p: float(p.name[5:])):
+        measured = snap / "protocol.json"
+        if not measured.is_file():
+            write_json(measured, evaluate_generator(study, out, snap, log, floors_too=False))
+        curve.append({"epoch": float(snap.name[5:]), **json.loads(measured.read_text())})
+    return curve
 
 
 def read_curve(run_dir: Path) -> list[dict]:
@@ -532,8 +559,12 @@ def run_one(study: Study, out: Path, arm: str, seed: int, lr: float | None = Non
     config = json.loads((run_dir / "config.json").read_text())
     recipe = config["recipe"]
     selected_step = config["step"]
+    curve = read_curve(run_dir)
     if study.task == "dit":     # fixed epochs, the final EMA weights: nothing is chosen on val
         val, test = {}, evaluate_generator(study, out, run_dir, log)
+        # the generator's curve: its snapshots' protocol scores, then the final one's
+        curve = generator_curve(study, out, run_dir, log) + [
+            {"epoch": round(config.get("epoch", 0), 4), **test}]
     elif (best := settle_folder(run_dir / "best")) is not None:
         # the weights the validation split chose (training kept them as they went by); their
         # validation metrics are the ones that chose them
@@ -546,7 +577,6 @@ def run_one(study: Study, out: Path, arm: str, seed: int, lr: float | None = Non
             if recipe.get("val_size") else {}
         test = evaluate(run_dir, "test", log)
     params, flops = model_cost(run_dir)
-    curve = read_curve(run_dir)
     # a run's own clock (metrics.jsonl's time) where the study's is shorter: a run started by
     # hand with the study's arguments and finished under it
     spent = max(spent, max((e.get("time", 0) for e in curve), default=0))

@@ -266,6 +266,8 @@ class Run:
         if recipe.max_steps > 0:
             self.total = min(self.total, recipe.max_steps)
         self.eval_every = max(1, round(recipe.eval_every * self.steps_per_epoch))
+        self.keep_steps = max(1, round(recipe.keep_every * self.steps_per_epoch)) \
+            if recipe.keep_every > 0 else 0
         self.budget = None
         if recipe.budget_minutes > 0:
             start = self.state["step"] if self.state else 0
@@ -373,6 +375,26 @@ class Run:
         with disk_errors(self.out, self.step, getattr(self, "bar", None)):
             publish_folder(self.out / "best", write)
 
+    def keep_snapshot(self) -> None:
+        """With keep_every=E (epochs), a whole exported checkpoint folder of the model as it is
+        at every E epochs, CKPT/snapshots/epochN/ (with a constant lr, the model a run of N
+        epochs would end with): a study scores each, for a curve no cheap evaluation gives
+        (a generator's samples). A collective."""
+        every = self.keep_steps
+        if not every or self.step % every or self.step == self.total:
+            return
+        export = self.exported()
+        if not self.dist.main:
+            return
+        epoch = f"{self.step / self.steps_per_epoch:g}"
+
+        def write(folder: Path) -> None:
+            self.task.on_checkpoint(folder, export)
+            write_json(folder / "config.json", self.folder_config(None))
+
+        with disk_errors(self.out, self.step, getattr(self, "bar", None)):
+            publish_folder(self.out / "snapshots" / f"epoch{epoch}", write)
+
     def evaluate(self) -> dict:
         metrics = self.task.evaluate(self.exported(), self.recipe.eval_batch_size)
         metrics = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
@@ -453,6 +475,7 @@ class Run:
             self.last_ckpt = time.time()
             return True
         paused = time.time()
+        self.keep_snapshot()
         if self.step % self.eval_every == 0 or self.step == self.total:
             self.metrics = self.evaluate()
             if self.dist.main:

@@ -263,12 +263,15 @@ def reconstructions(pipe, images: torch.Tensor, pad: int = 0, batch_size: int = 
 def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int = 0,
                      sampler: str | None = None, steps: int | None = None, seed: int = 0,
                      batch_size: int = 64, data_dir=None, split: str = "test",
-                     floors: bool = True) -> dict:
+                     floors: bool = True, more_judges: dict | None = None) -> dict:
     """A generator study's measurement of one generator: n samples (balanced over the classes)
     at each guidance scale, scored against n real images of `split` by the judge (fid_proxy,
     k-NN precision and recall, class agreement, is_proxy), and, with floors, the same scores
     for two references: real images (a disjoint set of n; what a perfect generator gets at
     this n) and their VQGAN reconstructions (the best any generator over these latents gets).
+    more_judges ({name: Classifier}) score the same samples again, each against its own real
+    reference, as "NAME.METRIC" (a judge of another architecture, so that an ordering is not
+    an artefact of one judge's features).
     -> {"by_guidance": {"1.5": metrics}, "floors": {"real": ..., "vqgan_recon": ...}, ...}"""
     if n < 4:
         raise UserError(f"samples={n}: precision and recall need at least 4 samples")
@@ -276,6 +279,10 @@ def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int =
     sampler = sampler or SAMPLING_DEFAULTS["sampler"]
     steps = steps or default_steps(sampler)
     reference = real_reference(classifier, n, data_dir, split)
+    more = {name: (judge, real_reference(judge, n, data_dir, split))
+            for name, judge in (more_judges or {}).items()}
+    for judge, _ in more.values():
+        check_labels(pipe, judge)
     k = pipe.transformer.config.num_classes
     labels = [i % k for i in range(n)]
 
@@ -293,9 +300,13 @@ def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int =
             bar.close()
         by_guidance[f"{float(g):g}"] = {**keep(score(classifier, images, labels, reference, pad)),
                                         "images_per_s": n / seconds}
+        for name, (judge, ref) in more.items():
+            by_guidance[f"{float(g):g}"].update(
+                {f"{name}.{m}": v for m, v in keep(score(judge, images, labels, ref, pad)).items()})
     result = {"by_guidance": by_guidance, "n": n, "n_real": reference["n_real"],
               "sampler": sampler, "steps": steps, "seed": seed, "split": split,
-              "judge": str(classifier.path), "judge_sha256": judge_sha256(classifier.path)}
+              "judge": str(classifier.path), "judge_sha256": judge_sha256(classifier.path),
+              **{f"{name}_sha256": judge_sha256(judge.path) for name, (judge, _) in more.items()}}
     if floors:
         real = reference["b_images"].float().div(255)
         recon = reconstructions(pipe, reference["b_images"], pad)
