@@ -34,6 +34,8 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from export.common import ExportError, write_index_to_name
+from export.generator import is_pipeline_folder, read_pipeline, stage_generator
 from pixtok.checkpoint import load_model, read_config
 from pixtok.errors import UserError
 from pixtok.tasks import TASKS, TaskInfo
@@ -46,10 +48,6 @@ HANDLERS = ROOT / "serving" / "handlers"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPOSITORY_PACKAGES = ("training", "serving", "export")
 CODE_DIGEST = "code.sha256"    # at an archive's root: code_digest() of the code it carries
-
-
-class ExportError(UserError):
-    """A checkpoint that cannot be exported, or an archive that could not be built."""
 
 
 def check_input_spec(config: dict, ckpt: Path) -> None:
@@ -159,11 +157,6 @@ def stage_code(handler: Path, stage: Path) -> None:
     check_self_contained(stage)
 
 
-def write_index_to_name(labels: list[str], files: Path) -> None:
-    index_to_name = {str(i): label for i, label in enumerate(labels)}
-    (files / "index_to_name.json").write_text(json.dumps(index_to_name, indent=1) + "\n")
-
-
 def stage_files(ckpt: Path, config: dict, files: Path) -> None:
     """A checkpoint's config, weights and labels into files/ (the archive's root)."""
     shutil.copy2(ckpt / "config.json", files / "config.json")
@@ -225,8 +218,6 @@ def check_name(name: str) -> str:
 
 def read_source(ckpt: Path, onnx: bool) -> tuple[TaskInfo, dict | None, object]:
     """(task, config.json or None, the loaded model or the pipeline) of what is exported."""
-    from export.generator import is_pipeline_folder, read_pipeline
-
     if is_pipeline_folder(ckpt):
         if onnx:
             raise ExportError(f"{ckpt}: --onnx is for image models; a generator's archive runs "
@@ -293,8 +284,6 @@ def write_archive(ckpt: Path, out: Path, name: str, task: TaskInfo, config: dict
                   source, onnx: bool, version: str | None, log, stage_done) -> str:
     """export_archive's stages: stage the code and the files, ONNX with onnx, the .mar into
     out; stage_done(next stage) after each. -> the archive's version."""
-    from export.generator import stage_generator
-
     with tempfile.TemporaryDirectory(prefix="pixtok-export-") as tmp:
         stage = Path(tmp)
         stage_code(handler_path(task), stage)
@@ -344,8 +333,6 @@ def is_stale(ckpt: Path, mar: Path, digest: str | None = None) -> bool:
 def is_model_folder(path: Path) -> bool:
     """A checkpoint or pipeline folder; a folder that cannot be read counts, so that building
     it fails with the reason."""
-    from export.generator import is_pipeline_folder
-
     try:
         return (path / "config.json").is_file() or is_pipeline_folder(path)
     except PermissionError:
@@ -383,8 +370,6 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
 def build_each(store: Path, stale: list[Path], log, broken: dict | None, bar,
                built: list[Path]) -> None:
     """build_missing_archives' loop: each stale folder's archive, appended to `built`."""
-    from export.generator import is_pipeline_folder
-
     for ckpt in stale:
         mar = store / f"{ckpt.name}.mar"
         if bar is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from export.archive import ExportError, write_index_to_name
+from export.common import ExportError, write_index_to_name
 from pixtok.checkpoint import save_weights, write_json
 from pixtok.tasks import TASKS
 

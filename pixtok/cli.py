@@ -161,14 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args) -> int:
     """`pixtok serve`: archives built where missing (export), the page's examples written
     (training), then TorchServe and the page started (serving)."""
-    from serving import launcher
+    from serving.serve_cli import run_cli
 
     if args.stop:
-        return launcher.run_cli(args)
+        return run_cli(args)
     from export.archive import build_missing_archives
     from training.data.examples import write_examples
 
-    return launcher.run_cli(args, build=build_missing_archives, examples=write_examples)
+    return run_cli(args, build=build_missing_archives, examples=write_examples)
 
 
 def bench(args) -> int:

@@ -27,7 +27,6 @@ import base64
 import contextlib
 import html
 import io
-import ipaddress
 import json
 import os
 import secrets
@@ -47,14 +46,21 @@ from pixtok.inference.validate import (
     MAX_STEPS,
     SAMPLERS,
 )
-from serving.client import DEFAULT_MODELS, Client, ServerError, default_run_dir, read_properties
+from serving.client import Client, ServerError, default_run_dir, read_properties
+from serving.page_settings import (
+    CONCURRENCY,
+    MODEL_ENV,
+    UI_PORT_ENV,
+    UI_USER,
+    examples_dir,
+    model_names,
+    needs_login,
+    request_timeout,
+    ui_login,
+    ui_port,
+)
 
-MODEL_ENV = {"classify": "PIXTOK_CLASSIFIER", "depth": "PIXTOK_DEPTH_MODEL",
-             "generate": "PIXTOK_GENERATOR"}
-UI_PORT_ENV, DEFAULT_UI_PORT = "PIXTOK_UI_PORT", 7860
-UI_USER, UI_PASSWORD_ENV, UI_PASSWORD_FILE = "pixtok", "PIXTOK_UI_PASSWORD", "ui_password"
 COLOUR_MAP = "viridis_r"       # near is bright, far is dark
-CONCURRENCY = {"generate": 2, "classify": 8, "depth": 4}   # TorchServe batches the rest
 IMAGE_HEIGHT = 320
 RANDOM_SEEDS = 2**31      # "Random seed" draws from 0..2^31-1: short enough to read and retype
 # small images (28x28 Fashion-MNIST, 48x64 depth maps) are shown scaled up, with sharp pixels
@@ -64,69 +70,6 @@ CSS = """
 #generate-gallery img, #classify-input img, #depth-input img, #depth-output img {
   image-rendering: pixelated; }
 """
-
-
-def ui_port() -> int:
-    value = os.environ.get(UI_PORT_ENV, str(DEFAULT_UI_PORT))
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise UserError(f"{UI_PORT_ENV}={value!r}: expected a port number 1..65535")
-    return int(value)
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False     # a host name: it may resolve to any interface
-
-
-def needs_login(host: str, forced: bool = False) -> bool:
-    """The page asks for a login unless it listens on loopback only (or forced)."""
-    return forced or not is_loopback(host)
-
-
-def new_ui_password(run_dir: Path, given: str = "") -> tuple[str, bool]:
-    """(password, generated) for a page that asks for a login: `given` ($PIXTOK_UI_PASSWORD),
-    else a new random one written to the run folder's ui_password (mode 0600) for this start."""
-    path = Path(run_dir) / UI_PASSWORD_FILE
-    path.unlink(missing_ok=True)          # never leave an older start's password behind
-    if given:
-        return given, False
-    password = secrets.token_urlsafe(18)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
-    return password, True
-
-
-def ui_login(run_dir: Path) -> tuple[str, str]:
-    """(user, password) the page asks for: $PIXTOK_UI_PASSWORD, else the run folder's file."""
-    password = os.environ.get(UI_PASSWORD_ENV, "")
-    path = Path(run_dir) / UI_PASSWORD_FILE
-    if not password and path.is_file():
-        password = path.read_text().strip()
-    if not password:
-        raise UserError(f"the page listens beyond loopback and needs a password: set "
-                        f"{UI_PASSWORD_ENV}, or start it with `pixtok serve`, which writes {path}")
-    return UI_USER, password
-
-
-def request_timeout() -> float:
-    """Seconds to wait for an answer: longer than the slowest model's TorchServe timeout."""
-    from serving.launcher import BATCHING
-
-    return 30.0 + max(120, *(b.get("responseTimeout", 120) for b in BATCHING.values()))
-
-
-def model_names(overrides: dict | None = None) -> dict:
-    """{task: model name}: an override, else $PIXTOK_CLASSIFIER / _DEPTH_MODEL / _GENERATOR,
-    else the default names of docs/architecture.md."""
-    overrides = {k: v for k, v in (overrides or {}).items() if v}
-    return {task: overrides.get(task) or os.environ.get(env) or DEFAULT_MODELS[task]
-            for task, env in MODEL_ENV.items()}
 
 
 # --- what the server serves (read from the run folder, never from the model itself) ---------
@@ -170,10 +113,6 @@ def archive_labels(mar: Path) -> list[str]:
 
 
 # --- examples --------------------------------------------------------------------------------
-def examples_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "ui" / "examples"
-
-
 def read_examples(folder: Path) -> dict[str, list[Path]]:
     """{"classify": [...], "depth": [...]}: the example files `pixtok serve` wrote into `folder`
     (training/data/examples.py); the page itself never reads data sets."""

@@ -13,7 +13,7 @@ core (pixtok/inference/), so both servers answer alike. It speaks two protocols 
   step and the answer last, and a client that leaves stops its generation at the next step.
 
 Requests of one model are batched across clients (up to --batch-size items, waiting at most
---max-batch-delay ms after the first; defaults per task as TorchServe's in serving/launcher.py)
+--max-batch-delay ms after the first; defaults per task: serving/torchserve_config.py's)
 and run on one thread per model; decoding runs on a thread pool. A bad input answers its own 4xx
 and nothing a client sends ends the process.
 
@@ -58,7 +58,7 @@ from pixtok.inference.validate import MAX_BODY_BYTES, RequestError
 
 log = logging.getLogger("pixtok.kserve")
 
-# task -> (batch size, max batch delay in ms): TorchServe's rule of serving/launcher.py's BATCHING
+# task -> (batch size, max batch delay in ms): TorchServe's, serving/torchserve_config.py BATCHING
 BATCHING = {"classify": (16, 10), "depth": (4, 10), "generate": (1, 0)}
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES      # as TorchServe's max_request_size in `pixtok serve`
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/ping")    # probes: no key needed

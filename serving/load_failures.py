@@ -3,7 +3,7 @@
 TorchServe starts a worker for every registered model and, when the worker dies while loading
 (weights damaged inside the .mar, a handler that raises), logs `Retry worker: PORT in N seconds.`
 and starts another one, forever. `pixtok serve` counts those lines per model while it waits for
-READY workers (serving/launcher.py wait_ready); after PIXTOK_LOAD_ATTEMPTS failed loads (default
+READY workers (serving/torchserve.py wait_ready); after PIXTOK_LOAD_ATTEMPTS failed loads (default
 3) the model counts as damaged, named with the last exception its worker printed.
 
 Only the part of the logs written after this start is read (the run folder's logs are appended

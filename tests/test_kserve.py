@@ -37,7 +37,7 @@ from pixtok.models import build_model
 from pixtok.resize import resize_image
 from serving import launcher
 from serving.client import DEFAULT_MODELS, Client, ServerError, read_properties
-from serving.gradio_app import UI_PASSWORD_FILE, needs_login, new_ui_password, ui_login
+from serving.page_settings import UI_PASSWORD_FILE, needs_login, new_ui_password, ui_login
 
 ROOT = Path(__file__).resolve().parents[1]
 KSERVE = ROOT / "serving" / "deploy" / "kserve"

@@ -1,8 +1,10 @@
 """The one-way flow of docs/architecture.md, read from every module's imports (lazy ones in
 functions included): the core `pixtok` imports none of the parts; training, export and serving
-import only the core; nothing imports serving but the CLI; the Gradio page holds no model code."""
+import only the core; nothing imports serving but the CLI; the Gradio page holds no model code;
+and no modules import each other in a circle."""
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ TOP = {"pixtok.cli", "pixtok.__main__"}          # composes the parts; imports t
 ALLOWED = {"pixtok": {"pixtok"}, "training": {"pixtok", "training"},
            "export": {"pixtok", "export"}, "serving": {"pixtok", "serving"}}
 NARROWER = {   # modules held to less than their part
-    "serving.gradio_app": {"pixtok", "serving.client", "serving.launcher", "serving.gradio_app"},
+    "serving.gradio_app": {"pixtok", "serving.client", "serving.page_settings",
+                           "serving.gradio_app"},
+    "serving.page_settings": {"pixtok", "serving.client", "serving.torchserve_config"},
     "serving.client": {"pixtok"},
 }
 
@@ -54,6 +58,7 @@ def test_the_rule_catches_a_crossing(tmp_path):
     assert not allowed("pixtok.models.vit", "training.train")
     assert not allowed("export.archive", "serving.launcher")
     assert not allowed("serving.gradio_app", "pixtok" + "x")     # a prefix is not a package
+    assert not allowed("serving.gradio_app", "serving.launcher")    # the page starts nothing
     assert allowed("serving.gradio_app", "pixtok.inference.validate")
     assert allowed("pixtok.cli", "serving.launcher")
 
@@ -62,3 +67,47 @@ def test_the_modules_are_all_seen():
     names = {module_name(p) for p in MODULES}
     assert {"pixtok.models.vit", "pixtok.inference.handler_base", "training.train",
             "export.archive", "serving.launcher", "serving.handlers.classifier"} <= names
+
+
+def module_imports(path: Path, names: set[str]) -> set[str]:
+    """The repository modules `path` imports, lazy ones included; `from package import module`
+    counts as importing the module (imports_of sees the package only)."""
+    package = list(path.relative_to(ROOT).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = (".".join(package[:len(package) - node.level + 1]
+                             + ([node.module] if node.module else []))
+                    if node.level else node.module)
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in names else base
+                      for a in node.names}
+    return (found & names) - {module_name(path)}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of two or more modules that import each other, directly or round a loop
+    (the strongly connected components of the import graph)."""
+    reach = {m: set() for m in graph}
+    for start in graph:
+        todo = list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in reach[start]:
+                reach[start].add(m)
+                todo += graph.get(m, ())
+    groups = {frozenset({m} | {n for n in reach[m] if m in reach[n]}) for m in graph}
+    return sorted(sorted(g) for g in groups if len(g) > 1)
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    names = {module_name(p) for p in MODULES}
+    graph = {module_name(p): module_imports(p, names) for p in MODULES}
+    assert circles(graph) == []
+
+
+def test_the_circle_finder_finds_circles():
+    assert circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []

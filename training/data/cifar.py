@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DataError, InMemoryDataset
+from .base import DataError, InMemoryDataset
 
 FOLDER = "cifar-100-python"
 LAYOUT = (f"expected the folder {FOLDER} with the pickles train, test and meta (the python "

@@ -15,40 +15,13 @@ import torch
 from PIL import Image
 
 from pixtok.resize import nearest_index, resize_image
-from training.data import DataError, parse_image_size
+from training.data.base import DataError, parse_image_size
+from training.data.rgbd import DepthDataset
+from training.data.scenes import SceneDataset
 
 NAMES = ("nyu", "scenes", "folder")
 NYU_FILE = "nyu_depth_v2_labeled.mat"
 NYU_SPLITS_FILE = "splits.mat"
-
-
-class DepthDataset:
-    """RGB-D pairs held as uint8 images (N, 3, H, W) and float32 depths (N, 1, H, W).
-
-    Invalid depths (NaN, inf, <= 0) become 0, in a copy; `own=True` says the caller hands its
-    arrays over, so float32 depths are cleaned in place (no second copy of a large set)."""
-
-    def __init__(self, images: torch.Tensor, depths: torch.Tensor, own: bool = False):
-        if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-            raise ValueError(f"images: expected uint8 (N, 3, H, W), got {images.dtype} "
-                             f"{tuple(images.shape)}")
-        if depths.shape != (images.shape[0], 1, *images.shape[2:]):
-            raise ValueError(f"depths {tuple(depths.shape)} do not match images "
-                             f"{tuple(images.shape)}")
-        if not (own and depths.dtype == torch.float32):
-            depths = depths.to(torch.float32, copy=True)
-        # one marker for NaN, inf and depths <= 0: 0, set in place (no temporaries)
-        depths.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
-        self.images = images.contiguous()
-        self.depths = depths.contiguous()
-        self.image_size = tuple(images.shape[2:])
-        self.in_channels = 3
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.depths[i]
 
 
 def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -214,8 +187,6 @@ def build_depth_dataset(name: str, data_dir=None, split: str = "train",
         return load_nyu(data_dir, split, size, kw.get("splits"))
     if name == "folder":
         return load_folder(data_dir, split, size)
-    from training.data.scenes import SceneDataset  # imported here: scenes imports this module
-
     n = kw.get("n", 2000 if split == "train" else 500)
     if not isinstance(n, int) or n < 1:
         raise DataError(f"scenes: n={n!r}; expected a positive number of scenes")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DataError, InMemoryDataset
+from .base import DataError, InMemoryDataset
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

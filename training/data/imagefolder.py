@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pixtok.checkpoint import atomic_write
 from pixtok.resize import resize_image
 
-from . import DataError
+from .base import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CACHE_FORMAT = 1  # bump when decoding changes, so old caches are not reused

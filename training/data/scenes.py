@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from pixtok.checkpoint import atomic_write
-from training.data import DataError
-from training.data.depth import DepthDataset
+from training.data.base import DataError
+from training.data.rgbd import DepthDataset
 
 EPS = 1e-6          # smallest ray parameter that counts as a hit
 SHADOW_BIAS = 1e-4  # shadow rays start this far off the surface, against self-shadowing
