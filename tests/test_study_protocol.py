@@ -10,28 +10,16 @@ from pathlib import Path
 
 import pytest
 from datafiles import learnable_fashion
-from test_study import run_main
+from test_study import COMMON, run_main
 
 from pixtok.cli import main
 from training.study import Study
 from training.study_protocol import late_movement, paired_interval, verdict
 
-TINY = """
-base = "vit1-fashion"
-seeds = [0, 1]
-metric = "acc1"
-[overrides]
-data_dir = "{data}"
-image_size = [14, 14]
-batch_size = 32
-eval_batch_size = 128
-threads = 1
-amp = "off"
-val_size = 128
-max_steps = 16
-epochs = 1
-eval_every = 0.1
-ckpt_minutes = 0
+# test_study's tiny study, at two seeds, with a curve of 12 evaluations, an lr grid and a rule
+TINY = COMMON.replace("seeds = [0]", "seeds = [0, 1]").replace(
+    'analyze = ["p1", "p2"]\n', "").replace(
+    "eval_every = 100", "eval_every = 0.1\nmax_steps = 16\nepochs = 1\nckpt_minutes = 0") + """
 [arms.p2]
 model = "ViT-F/2"
 [arms.p7]
