@@ -483,7 +483,9 @@ def class_buttons(model: ServedModel, index: int, label, form):
     with gr.Row(elem_id=f"generate-classes{suffix}"):
         for name in model.labels[:MAX_CLASS_BUTTONS]:
             button = gr.Button(name, size="sm", min_width=60, elem_classes="pixtok-class")
-            button.click(lambda n=name: n, None, label, api_visibility="private")
+            # in the browser, no server call: a Generate clicked right after reads the class
+            button.click(None, None, label, js=f"() => {json.dumps(name)}",
+                         api_visibility="private")
     gr.Examples(generate_examples(model.labels), form, elem_id=f"generate-examples{suffix}",
                 label="Examples: click one to fill in the form, then Generate")
 

@@ -202,7 +202,10 @@ def test_a_generator_shows_its_classes_as_buttons(ui, browser_page):
     buttons = page.locator("#generate-classes button")
     sync_api.expect(buttons).to_have_count(len(LABELS))
     buttons.nth(4).click()
+    page.click("#generate-btn")           # at once: the class is set in the browser itself
     sync_api.expect(page.locator("#generate-class input")).to_have_value(LABELS[4])
+    sync_api.expect(page.locator("#generate-gallery")).to_contain_text(
+        f"{LABELS[4]} · seed", timeout=GENERATION_MS)
 
 
 def test_a_bad_upload_shows_the_servers_message_and_the_page_keeps_working(
