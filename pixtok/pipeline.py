@@ -1,30 +1,44 @@
-"""Class-conditional sampling: PixelDiTPipeline, a diffusers DiffusionPipeline over a PixelDiT, a
-VQGAN (diffusers.VQModel) and any diffusers scheduler; plus the scheduler presets.
+"""pixtok's side of class-conditional sampling: PixelDiTPipeline (pipeline_pixel_dit.py, with
+pixtok's error type, loader and folder writer), the sampler presets and the pipeline folder.
 
-A generator checkpoint is this pipeline's folder (model_index.json, transformer/, vae/,
-scheduler/); the class names live in model_index.json, so one offline from_pretrained call
-restores everything. Unlike diffusers' DiTPipeline, the null class is the model's num_classes.
+A generator checkpoint is a diffusers pipeline folder that stock diffusers loads without pixtok
+(`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`), laid out as diffusers
+loads custom code:
+
+    model_index.json            "_class_name": ["pipeline_pixel_dit", "PixelDiTPipeline"],
+                                "transformer": ["pixel_dit", "PixelDiT"], the vae, the scheduler
+                                and the class names ("labels")
+    pipeline_pixel_dit.py       the pipeline (pixtok/pipeline_pixel_dit.py)
+    transformer/                config.json, weights, pixel_dit.py and pixel_layers.py
+                                (pixtok/models/)
+    vae/, scheduler/            a diffusers VQModel and scheduler
+
+The code files are copies of pixtok's own modules, which import torch and diffusers only, written
+by every save_pretrained. pixtok never runs a folder's copy: PixelDiTPipeline.from_pretrained
+builds the parts from its own classes, so folders from before this layout load too.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
+import diffusers
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
-    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    ImagePipelineOutput,
+    SchedulerMixin,
     VQModel,
 )
-from diffusers.utils.torch_utils import randn_tensor
 
+from pixtok import pipeline_pixel_dit
+from pixtok.checkpoint import atomic_write
 from pixtok.errors import UserError
-from pixtok.models.dit import PixelDiT
-from pixtok.sampling import SAMPLERS, report_step
+from pixtok.models import pixel_dit, pixel_layers
+from pixtok.models.pixel_dit import PixelDiT
+from pixtok.sampling import SAMPLERS
 
 # the training schedule (diffusion.training_scheduler); make_scheduler copies these numbers
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
@@ -55,127 +69,72 @@ def make_scheduler(kind: str, train_config=None, learn_sigma: bool = True):
     raise UserError(f"unknown sampler {kind!r}; expected one of {', '.join(SAMPLERS)}")
 
 
-class PixelDiTPipeline(DiffusionPipeline):
-    """Class labels -> images: DiT/p denoises VQGAN latents with classifier-free guidance."""
+def module_name(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
 
-    model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer: PixelDiT, vae: VQModel, scheduler,
-                 labels: list[str] | None = None):
-        super().__init__()
-        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
-        if labels is not None and len(labels) != transformer.config.num_classes:
-            raise ValueError(f"{len(labels)} labels for a model with "
-                             f"{transformer.config.num_classes} classes")
-        # a plain list in model_index.json: from_pretrained hands it back to __init__
-        self.register_to_config(labels=list(labels) if labels is not None else None)
+# what a pipeline folder carries: {path in the folder: the module it copies}
+CARRIED_CODE = {f"{module_name(pipeline_pixel_dit)}.py": pipeline_pixel_dit,
+                f"transformer/{module_name(pixel_dit)}.py": pixel_dit,
+                f"transformer/{module_name(pixel_layers)}.py": pixel_layers}
+
+
+def write_pipeline_code(folder) -> None:
+    """Make a saved pipeline folder loadable by stock diffusers: copy the pipeline's and the
+    transformer's code into it and name them in model_index.json (each file by one rename)."""
+    folder = Path(folder)
+    for name, module in CARRIED_CODE.items():
+        atomic_write(folder / name, lambda tmp, m=module: shutil.copyfile(m.__file__, tmp))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = [module_name(pipeline_pixel_dit), PixelDiTPipeline.__name__]
+    index["transformer"] = [module_name(pixel_dit), PixelDiT.__name__]
+    atomic_write(folder / "model_index.json", lambda tmp: Path(tmp).write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"))
+
+
+def scheduler_class(entry) -> type[SchedulerMixin]:
+    """model_index.json's ["diffusers", "<Scheduler>"] -> the diffusers scheduler class."""
+    library, name = entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else (None, None)
+    cls = getattr(diffusers, name, None) if library == "diffusers" and name else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"model_index.json: scheduler {entry!r} is not a diffusers scheduler")
+    return cls
+
+
+class PixelDiTPipeline(pipeline_pixel_dit.PixelDiTPipeline):
+    """The pipeline of pipeline_pixel_dit.py as pixtok uses it: a bad argument is a UserError,
+    from_pretrained uses pixtok's own classes and save_pretrained writes the code a stock
+    diffusers needs."""
+
+    input_error = UserError
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """Load a pipeline folder offline. The transformer is loaded as PixelDiT whatever module
-        model_index.json names, so folders saved before the model moved into the `pixtok` core
-        (they name `training.models.dit`) load too."""
-        if "transformer" not in kwargs and (Path(path) / "transformer").is_dir():
-            kwargs["transformer"] = PixelDiT.from_pretrained(
-                Path(path) / "transformer", torch_dtype=kwargs.get("torch_dtype"))
-        return super().from_pretrained(path, **kwargs)
+        """Load a pipeline folder offline with pixtok's classes, whatever code the folder carries
+        or names (folders saved before the model moved into the `pixtok` core name
+        `training.models.dit`). kwargs: torch_dtype, or transformer / vae / scheduler / labels to
+        use instead of the folder's."""
+        folder = Path(path)
+        if not (folder / "model_index.json").is_file():
+            raise OSError(f"{folder}: no model_index.json")
+        index = json.loads((folder / "model_index.json").read_text())
+        dtype = kwargs.pop("torch_dtype", None)
+        parts = {"labels": kwargs.pop("labels", index.get("labels"))}
+        for name, load in (
+                ("transformer", lambda: PixelDiT.from_pretrained(folder / "transformer",
+                                                                 torch_dtype=dtype)),
+                ("vae", lambda: VQModel.from_pretrained(folder / "vae", torch_dtype=dtype)),
+                ("scheduler", lambda: scheduler_class(index.get("scheduler")).from_pretrained(
+                    folder / "scheduler"))):
+            parts[name] = kwargs.pop(name) if name in kwargs else load()
+        if kwargs:
+            raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
+        pipe = cls(**parts)
+        pipe.register_to_config(_name_or_path=str(path))
+        return pipe
 
-    @property
-    def labels(self) -> list[str] | None:
-        return self.config.labels
-
-    def class_ids(self, class_labels) -> torch.Tensor:
-        """Class names or indices (one or a list) -> (N,) indices, checked against the model."""
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels]
-        n = self.transformer.config.num_classes
-        names = self.labels or []
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str) and label in names:
-                ids.append(names.index(label))
-            elif isinstance(label, str) and label.lstrip("-").isdigit():
-                ids.append(int(label))
-            elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-                ids.append(int(label))
-            else:
-                raise UserError(f"unknown class {label!r}; expected a name in {names} "
-                                f"or an index 0..{n - 1}")
-            if not 0 <= ids[-1] < n:
-                raise UserError(f"class index {ids[-1]} out of range 0..{n - 1}")
-        return torch.tensor(ids, dtype=torch.long, device=self._execution_device)
-
-    def guided_prediction(self, latents, t, class_ids, guidance_scale: float) -> torch.Tensor:
-        """Model output (N, C or 2C, h, w) with classifier-free guidance on eps: the conditional
-        and unconditional halves go through one forward pass as one batch of 2N; the variance
-        channels come from the conditional half. At scale 1 that is the conditional output alone."""
-        n, c = latents.shape[:2]
-        if guidance_scale == 1:
-            t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(n)
-            return self.transformer(latents, t, class_ids)
-        null = torch.full_like(class_ids, self.transformer.config.num_classes)
-        x = torch.cat([latents, latents])                      # (2N, C, h, w)
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(2 * n)
-        out = self.transformer(x, t, torch.cat([class_ids, null]))
-        cond, uncond = out.chunk(2)
-        eps = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)
-
-    def passes_variance(self) -> bool:
-        """Does the scheduler take the learned variance (model output with 2C channels)?"""
-        return (self.transformer.config.learn_sigma and isinstance(self.scheduler, DDPMScheduler)
-                and self.scheduler.config.variance_type in ("learned", "learned_range"))
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) in [0, 1] -> diffusion latents: pre-quantisation, scaled."""
-        z = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latents
-        return z * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents -> images (N, C, H, W) in [0, 1]; the VQGAN quantises first (LDM)."""
-        z = latents / self.vae.config.scaling_factor
-        images = self.vae.decode(z.to(self.vae.dtype), force_not_quantize=False).sample
-        return (images / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def __call__(self, class_labels, guidance_scale: float = 4.0, num_inference_steps: int = 50,
-                 generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True, callback=None):
-        """Sample one image per class label (names or indices). output_type: 'pil' (list of PIL
-        images), 'np' (N, H, W, C) floats, 'pt' (N, C, H, W) in [0, 1], 'latent'.
-
-        callback(step, total), if given, is called after each sampler step (step 1..total); when
-        it returns False sampling stops with pixtok.sampling.SamplingCancelled."""
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise UserError(f"output_type must be pil, np, pt or latent, not {output_type!r}")
-        most = self.scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= most:
-            raise UserError(f"num_inference_steps must be in 1..{most}, not {num_inference_steps}")
-        ids = self.class_ids(class_labels)
-        cfg = self.transformer.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        c = cfg.in_channels
-        latents = randn_tensor((len(ids), c, h, w), generator=generator,
-                               device=self._execution_device, dtype=self.transformer.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        keep = 2 * c if self.passes_variance() else c
-        total = len(self.scheduler.timesteps)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_in = self.scheduler.scale_model_input(latents, t)
-            out = self.guided_prediction(model_in, t, ids, guidance_scale)[:, :keep]
-            latents = self.scheduler.step(out, t, latents, generator=generator).prev_sample
-            report_step(callback, i + 1, total)
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.decode_latents(latents)
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).float().cpu().numpy()   # (N, H, W, C)
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' save_pretrained, then the pipeline's and the transformer's code, so that
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads the folder."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_pipeline_code(save_directory)

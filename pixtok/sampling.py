@@ -4,6 +4,7 @@ One list and one set of defaults for `pixtok sample`, `pixtok eval`, `pixtok ben
 REST API and the Gradio page. It imports nothing, so the page can read it without loading torch.
 DPM-Solver++ (2M) at 20 steps is close to DDPM-250 in quality at 1/12 of the model calls, and
 guidance 4 gives clearly class-typical samples (DiT's best FID is at a lower scale, 1.5).
+A cancelled run raises SamplingCancelled (pixtok/pipeline_pixel_dit.py).
 """
 
 SAMPLING_DEFAULTS = {"sampler": "dpm", "steps": 20, "guidance": 4.0}
@@ -12,18 +13,3 @@ SAMPLERS = ("ddpm", "ddim", "dpm", "euler")    # diffusers schedulers, see pixto
 # steps that give good samples for each sampler at interactive speed
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 20, "euler": 50}
 
-
-class SamplingCancelled(Exception):
-    """A sampler's step callback asked it to stop (it returned False): no image was made.
-    .step and .total say how far it got."""
-
-    def __init__(self, step: int, total: int):
-        super().__init__(f"sampling was cancelled after {step} of {total} steps")
-        self.step, self.total = step, total
-
-
-def report_step(callback, step: int, total: int) -> None:
-    """Tell a step callback (callable(step, total) or None) that `step` of `total` is done;
-    raise SamplingCancelled when it returns False (None or True go on)."""
-    if callback is not None and callback(step, total) is False:
-        raise SamplingCancelled(step, total)

@@ -4,8 +4,12 @@ Every action is one REST call through serving.client.Client, which finds the ser
 in the run folder and renews the key when TorchServe rolls it over. Generate streams its request
 ("stream": true): each sampler step moves a gr.Progress bar, Stop cancels the run (the page is
 free at once; the run closes its stream at the next step), "Random seed" draws the seed, and
-examples under the form fill it in. Tabs and gradio_client API
-names: Generate (/generate), Classify (/classify), Depth (/depth). Uploaded files are forwarded
+class buttons and examples under the form fill it in. The page serves the store it is given: a
+tab, and a gradio_client API name, only for each task the server serves (Generate /generate,
+Classify /classify, Depth /depth), read from the run folder's config.properties and the archives
+it names, with a model picker where a task has several models (each endpoint's last input,
+`model`). Each model's line (classes, input size, data) and examples come from its archive's
+config.json. Uploaded files are forwarded
 to the server as they are (the event skips Gradio's own image decoding), so a file that is not an
 image gets the server's own message. Example inputs live in the run folder (ui/examples/): real
 Fashion-MNIST test images (when the Debian data set is installed) and scenes rendered by
@@ -32,6 +36,7 @@ import os
 import secrets
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +65,7 @@ from serving.page_settings import (
     ui_port,
 )
 
+TASKS = ("generate", "classify", "depth")      # the page's tabs, in this order
 COLOUR_MAP = "viridis_r"       # near is bright, far is dark
 IMAGE_HEIGHT = 320
 RANDOM_SEEDS = 2**31      # "Random seed" draws from 0..2^31-1: short enough to read and retype
@@ -112,12 +118,83 @@ def archive_labels(mar: Path) -> list[str]:
         return []
 
 
+@dataclass
+class ServedModel:
+    """A served model as the page shows it, from its archive's config.json."""
+    name: str
+    task: str                           # classify, depth or generate
+    labels: list[str] = field(default_factory=list)
+    image_size: list[int] | None = None     # [H, W] of its input (classifiers, depth models)
+    channels: int | None = None
+    dataset: str | None = None          # what it was trained on (config "data": "dataset")
+
+
+def served_model(name: str, task: str, mar: Path | None) -> ServedModel:
+    config = (read_archive_json(mar, "config.json") or {}) if mar else {}
+    source = config.get("input") if isinstance(config.get("input"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    size = source.get("image_size")
+    return ServedModel(name, task, archive_labels(mar) if mar else [],
+                       list(size) if isinstance(size, list) and len(size) == 2 else None,
+                       source.get("channels"), data.get("dataset") or data.get("name"))
+
+
+def page_models(run_dir: Path, preferred: dict | None = None) -> dict[str, list[ServedModel]]:
+    """{task: [ServedModel]} for the page's tabs, in TASKS order: what the server of `run_dir`
+    serves, as its config.properties lists it (tasks from each archive's config.json), the model
+    `preferred` names ({task: name}: a flag or $PIXTOK_CLASSIFIER ...) first. A run folder that
+    lists no model (a page pointed at a server by --inference-url alone) gets model_names()."""
+    archives = served_archives(run_dir)
+    served = served_models(run_dir)
+    if not served:
+        return {task: [served_model(name, task, archives.get(name))]
+                for task, name in model_names(preferred).items()}
+    wanted = {k: v for k, v in (preferred or {}).items() if v}
+    for task, env in MODEL_ENV.items():
+        wanted.setdefault(task, os.environ.get(env))
+    found = {}
+    for task in TASKS:
+        names = served.get(task, [])
+        names = sorted(names, key=lambda n: n != wanted.get(task))   # the preferred one first
+        if names:
+            found[task] = [served_model(n, task, archives[n]) for n in names]
+    return found
+
+
+def describe(model: ServedModel) -> str:
+    """One line about a model for its tab: classes, input size and channels, training data."""
+    parts = [f"`{model.name}`"]
+    if model.labels:
+        shown = ", ".join(model.labels[:12]) + (", …" if len(model.labels) > 12 else "")
+        parts.append(f"{len(model.labels)} classes: {html.escape(shown)}")
+    if model.image_size:
+        channels = {1: "grey", 3: "RGB"}.get(model.channels, f"{model.channels} channels")
+        parts.append(f"input {model.image_size[0]}×{model.image_size[1]} {channels} "
+                     "(other sizes are resized)")
+    if model.dataset:
+        parts.append(f"trained on {html.escape(str(model.dataset))}")
+    return " · ".join(parts)
+
+
 # --- examples --------------------------------------------------------------------------------
 def read_examples(folder: Path) -> dict[str, list[Path]]:
     """{"classify": [...], "depth": [...]}: the example files `pixtok serve` wrote into `folder`
     (training/data/examples.py); the page itself never reads data sets."""
     return {"classify": sorted(folder.glob("fashion-test-*.png")),
             "depth": sorted(folder.glob("scene-*.png"))}
+
+
+# which example images suit a model trained on which data set: {(task, dataset): examples key}
+EXAMPLE_SETS = {("classify", "fashion-mnist"): ("classify", "Fashion-MNIST test images"),
+                ("depth", "scenes"): ("depth", "Rendered scenes (training/data/scenes.py)")}
+
+
+def model_examples(model: ServedModel, examples: dict[str, list[Path]]) -> tuple[list, str]:
+    """(example images, their caption) for a model: the run folder's Fashion-MNIST test images
+    for a classifier trained on Fashion-MNIST, its rendered scenes for a depth model trained on
+    them; none for other models (a user's data is not in the run folder)."""
+    key, caption = EXAMPLE_SETS.get((model.task, model.dataset), (None, ""))
+    return (examples.get(key, []) if key else []), caption
 
 
 def generate_examples(labels: list[str]) -> list[list]:
@@ -186,24 +263,39 @@ def upload_bytes(upload) -> bytes:
 
 
 class PageActions:
-    """The page's actions: each one REST call, its answer turned into what a component shows."""
+    """The page's actions: each one REST call, its answer turned into what a component shows.
+    models: {task: [ServedModel]}, the first of each task its default."""
 
-    def __init__(self, client: Client, models: dict, labels: list[str]):
-        self.client, self.models, self.labels = client, models, labels
+    def __init__(self, client: Client, models: dict[str, list[ServedModel]]):
+        self.client, self.models = client, models
         self.table = colour_table()
 
+    def model(self, task: str, name=None) -> ServedModel:
+        """The served model of `task` called `name` (None: the task's first); gr.Error if the
+        page does not serve it."""
+        import gradio as gr
+
+        served = self.models.get(task, [])
+        for model in served:
+            if name in (None, "", model.name):
+                return model
+        raise gr.Error(html.escape(f"{name!r} is not a {task} model of this server; it serves "
+                                   f"{', '.join(m.name for m in served) or 'none'}"),
+                       title="pixtok", print_exception=False)
+
     def generate(self, label, seed, sampler, steps, guidance, count, random_seed=False,
-                 progress=None, stop: threading.Event | None = None):
-        """class, seed, sampler, steps, guidance, count, random seed? -> ([(image, caption),
-        ...], the seed used). The server streams its sampler steps and each one moves
+                 model=None, progress=None, stop: threading.Event | None = None):
+        """class, seed, sampler, steps, guidance, count, random seed?, generator -> ([(image,
+        caption), ...], the seed used). The server streams its sampler steps and each one moves
         `progress` (a gr.Progress). When `stop` is set (the page's Stop) it closes the stream
         at the next step and leaves the page as it was (gr.skip)."""
         import gradio as gr
 
+        generator = self.model("generate", model)
         if label is None or str(label).strip() == "":
             raise gr.Error("Choose a class to generate.", print_exception=False)
         label = str(label)
-        if label not in self.labels and label.strip().isdigit():
+        if label not in generator.labels and label.strip().isdigit():
             label = int(label)
         if random_seed:
             seed = secrets.randbelow(RANDOM_SEEDS)
@@ -214,7 +306,7 @@ class PageActions:
         report((0, steps), desc=f"seed {seed}: waiting for the server", unit="steps")
         answer = None
         stream = self.client.generate_stream(
-            label, model=self.models["generate"], seed=seed, steps=steps, sampler=sampler,
+            label, model=generator.name, seed=seed, steps=steps, sampler=sampler,
             guidance=float(guidance), num_images=int(round(count)))
         try:
             with contextlib.closing(stream):      # closing it closes the connection
@@ -232,18 +324,21 @@ class PageActions:
         return ([(img, f"{answer['label']} · seed {answer['seed']} · #{i}")
                  for i, img in enumerate(images)], answer["seed"])
 
-    def classify(self, upload):
-        """an uploaded image -> {label: score} of the top k classes"""
+    def classify(self, upload, model=None):
+        """an uploaded image, the classifier -> {label: score} of the top k classes"""
+        name = self.model("classify", model).name
         try:
-            answer = self.client.classify(upload_bytes(upload), model=self.models["classify"])
+            answer = self.client.classify(upload_bytes(upload), model=name)
         except UserError as e:
             raise readable_error(e) from None
         return {t["label"]: t["score"] for t in answer["top_k"]}
 
-    def depth(self, upload):
-        """an uploaded image -> (coloured depth map, legend with the range in metres)"""
+    def depth(self, upload, model=None):
+        """an uploaded image, the depth model -> (coloured depth map, legend with the range in
+        metres)"""
+        name = self.model("depth", model).name
         try:
-            answer = self.client.depth(upload_bytes(upload), model=self.models["depth"])
+            answer = self.client.depth(upload_bytes(upload), model=name)
         except UserError as e:
             raise readable_error(e) from None
         lo, hi = float(answer["min"]), float(answer["max"])
@@ -261,13 +356,13 @@ def generate_events(actions: PageActions):
     # gr.State: a State makes Gradio hold a heartbeat connection open for every page
     stops: dict[str, threading.Event] = {}
 
-    def generate(label, seed, sampler, steps, guidance, count, random_seed, request=None,
-                 progress=tracker):
+    def generate(label, seed, sampler, steps, guidance, count, random_seed, model=None,
+                 request=None, progress=tracker):
         session = getattr(request, "session_hash", None) or ""
         stops[session] = stop_event = threading.Event()
         try:
             return actions.generate(label, seed, sampler, steps, guidance, count, random_seed,
-                                    progress, stop_event)
+                                    model, progress, stop_event)
         finally:
             if stops.get(session) is stop_event:
                 del stops[session]
@@ -284,104 +379,181 @@ def generate_events(actions: PageActions):
 
 
 # --- the page --------------------------------------------------------------------------------
-# One function over 60 lines on purpose: a gr.Blocks layout is read top to bottom as the page
-# shows it (tabs, their inputs and outputs, then the events that join them).
-def build_app(actions: PageActions, examples: dict[str, list[Path]]):
-    """The gr.Blocks page: three tabs, each event queued with its own concurrency limit."""
+MAX_CLASS_BUTTONS = 24       # a generator with more classes shows its first ones as buttons
+
+
+def model_picker(task: str, models: list[ServedModel]):
+    """The tab's model: a dropdown, shown where the server has several models of the task (an
+    input of the tab's event either way, so gradio_client may name the model)."""
     import gradio as gr
 
-    models, labels = actions.models, actions.labels
+    return gr.Dropdown([m.name for m in models], value=models[0].name, label="Model",
+                       visible=len(models) > 1, elem_id=f"{task}-model")
+
+
+def model_panels(picker, models: list[ServedModel], fill, extra_outputs=(), extra=None):
+    """One column per model, only the picked one visible: fill(model, index) lays out its
+    content. extra(model) gives the values of extra_outputs when the pick changes."""
+    import gradio as gr
+
+    panels = []
+    for i, model in enumerate(models):
+        with gr.Column(visible=i == 0, elem_classes="pixtok-model-panel") as panel:
+            fill(model, i)
+        panels.append(panel)
+
+    def picked(name):
+        model = next((m for m in models if m.name == name), models[0])
+        shown = [gr.Column(visible=m is model) for m in models]
+        return [*shown, *(extra(model) if extra else [])]
+
+    picker.change(picked, picker, [*panels, *extra_outputs], api_visibility="private")
+
+
+def class_buttons(model: ServedModel, index: int, label, form):
+    """The generator's classes as buttons that fill in the Class field, then the example
+    requests (one per sampler) that fill in the whole form."""
+    import gradio as gr
+
+    suffix = "" if index == 0 else f"-{index}"
+    gr.Markdown(describe(model))
+    if not model.labels:
+        return
+    with gr.Row(elem_id=f"generate-classes{suffix}"):
+        for name in model.labels[:MAX_CLASS_BUTTONS]:
+            button = gr.Button(name, size="sm", min_width=60, elem_classes="pixtok-class")
+            # in the browser, no server call: a Generate clicked right after reads the class
+            button.click(None, None, label, js=f"() => {json.dumps(name)}",
+                         api_visibility="private")
+    gr.Examples(generate_examples(model.labels), form, elem_id=f"generate-examples{suffix}",
+                label="Examples: click one to fill in the form, then Generate")
+
+
+def generate_tab(actions: PageActions, models: list[ServedModel]):
+    import gradio as gr
+
+    first = models[0]
+    with gr.Row():
+        with gr.Column(scale=1):
+            picker = model_picker("generate", models)
+            label = gr.Dropdown(
+                first.labels, value=first.labels[0] if first.labels else None, label="Class",
+                allow_custom_value=len(models) > 1 or not first.labels, elem_id="generate-class",
+                info=None if first.labels else "the generator's classes are unknown here: "
+                                               "type a class name or index")
+            with gr.Row():
+                seed = gr.Number(GENERATE_DEFAULTS["seed"], label="Seed", precision=0,
+                                 minimum=0, elem_id="generate-seed", scale=3)
+                random_seed = gr.Checkbox(False, label="Random seed", scale=1,
+                                          elem_id="generate-random-seed",
+                                          info="a new seed each time; shown above")
+            sampler = gr.Radio(list(SAMPLERS), value=GENERATE_DEFAULTS["sampler"],
+                               label="Sampler", elem_id="generate-sampler")
+            steps = gr.Slider(1, MAX_STEPS, GENERATE_DEFAULTS["steps"], step=1,
+                              label="Steps", elem_id="generate-steps")
+            guidance = gr.Slider(0.0, 20.0, GENERATE_DEFAULTS["guidance"], step=0.25,
+                                 label="Guidance")
+            count = gr.Slider(1, MAX_IMAGES, GENERATE_DEFAULTS["num_images"], step=1,
+                              label="Images", elem_id="generate-count")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                stop = gr.Button("Stop", variant="stop", elem_id="generate-stop")
+        gallery = gr.Gallery(label="Samples", columns=4, format="png", scale=2,
+                             height=IMAGE_HEIGHT + 120, object_fit="contain",
+                             buttons=["download", "download_all", "fullscreen"],
+                             elem_id="generate-gallery")
+    form = [label, seed, sampler, steps, guidance, count]
+    model_panels(picker, models, lambda m, i: class_buttons(m, i, label, form), [label],
+                 lambda m: [gr.Dropdown(m.labels, value=m.labels[0] if m.labels else None)])
+    generate_fn, stop_fn = generate_events(actions)
+    running = generate.click(generate_fn, [*form, random_seed, picker], [gallery, seed],
+                             api_name="generate", concurrency_limit=CONCURRENCY["generate"])
+    # Stop: `cancels` frees the page at once (the run's answer is dropped), and the Event makes
+    # the run close its stream at the next step; what the server does then is in
+    # docs/serving.md (KServe stops sampling; TorchServe's worker finishes)
+    stop.click(stop_fn, None, None, cancels=[running], api_visibility="private",
+               concurrency_limit=None)
+
+
+def image_panel(model: ServedModel, image, examples: dict[str, list[Path]]):
+    """A model's line (classes, input size, data) and the example images that suit it."""
+    import gradio as gr
+
+    gr.Markdown(describe(model))
+    files, caption = model_examples(model, examples)
+    if files:
+        gr.Examples([[str(p)] for p in files], [image], label=caption)
+
+
+def classify_tab(actions: PageActions, models: list[ServedModel], examples):
+    import gradio as gr
+
+    picker = model_picker("classify", models)
+    with gr.Row():
+        image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                         height=IMAGE_HEIGHT, elem_id="classify-input")
+        scores = gr.Label(label="Classes", num_top_classes=5, elem_id="classify-output")
+    classify = gr.Button("Classify", variant="primary", elem_id="classify-btn")
+    model_panels(picker, models, lambda m, i: image_panel(m, image, examples))
+    # preprocess=False: the file goes to the server as uploaded, not re-encoded by Gradio
+    classify.click(actions.classify, [image, picker], scores, api_name="classify",
+                   preprocess=False, concurrency_limit=CONCURRENCY["classify"])
+
+
+def depth_tab(actions: PageActions, models: list[ServedModel], examples):
+    import gradio as gr
+
+    picker = model_picker("depth", models)
+    with gr.Row():
+        scene = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                         height=IMAGE_HEIGHT, elem_id="depth-input")
+        with gr.Column():
+            depth_map = gr.Image(label="Depth", format="png", height=IMAGE_HEIGHT,
+                                 buttons=["download", "fullscreen"], elem_id="depth-output")
+            legend = gr.HTML(label="Depth range", elem_id="depth-legend")
+    estimate = gr.Button("Estimate depth", variant="primary", elem_id="depth-btn")
+    model_panels(picker, models, lambda m, i: image_panel(m, scene, examples))
+    estimate.click(actions.depth, [scene, picker], [depth_map, legend], api_name="depth",
+                   preprocess=False, concurrency_limit=CONCURRENCY["depth"])
+
+
+TAB_TITLES = {"generate": "Generate", "classify": "Classify", "depth": "Depth"}
+TASK_NOUNS = {"generate": "generator", "classify": "classifier", "depth": "depth"}
+
+
+def build_app(actions: PageActions, examples: dict[str, list[Path]]):
+    """The gr.Blocks page: a tab per task the server serves, each event queued with its own
+    concurrency limit."""
+    import gradio as gr
+
+    models = actions.models
+    served = " · ".join(f"{TASK_NOUNS[task]} " + ", ".join(f"`{m.name}`" for m in models[task])
+                        for task in TASKS if models.get(task))
+    builders = {"generate": lambda ms: generate_tab(actions, ms),
+                "classify": lambda ms: classify_tab(actions, ms, examples),
+                "depth": lambda ms: depth_tab(actions, ms, examples)}
     with gr.Blocks(title="pixtok", analytics_enabled=False,
                    delete_cache=(3600, 24 * 3600)) as app:
         gr.Markdown(f"## pixtok — pixel transformers\nServer `{actions.client.base_url}` · "
-                    f"generator `{models['generate']}` · classifier `{models['classify']}` · "
-                    f"depth `{models['depth']}`")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    label = gr.Dropdown(
-                        labels, value=labels[0] if labels else None, label="Class",
-                        allow_custom_value=not labels,
-                        info=None if labels else "the generator's classes are unknown here: "
-                                                 "type a class name or index")
-                    with gr.Row():
-                        seed = gr.Number(GENERATE_DEFAULTS["seed"], label="Seed", precision=0,
-                                         minimum=0, elem_id="generate-seed", scale=3)
-                        random_seed = gr.Checkbox(False, label="Random seed", scale=1,
-                                                  elem_id="generate-random-seed",
-                                                  info="a new seed each time; shown above")
-                    sampler = gr.Radio(list(SAMPLERS), value=GENERATE_DEFAULTS["sampler"],
-                                       label="Sampler", elem_id="generate-sampler")
-                    steps = gr.Slider(1, MAX_STEPS, GENERATE_DEFAULTS["steps"], step=1,
-                                      label="Steps", elem_id="generate-steps")
-                    guidance = gr.Slider(0.0, 20.0, GENERATE_DEFAULTS["guidance"], step=0.25,
-                                         label="Guidance")
-                    count = gr.Slider(1, MAX_IMAGES, GENERATE_DEFAULTS["num_images"], step=1,
-                                      label="Images", elem_id="generate-count")
-                    with gr.Row():
-                        generate = gr.Button("Generate", variant="primary",
-                                             elem_id="generate-btn")
-                        stop = gr.Button("Stop", variant="stop", elem_id="generate-stop")
-                gallery = gr.Gallery(label="Samples", columns=4, format="png", scale=2,
-                                     height=IMAGE_HEIGHT + 120, object_fit="contain",
-                                     buttons=["download", "download_all", "fullscreen"],
-                                     elem_id="generate-gallery")
-            form = [label, seed, sampler, steps, guidance, count]
-            if labels:
-                gr.Examples(generate_examples(labels), form, elem_id="generate-examples",
-                            label="Examples: click one to fill in the form, then Generate")
-
-            generate_fn, stop_fn = generate_events(actions)
-            running = generate.click(generate_fn, [*form, random_seed], [gallery, seed],
-                                     api_name="generate",
-                                     concurrency_limit=CONCURRENCY["generate"])
-            # Stop: `cancels` frees the page at once (the run's answer is dropped), and the
-            # Event makes the run close its stream at the next step; what the server does then
-            # is in docs/serving.md (KServe stops sampling; TorchServe's worker finishes)
-            stop.click(stop_fn, None, None, cancels=[running], api_visibility="private",
-                       concurrency_limit=None)
-        with gr.Tab("Classify"):
-            with gr.Row():
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
-                                 height=IMAGE_HEIGHT, elem_id="classify-input")
-                scores = gr.Label(label="Classes", num_top_classes=5, elem_id="classify-output")
-            classify = gr.Button("Classify", variant="primary", elem_id="classify-btn")
-            if examples.get("classify"):
-                gr.Examples([[str(p)] for p in examples["classify"]], [image],
-                            label="Fashion-MNIST test images")
-            # preprocess=False: the file goes to the server as uploaded, not re-encoded by Gradio
-            classify.click(actions.classify, image, scores, api_name="classify",
-                           preprocess=False, concurrency_limit=CONCURRENCY["classify"])
-        with gr.Tab("Depth"):
-            with gr.Row():
-                scene = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
-                                 height=IMAGE_HEIGHT, elem_id="depth-input")
-                with gr.Column():
-                    depth_map = gr.Image(label="Depth", format="png", height=IMAGE_HEIGHT,
-                                         buttons=["download", "fullscreen"],
-                                         elem_id="depth-output")
-                    legend = gr.HTML(label="Depth range", elem_id="depth-legend")
-            estimate = gr.Button("Estimate depth", variant="primary", elem_id="depth-btn")
-            if examples.get("depth"):
-                gr.Examples([[str(p)] for p in examples["depth"]], [scene],
-                            label="Rendered scenes (training/data/scenes.py)")
-            estimate.click(actions.depth, scene, [depth_map, legend], api_name="depth",
-                           preprocess=False, concurrency_limit=CONCURRENCY["depth"])
+                    + (served or "no model this page can show"))
+        for task in TASKS:
+            if models.get(task):
+                with gr.Tab(TAB_TITLES[task]):
+                    builders[task](models[task])
     return app.queue(max_size=64)
 
 
 def make_app(run_dir=None, models: dict | None = None, inference_url: str | None = None):
-    """(app, examples folder): the page for the server of `run_dir`."""
+    """(app, examples folder): the page for the server of `run_dir`, with a tab for each task
+    it serves. models ({task: name}) picks each task's first model."""
     run_dir = Path(run_dir or default_run_dir()).expanduser()
     client = Client(inference_url, run_dir, timeout=request_timeout())
-    models = model_names(models)
-    mar = served_archives(run_dir).get(models["generate"])
-    labels = archive_labels(mar) if mar else []
-    print(f"pixtok ui: server {client.base_url}, models {models}, "
-          f"{len(labels)} generator classes", flush=True)
+    served = page_models(run_dir, models)
+    print(f"pixtok ui: server {client.base_url}, models "
+          f"{ {task: [m.name for m in ms] for task, ms in served.items()} }", flush=True)
     folder = examples_dir(run_dir)
     examples = read_examples(folder)
-    return build_app(PageActions(client, models, labels), examples), folder
+    return build_app(PageActions(client, served), examples), folder
 
 
 def main(argv: list[str] | None = None) -> int:

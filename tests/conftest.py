@@ -146,7 +146,7 @@ def ui(server, tmp_path_factory):
 # TorchServe, Gradio page or browser (by the fixtures they use, or the whole module), and tests
 # that train or evaluate through the CLI in subprocesses
 SERVE_FIXTURES = {"server", "ui", "kserve", "foreground", "browser_page"}
-SERVE_MODULES = {"test_browser", "test_container", "test_gradio", "test_kserve"}
+SERVE_MODULES = {"test_browser", "test_container", "test_gradio", "test_kserve", "test_page_store"}
 SLOW_MODULES = {"test_train", "test_depth_cli", "test_mae_cli", "test_generation_cli",
                 "test_generation_eval", "test_vqgan_resume", "test_distributed", "test_bench"}
 

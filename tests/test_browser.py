@@ -171,6 +171,43 @@ def test_an_example_fills_in_the_generate_form(ui, browser_page):
         sampler)
 
 
+def test_the_classify_tab_picks_among_the_served_classifiers(ui, browser_page):
+    """The session serves two classifiers (tiny-cls and its ONNX twin): a Model picker names
+    both and switches the line that describes the model."""
+    from serving.gradio_app import served_models
+
+    page, _ = browser_page
+    page.get_by_role("tab", name="Classify").click()
+    picker = page.locator("#classify-model")
+    sync_api.expect(picker).to_be_visible()
+    sync_api.expect(picker.locator("input")).to_have_value(ui.models["classify"])
+    names = served_models(ui.run_dir)["classify"]
+    other = next(n for n in names if n != ui.models["classify"])
+    panels = page.locator(".pixtok-model-panel:visible")
+    sync_api.expect(panels).to_have_count(1)
+    sync_api.expect(panels.first).to_contain_text(f"{ui.models['classify']} · 10 classes")
+    picker.locator("input").click()
+    page.get_by_role("option", name=other, exact=True).click()
+    sync_api.expect(panels.first).to_contain_text(f"{other} · 10 classes")
+    picker.locator("input").click()
+    page.get_by_role("option", name=ui.models["classify"], exact=True).click()
+    sync_api.expect(panels.first).to_contain_text(f"{ui.models['classify']} · 10 classes")
+
+
+def test_a_generator_shows_its_classes_as_buttons(ui, browser_page):
+    if "generate" not in ui.models:
+        pytest.skip("the session server has no generate model")
+    page, _ = browser_page
+    page.get_by_role("tab", name="Generate").click()
+    buttons = page.locator("#generate-classes button")
+    sync_api.expect(buttons).to_have_count(len(LABELS))
+    buttons.nth(4).click()
+    page.click("#generate-btn")           # at once: the class is set in the browser itself
+    sync_api.expect(page.locator("#generate-class input")).to_have_value(LABELS[4])
+    sync_api.expect(page.locator("#generate-gallery")).to_contain_text(
+        f"{LABELS[4]} · seed", timeout=GENERATION_MS)
+
+
 def test_a_bad_upload_shows_the_servers_message_and_the_page_keeps_working(
         server, ui, browser_page, tmp_path):
     page, _ = browser_page
@@ -182,9 +219,10 @@ def test_a_bad_upload_shows_the_servers_message_and_the_page_keeps_working(
     toast = page.locator(".toast-body").first
     sync_api.expect(toast).to_contain_text("not a PNG, JPEG, WebP, BMP or GIF image")
     assert "Traceback" not in page.content()
-    # a second action on the same page succeeds: an example (real Fashion-MNIST when installed)
+    # a second action on the same page succeeds: an example (real Fashion-MNIST test images,
+    # shown for a classifier trained on them when the data set is installed), else an upload
     shown = page.locator("#classify-input img")
-    if list((ui.run_dir / "ui" / "examples").glob("fashion-test-*.png")):
+    if page.locator("button.gallery-item:visible").count():
         page.locator("button.gallery-item:visible").first.click()
         sync_api.expect(shown).to_have_attribute("src", re.compile(r"/fashion-test-[^/]+$"))
         good = ui.run_dir / "ui" / "examples" / shown.get_attribute("src").rsplit("/", 1)[1]

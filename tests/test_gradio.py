@@ -33,6 +33,7 @@ from serving.gradio_app import (
     generate_examples,
     legend_html,
     model_names,
+    page_models,
     served_archives,
 )
 from training.data.examples import FASHION_DIR, SCENE_SEED, SCENE_SIZE, write_examples
@@ -186,6 +187,36 @@ def test_labels_and_tasks_come_from_the_served_archives(server):
     archives = served_archives(server.run_dir)
     assert set(archives) >= {"tiny-cls", "tiny-cls-onnx"}
     assert archive_labels(archives["tiny-cls"]) == LABELS
+
+
+def test_the_page_knows_every_served_model_and_puts_the_preferred_first(server, monkeypatch):
+    monkeypatch.delenv("PIXTOK_CLASSIFIER", raising=False)
+    found = page_models(server.run_dir)
+    classifiers = [m.name for m in found["classify"]]
+    assert classifiers == sorted(classifiers) and {"tiny-cls", "tiny-cls-onnx"} <= set(classifiers)
+    tiny = next(m for m in found["classify"] if m.name == "tiny-cls")
+    assert tiny.labels == LABELS and tiny.image_size == [8, 8] and tiny.channels == 1
+    assert [m.name for m in page_models(server.run_dir, {"classify": "tiny-cls-onnx"})
+            ["classify"]][0] == "tiny-cls-onnx"
+    monkeypatch.setenv("PIXTOK_CLASSIFIER", "tiny-cls-onnx")
+    assert page_models(server.run_dir)["classify"][0].name == "tiny-cls-onnx"
+    assert list(found) == [t for t in ("generate", "classify", "depth") if t in found]
+
+
+def test_classify_takes_the_model_to_ask(server, ui, app):
+    """The session serves two classifiers: the page's model picker is /classify's last input."""
+    api = app.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    model = {p["parameter_name"]: p for p in api["/classify"]["parameters"]}["model"]
+    assert model["parameter_default"] == ui.models["classify"]
+    path = example(ui, "scene-")
+    for name in ("tiny-cls", "tiny-cls-onnx"):
+        got = app.predict(gradio_client.handle_file(str(path)), name, api_name="/classify")
+        want = server.client().classify(path.read_bytes(), model=name)
+        assert got["label"] == want["label"]
+        np.testing.assert_allclose([c["confidence"] for c in got["confidences"]],
+                                   [t["score"] for t in want["top_k"]], atol=1e-5)
+    with pytest.raises(gradio_client.exceptions.AppError, match="not a classify model"):
+        app.predict(gradio_client.handle_file(str(path)), "nope", api_name="/classify")
 
 
 def test_model_names_flag_then_environment_then_default(monkeypatch):

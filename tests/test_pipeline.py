@@ -64,7 +64,7 @@ def test_same_seed_same_bytes(pipe):
 
 
 def test_the_step_callback_hears_every_step_and_can_cancel(pipe):
-    from pixtok.sampling import SamplingCancelled
+    from pixtok.pipeline_pixel_dit import SamplingCancelled
 
     def sample(callback=None):
         return pipe([2], num_inference_steps=5, generator=torch.Generator().manual_seed(3),

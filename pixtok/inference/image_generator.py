@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pixtok.sampling import SamplingCancelled, report_step
+from pixtok.pipeline_pixel_dit import SamplingCancelled, report_step
 
 from .validate import MAX_IMAGES, MAX_STEPS, RequestError, parse_generate_request
 

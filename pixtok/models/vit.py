@@ -11,9 +11,15 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pixtok.models.pixel_layers import (  # noqa: F401  (unpatchify, attention: re-exported)
+    Attention,
+    attention,
+    patchify,
+    sincos_pos_embed,
+    unpatchify,
+)
 from pixtok.models.sizes import lookup, registry
 
 # the registry of named ViTs, as in DiT's models.py: 'ViT-T/1' -> (depth, width, heads, patch);
@@ -84,34 +90,6 @@ def vit_config(name: str, **kwargs) -> ViTConfig:
     return ViTConfig(**{"depth": depth, "width": width, "heads": heads, "patch_size": p, **kwargs})
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, L, p*p*C), patches in row-major order, pixels inside as (p, p, C)."""
-    n, c, h, w = x.shape
-    x = x.reshape(n, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
-    n, _, d = x.shape
-    gh, gw = grid
-    c = d // (p * p)
-    x = x.reshape(n, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(n, c, gh * p, gw * p)
-
-
-def sincos_pos_embed(width: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2D sin-cos position embedding (the locality prior ViT/1 drops): (gh*gw, width)."""
-    if width % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, not {width}")
-    gh, gw = grid
-    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
-                            torch.arange(gw, dtype=torch.float64), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
-    out = [f(pos.reshape(-1, 1) * omega) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
-    return torch.cat(out, dim=1).float()
-
-
 class PixelEmbed(nn.Module):
     """Patches (N, L, p*p*C) in [0, 1] -> tokens (N, L, D): linear, or per-channel dictionaries."""
 
@@ -172,32 +150,6 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
     return x * keep / (1 - p)
-
-
-def attention(q, k, v, impl: str = "sdpa"):
-    """(N, H, L, Dh) x3 -> (N, H, L, Dh). 'naive' is the textbook softmax(QK^T)V, for benchmarks."""
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5     # (N, H, L, L)
-    return scores.softmax(dim=-1) @ v
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.impl = "sdpa"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, d = x.shape
-        qkv = self.qkv(x).view(n, length, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                     # (N, H, L, Dh) each
-        x = attention(q, k, v, self.impl)
-        return self.proj(x.transpose(1, 2).reshape(n, length, d))
 
 
 class Block(nn.Module):

@@ -1,0 +1,1 @@
+../../pixtok/pipeline_pixel_dit.py

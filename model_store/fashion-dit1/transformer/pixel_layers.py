@@ -1,0 +1,1 @@
+../../../pixtok/models/pixel_layers.py
