@@ -1,0 +1,77 @@
+"""The path of docs/your-data.md, end to end as a user runs it: a small grey-scale ImageFolder
+with class names of its own, `pixtok train folder-classify` fine-tuning the shipped fashion-vit1
+at another size, `pixtok eval`, `pixtok export`, TorchServe, and REST answers that name the
+folders and agree with `pixtok eval`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clirun import message_lines, pixtok
+from PIL import Image
+
+NAMES = ["zebra-stripes", "checks", "blank"]         # not sorted: the labels must be
+
+
+def pattern(name: str, rng) -> np.ndarray:
+    """A 12x12 grey image of one class: horizontal stripes, a checkerboard, or flat, on noise."""
+    y, x = np.mgrid[:12, :12]
+    base = {"zebra-stripes": (y // 2) % 2 * 160, "checks": ((y // 3 + x // 3) % 2) * 160,
+            "blank": np.full((12, 12), 80)}[name]
+    return np.clip(base + rng.integers(0, 60, (12, 12)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("your-data") / "patterns"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 8)):
+        for name in NAMES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(pattern(name, rng), mode="L").save(root / split / name /
+                                                                  f"{i}.png")
+    (root / "train" / "checks" / "broken.png").write_bytes(b"\x89PNG cut short")
+    return root
+
+
+def test_fine_tune_the_shipped_classifier_on_a_folder_and_serve_it(folder, tmp_path):
+    from export.archive import build_missing_archives
+    from serving import launcher
+
+    run = tmp_path / "run"
+    res = pixtok("train", "folder-classify", "--out", run, f"data_dir={folder}",
+                 "init_from=fashion-vit1", "budget_minutes=0", "epochs=3", "batch_size=16",
+                 "eval_every=3", "warmup_epochs=0.5", "threads=1", timeout=600)
+    said = message_lines(res.stderr)
+    # what was adapted, one line each; what was wrong with the folder, one line each
+    assert any("position embedding: learned 28x28 grid resampled to 12x12" in s for s in said)
+    assert any("head: new for 3 classes (reset, not copied" in s for s in said)
+    assert any("skipped 1 of 25 images that cannot be decoded" in s for s in said)
+    config = json.loads((run / "config.json").read_text())
+    assert config["labels"] == sorted(NAMES)
+    assert config["input"] == {"image_size": [12, 12], "channels": 1, "resize": "bicubic"}
+    assert config["data"]["channels"] == 1 and config["recipe"]["init_from"] == "fashion-vit1"
+    mean = config["model"]["args"]["mean"][0]                 # measured on the training folder
+    assert mean != 0.286 and 0.2 < mean < 0.6
+
+    metrics = json.loads(pixtok("eval", run).stdout)          # the val/ folder (no test/)
+    assert metrics["n"] == 24 and metrics["acc1"] > 1 / 3    # better than chance
+
+    store = tmp_path / "store"
+    pixtok("export", run, "--out", store, "--name", "patterns")
+    run_dir = tmp_path / "serve"
+    srv = launcher.start(store, run_dir=run_dir, timeout=180, log=lambda *_: None,
+                         ports=launcher.free_ports(), build=build_missing_archives)
+    try:
+        client = srv.client()
+        correct = 0
+        for path in sorted((folder / "val").rglob("*.png")):
+            got = client.classify(path.read_bytes(), model="patterns")
+            assert got["label"] in NAMES and {t["label"] for t in got["top_k"]} == set(NAMES)
+            correct += got["label"] == path.parent.name
+    finally:
+        launcher.stop(run_dir, log=lambda *_: None)
+    assert correct / 24 == pytest.approx(metrics["acc1"])
