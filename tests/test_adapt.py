@@ -257,3 +257,16 @@ def test_layer_decay_scales_each_block_lr():
     assert scale[id(model.blocks[3].mlp[0].weight)] == 0.5
     assert scale[id(model.blocks[0].mlp[0].weight)] == 0.5 ** 4
     assert scale[id(model.pos_embed)] == 0.5 ** 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["freeze=decoder"], "freeze='decoder': expected encoder"),
+    (["channels=2", "dataset=imagefolder"], "channels=2: expected 1 or 3"),
+    (["channels=3"], "channels=3: only an imagefolder data set is converted"),
+])
+def test_new_recipe_keys_refuse_bad_values_in_one_line(overrides, message):
+    from training.recipe import load_recipe
+
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        load_recipe("vit1-fashion", overrides)
+    assert "\n" not in str(error.value)

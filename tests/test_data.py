@@ -455,6 +455,18 @@ def test_imagefolder_skips_corrupt_files_with_a_count(tmp_path, capsys, cached):
         assert "skipped 2 of 8 images that cannot be decoded" in capsys.readouterr().err
 
 
+def test_a_folder_describes_its_channels_and_size(tmp_path):
+    from training.data.imagefolder import describe_folder
+
+    root = grey_folder(tmp_path / "grey")                        # 6 grey images of 6x4 (W x H)
+    assert describe_folder(root) == {"channels": 1, "image_size": [4, 6]}
+    for i in range(7):                                            # most images are now 64x48
+        write_image(root / f"train/ant/big{i}.png", Image.new("RGB", (64, 48)))
+    # the median size 48x64 is 3072 pixel tokens: shrunk to <= 1024, aspect kept
+    assert describe_folder(root) == {"channels": 3, "image_size": [27, 36]}
+    assert describe_folder(root, patch_size=4) == {"channels": 3, "image_size": [48, 64]}
+
+
 def test_imagefolder_val_folder_is_its_own_split(image_root):
     root, _ = image_root
     val = build_dataset("imagefolder", root, split="val", image_size=(4, 3))
