@@ -1,11 +1,15 @@
 """Write a small ImageFolder from Fashion-MNIST: the folder docs/your-data.md measures on.
 
     python -m training.data.make_folder OUT [--classes 5] [--train 300] [--val 100] [--size 20]
+                                            [--rgb] [--rotate-invert]
 
 OUT/train/<class>/<n>.png and OUT/val/<class>/<n>.png, grey PNGs resized (bicubic) to size x
 size, the first `train` and `val` images of each of the first `classes` classes of Fashion-MNIST's
 training and test files, each class folder named after the class in lower case ("t-shirt",
 "trouser", ...): the names a user's folder would have, not Fashion-MNIST's label strings.
+--rgb saves the same grey images as RGB PNGs; --rotate-invert turns each image 90 degrees
+counter-clockwise and inverts it (dark clothes on white): data a model trained on Fashion-MNIST
+has not seen in that form.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from pixtok.errors import UserError
@@ -26,7 +30,7 @@ def folder_name(label: str) -> str:
 
 
 def write_folder(out: Path, classes: int = 5, train: int = 300, val: int = 100, size: int = 20,
-                 data_dir=None) -> Path:
+                 data_dir=None, rgb: bool = False, rotate_invert: bool = False) -> Path:
     """Write the folder (see the module's doc) and return `out`."""
     if not 1 < classes <= 10 or min(train, val, size) < 1:
         raise UserError("make_folder: expected 2..10 classes and positive counts and size")
@@ -39,7 +43,10 @@ def write_folder(out: Path, classes: int = 5, train: int = 300, val: int = 100, 
             folder.mkdir(parents=True, exist_ok=True)
             for n, i in enumerate(tqdm(picked, desc=f"{split}/{folder.name}", disable=None,
                                        leave=False)):
-                Image.fromarray(ds.images[i, 0].numpy(), mode="L").save(folder / f"{n:04d}.png")
+                img = Image.fromarray(ds.images[i, 0].numpy(), mode="L")
+                if rotate_invert:
+                    img = ImageOps.invert(img.rotate(90))
+                (img.convert("RGB") if rgb else img).save(folder / f"{n:04d}.png")
     return out
 
 
@@ -51,10 +58,13 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=300, help="training images per class")
     p.add_argument("--val", type=int, default=100, help="validation images per class")
     p.add_argument("--size", type=int, default=20)
+    p.add_argument("--rgb", action="store_true", help="save the images as RGB")
+    p.add_argument("--rotate-invert", action="store_true",
+                   help="turn each image 90 degrees and invert it")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the package's)")
     a = p.parse_args(argv)
     try:
-        write_folder(a.out, a.classes, a.train, a.val, a.size, a.data)
+        write_folder(a.out, a.classes, a.train, a.val, a.size, a.data, a.rgb, a.rotate_invert)
     except UserError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(a.out)
