@@ -75,3 +75,36 @@ def test_fine_tune_the_shipped_classifier_on_a_folder_and_serve_it(folder, tmp_p
     finally:
         launcher.stop(run_dir, log=lambda *_: None)
     assert correct / 24 == pytest.approx(metrics["acc1"])
+
+
+def write_depth_folder(root: Path, n: int = 8) -> Path:
+    """root/{train,test}/{rgb,depth}: random RGB and a depth in mm that follows its brightness."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for d in ("rgb", "depth"):
+            (root / split / d).mkdir(parents=True)
+        for i in range(n):
+            rgb = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            mm = (1000 + 20 * rgb.mean(axis=2)).astype(np.uint16)
+            Image.fromarray(rgb).save(root / split / "rgb" / f"{i}.png")
+            Image.fromarray(mm).save(root / split / "depth" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("source, said", [
+    ("scenes-vit1-depth", ["learned 48x64 grid resampled to 12x16", "depth head: kept"]),
+    ("fashion-vit1", ["pixel embedding: 1 -> 3 channels", "[cls] token: dropped",
+                      "depth head: new"]),
+])
+def test_folder_depth_starts_from_a_shipped_depth_model_or_classifier(tmp_path, source, said):
+    folder = write_depth_folder(tmp_path / "rgbd")
+    run = tmp_path / "run"
+    res = pixtok("train", "folder-depth", "--out", run, f"data_dir={folder}",
+                 f"init_from={source}", "image_size=12x16", "budget_minutes=0", "max_steps=1",
+                 "batch_size=4", "eval_every=100", "threads=1", "amp=off", timeout=600)
+    lines = message_lines(res.stderr)
+    for words in said:
+        assert any(words in line for line in lines), (words, lines)
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
+    assert metrics["n"] > 0 and metrics["rmse"] > 0
+    assert json.loads((run / "config.json").read_text())["input"]["image_size"] == [12, 16]
