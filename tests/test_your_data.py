@@ -108,3 +108,16 @@ def test_folder_depth_starts_from_a_shipped_depth_model_or_classifier(tmp_path, 
     metrics = json.loads(res.stdout.strip().splitlines()[-1])
     assert metrics["n"] > 0 and metrics["rmse"] > 0
     assert json.loads((run / "config.json").read_text())["input"]["image_size"] == [12, 16]
+
+
+@pytest.mark.parametrize("recipe", ["folder-classify", "vqgan-fashion", "mae-t1-cifar100"])
+def test_every_task_reads_an_imagefolders_channels_and_size(folder, recipe):
+    """config.json's data entry settles what the folder is, for a ViT task and the others
+    (a VQGAN's model name is not a ViT's: no patch size to round to)."""
+    from training.recipe import load_recipe
+    from training.tasks.common import data_spec
+
+    loaded = load_recipe(recipe, ["dataset=imagefolder", f"data_dir={folder}"])
+    spec = data_spec(loaded)
+    assert spec["channels"] == 1                                 # a grey folder
+    assert spec["image_size"] == (loaded.image_size or [12, 12])  # the recipe's, else the folder's

@@ -60,9 +60,9 @@ def data_spec(recipe: Recipe) -> dict:
             not (recipe.channels and recipe.image_size):
         from training.data.imagefolder import describe_folder
         try:
-            patch = parse_name(recipe.model)[3]
-        except ValueError as e:
-            raise UserError(str(e)) from None
+            patch = parse_name(recipe.model)[3]       # a ViT: the size is a multiple of p
+        except ValueError:
+            patch = 1                                 # a VQGAN's own names ("f4-small")
         found = describe_folder(recipe.data_dir, patch)
         spec["image_size"] = recipe.image_size or found["image_size"]
         spec["channels"] = recipe.channels or found["channels"]
