@@ -121,3 +121,24 @@ def test_every_task_reads_an_imagefolders_channels_and_size(folder, recipe):
     spec = data_spec(loaded)
     assert spec["channels"] == 1                                 # a grey folder
     assert spec["image_size"] == (loaded.image_size or [12, 12])  # the recipe's, else the folder's
+
+
+def test_make_folder_writes_the_measured_folders(tmp_path):
+    """python -m training.data.make_folder: the folders docs/your-data.md measures on."""
+    from datafiles import learnable_fashion
+
+    from training.data.make_folder import main
+
+    data = learnable_fashion(tmp_path / "fashion", n_train=200, n_test=60)
+    for flags, mode in (([], "L"), (["--rgb"], "RGB"), (["--rotate-invert"], "L")):
+        out = tmp_path / f"out{len(flags)}{mode}"
+        assert main([str(out), "--classes", "3", "--train", "2", "--val", "1", "--size", "8",
+                     "--data", str(data), *flags]) == 0
+        assert sorted(p.name for p in (out / "train").iterdir()) == ["pullover", "t-shirt",
+                                                                      "trouser"]
+        files = sorted(out.rglob("*.png"))
+        assert len(files) == 9 and {Image.open(f).mode for f in files} == {mode}
+        assert {Image.open(f).size for f in files} == {(8, 8)}
+    plain = np.array(Image.open(tmp_path / "out0L/train/trouser/0000.png"))
+    turned = np.array(Image.open(tmp_path / "out1L/train/trouser/0000.png"))
+    assert np.array_equal(turned, 255 - np.rot90(plain))
