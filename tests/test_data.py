@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 from pathlib import Path
@@ -325,7 +326,10 @@ def test_imagefolder_cache(image_root, tmp_path):
     cache_dir = tmp_path / "cache"
     plain = build_dataset("imagefolder", root, image_size=(4, 3))
     first = build_dataset("imagefolder", root, image_size=(4, 3), cache_dir=cache_dir)
-    assert [p.name for p in cache_dir.iterdir()] == [first.cache_path.name]  # no temp files
+    # no temp files: the cache and the list of files it skipped (none)
+    assert sorted(p.name for p in cache_dir.iterdir()) == [
+        first.cache_path.name, first.cache_path.with_suffix(".skipped.json").name]
+    assert json.loads(first.cache_path.with_suffix(".skipped.json").read_text()) == []
     assert first.cache.shape == (7, 3, 4, 3)
     for i in range(len(plain)):
         assert torch.equal(first[i][0], plain[i][0]) and first[i][1] == plain[i][1]
@@ -343,7 +347,7 @@ def test_imagefolder_cache(image_root, tmp_path):
     build_dataset("imagefolder", root, image_size=(2, 2), cache_dir=cache_dir)
     write_image(root / "train/cat/a.png", Image.new("RGB", (8, 6), (0, 255, 0)))
     changed = build_dataset("imagefolder", root, image_size=(4, 3), cache_dir=cache_dir)
-    assert changed.cache_path != first.cache_path and len(list(cache_dir.iterdir())) == 3
+    assert changed.cache_path != first.cache_path and len(list(cache_dir.iterdir())) == 6
     assert changed[0][0][:, 0, 0].tolist() == [0, 255, 0]
 
 
@@ -398,14 +402,75 @@ def test_imagefolder_errors_name_the_path(image_root, tmp_path):
     with pytest.raises(DataError, match=r"val: class folders \['bird'\] are not in"):
         build_dataset("imagefolder", root, split="test", image_size=4)
 
-    broken = root / "train/dog/z.png"
-    broken.write_bytes(b"\x89PNG not really")
-    ds = build_dataset("imagefolder", root, image_size=4)
-    with pytest.raises(DataError, match=f"{broken}: cannot decode image"):
-        ds[len(ds) - 1]
-    with pytest.raises(DataError, match=f"{broken}: cannot decode image"):
+    # every file broken: nothing to train on, one line; no half-written cache left behind
+    for name in ("cat", "dog"):
+        for path in (root / "train" / name).iterdir():
+            path.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=f"{root / 'train'}: none of its 7 images can be decoded"):
         build_dataset("imagefolder", root, image_size=4, cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache left behind
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".json"]
+
+
+def grey_folder(root: Path, bad: int = 0) -> Path:
+    """root/train/{ant,bee}: 3 grey PNGs each (intensity 10 * i), plus `bad` broken files."""
+    for k, name in enumerate(("bee", "ant")):
+        for i in range(3):
+            write_image(root / f"train/{name}/{i}.png", Image.new("L", (6, 4), 10 * i + k))
+    for i in range(bad):
+        (root / f"train/bee/broken{i}.png").write_bytes(b"\x89PNG cut short")
+    return root
+
+
+def test_imagefolder_channels_from_the_images(tmp_path, capsys):
+    """A folder of grey images is a 1-channel data set; a colour image among them is converted
+    to grey with a warning under channels=1, and makes the whole set RGB by default."""
+    root = grey_folder(tmp_path / "grey")
+    ds = build_dataset("imagefolder", root, image_size=(4, 6))
+    assert ds.classes == ["ant", "bee"] and ds.in_channels == 1 and ds[0][0].shape == (1, 4, 6)
+    assert ds[0][0].flatten().tolist() == [1] * 24 and capsys.readouterr().err == ""
+    write_image(root / "train/ant/colour.png", Image.new("RGB", (6, 4), (200, 100, 0)))
+    rgb = build_dataset("imagefolder", root, image_size=(4, 6))
+    assert rgb.in_channels == 3 and rgb[0][0][:, 0, 0].tolist() == [1, 1, 1]
+    assert "converted 6 of 7 grey images to RGB" in capsys.readouterr().err
+    grey = build_dataset("imagefolder", root, image_size=(4, 6), channels=1)
+    assert grey.in_channels == 1 and int(grey[3][0][0, 0, 0]) == round(0.299 * 200 + 0.587 * 100)
+    assert "converted 1 of 7 colour images to grey" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_imagefolder_skips_corrupt_files_with_a_count(tmp_path, capsys, cached):
+    root = grey_folder(tmp_path / "grey", bad=2)
+    cache = tmp_path / "cache" if cached else None
+    for _ in range(2 if cached else 1):        # a cache built, then read back
+        capsys.readouterr()
+        ds = build_dataset("imagefolder", root, image_size=(4, 6), cache_dir=cache)
+        assert len(ds) == 6 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+        assert [int(ds[i][0][0, 0, 0]) for i in range(6)] == [1, 11, 21, 0, 10, 20]
+        assert all(p.name[0].isdigit() for p in ds.files)
+    if cached:
+        skipped = json.loads(ds.cache_path.with_suffix(".skipped.json").read_text())
+        assert skipped == ["bee/broken0.png", "bee/broken1.png"]
+        assert ds.cache.shape == (6, 1, 4, 6)
+    else:
+        assert "skipped 2 of 8 images that cannot be decoded" in capsys.readouterr().err
+
+
+def test_a_folder_describes_its_channels_and_size(tmp_path):
+    from training.data.imagefolder import describe_folder
+
+    root = grey_folder(tmp_path / "grey")                        # 6 grey images of 6x4 (W x H)
+    assert describe_folder(root) == {"channels": 1, "image_size": [4, 6]}
+    for i in range(7):                                            # most images are now 64x48
+        write_image(root / f"train/ant/big{i}.png", Image.new("RGB", (64, 48)))
+    # the median size 48x64 is 3072 pixel tokens: shrunk to <= 1024, aspect kept
+    assert describe_folder(root) == {"channels": 3, "image_size": [27, 36]}
+    assert describe_folder(root, patch_size=4) == {"channels": 3, "image_size": [48, 64]}
+
+
+def test_imagefolder_val_folder_is_its_own_split(image_root):
+    root, _ = image_root
+    val = build_dataset("imagefolder", root, split="val", image_size=(4, 3))
+    assert len(val) == 1 and val.classes == ["cat", "dog"]
 
 
 # ---------------------------------------------------------------- CropFlip

@@ -173,8 +173,8 @@ def test_a_later_phase_on_more_scenes_starts_from_every_weight(tmp_path):
         assert torch.equal(later.model.state_dict()[name], p), name
     assert later.spec == own and later.config()["model"] == own
     # what does decide the weights' meaning still has to match, and the error names it
-    with pytest.raises(UserError, match=r"holds another model \(pool mean vs cls\)"):
-        small_task(n_train="16", pool="cls").init_from(tmp_path)
+    with pytest.raises(UserError, match=r"holds another model \(depth 2 vs 4\)"):
+        small_task(n_train="16", depth="4").init_from(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from pixtok.checkpoint import save_weights, write_json
 from pixtok.errors import UserError
 from pixtok.models.vit import ViT, vit_config
+from training.adapt import init_encoder
 from training.data import build_dataset
 from training.distributed import Dist
 from training.recipe import load_recipe
 from training.tasks.classify import ClassifyTask
-from training.tasks.common import load_mae_encoder
 
 # the real recipes, shrunk: ViT-F/1 on 8x8 images, a one-block decoder, 8 steps an epoch, and
 # no crop or flip (a 4-pixel shift of an 8x8 ramp leaves little to learn in a few steps)
@@ -161,9 +161,9 @@ def test_init_from_a_wrong_checkpoint_is_a_one_line_error(pretrained, cifar, tmp
         assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], res.stderr
         assert not (tmp_path / "x" / "model.safetensors").exists()
     # the same checks in process, for the other ways a folder can fail to fit
-    for path, size, message in [(tmp_path / "nowhere", 8, "not a checkpoint folder"),
-                                (pretrained, 12, "image_size [8, 8] vs [12, 12]")]:
-        vit = ViT(vit_config("ViT-F/1", image_size=(size, size), num_classes=100))
+    for path, name, message in [(tmp_path / "nowhere", "ViT-F/1", "not a checkpoint folder"),
+                                (pretrained, "ViT-F/2", "patch_size 1 vs 2")]:
+        vit = ViT(vit_config(name, image_size=(8, 8), num_classes=100))
         with pytest.raises(UserError, match=re.escape(message)) as error:
-            load_mae_encoder(path, vit)
+            init_encoder(str(path), vit)
         assert str(path) in str(error.value)

@@ -274,9 +274,9 @@ def test_init_from_a_run_of_the_same_model_starts_a_new_phase(fashion, tmp_path)
         torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=0, msg=k)
     config = json.loads((second / "config.json").read_text())
     assert config["recipe"]["init_from"] == str(first)
-    # a run of another model or image size: one line naming what differs, exit 2
+    # a run of another width or position embedding cannot adapt: one line naming it, exit 2
     for extra, message in [(["model=ViT-P/1"], "width 32 vs 64"),
-                           (["image_size=12"], "image_size [14, 14] vs [12, 12]")]:
+                           (["pos_embed=sincos"], "pos_embed learned vs sincos")]:
         res = pixtok("train", "vit1-fashion", "--out", str(tmp_path / "x"), *common, *extra,
                      f"init_from={first}", "max_steps=1", check=False)
         lines = res.stderr.strip().splitlines()

@@ -29,10 +29,13 @@ class Recipe:
     pos_embed: str = "learned"    # learned | sincos | none
     pool: str = "cls"             # cls | mean
     drop_path: float = 0.0
-    init_from: str = ""           # MAE checkpoint (its encoder) or same-task run (all weights)
+    init_from: str = ""           # a checkpoint folder or shipped model name: classifier, depth
+                                  # model or MAE; what differs is adapted (training/adapt.py)
+    freeze: str = ""              # classify/depth: "encoder" trains the head alone (linear probe)
     # data
     dataset: str = "fashion-mnist"
     data_dir: str = ""            # "" -> the data set's default location
+    channels: int = 0             # imagefolder: 1 (grey) or 3 (RGB); 0 -> what the images are
     image_size: list[int] = field(default_factory=list)   # [H, W]; [] -> native size
     resize: str = "bicubic"       # bicubic | nearest (the paper's "single-pixel" resize)
     cache_dir: str = ""
@@ -203,6 +206,17 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) ->
     return from_dict(values, overrides)
 
 
+def check_adaptation_keys(recipe: Recipe) -> None:
+    """freeze= and channels=: one line for a value they do not take."""
+    if recipe.freeze not in ("", "encoder"):
+        raise UserError(f"freeze={recipe.freeze!r}: expected encoder (or nothing)")
+    if recipe.channels not in (0, 1, 3):
+        raise UserError(f"channels={recipe.channels}: expected 1 or 3 (0: what the images are)")
+    if recipe.channels and recipe.dataset != "imagefolder":
+        raise UserError(f"channels={recipe.channels}: only an imagefolder data set is converted; "
+                        f"{recipe.dataset} has its own channels")
+
+
 def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe:
     """A recipe from stored values (config.json's "recipe") with overrides applied."""
     if isinstance(overrides, list):
@@ -221,6 +235,7 @@ def from_dict(values: dict, overrides: list[str] | dict | None = None) -> Recipe
                          ("depth_loss", ("l1", "silog"))):
         if getattr(recipe, key) not in allowed:
             raise UserError(f"{key}={getattr(recipe, key)!r}: expected one of {', '.join(allowed)}")
+    check_adaptation_keys(recipe)
     if not 0 <= recipe.token_drop < 1:
         raise UserError(f"token_drop={recipe.token_drop}: expected a fraction in [0, 1)")
     if min(recipe.val_size, recipe.train_size, recipe.permute_swaps, recipe.permute_distance) < 0:

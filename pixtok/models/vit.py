@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pixtok.models.pixel_layers import (  # noqa: F401  (unpatchify, attention: re-exported)
@@ -88,6 +89,49 @@ def vit_config(name: str, **kwargs) -> ViTConfig:
     """Config for a named size, e.g. vit_config('ViT-S/2', image_size=(32, 32), num_classes=100)."""
     depth, width, heads, p = parse_name(name)
     return ViTConfig(**{"depth": depth, "width": width, "heads": heads, "patch_size": p, **kwargs})
+
+
+def resample_pos_embed(table: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
+                       prefix: int = 0) -> torch.Tensor:
+    """A position-embedding table (1, prefix + gh*gw, D) for another grid: (1, prefix + GH*GW, D).
+
+    The gh x gw rows are laid out on their grid and interpolated bicubically (antialiased when
+    the grid shrinks), as timm and DeiT resample a ViT for another resolution; the first `prefix`
+    rows ([cls] and other extra tokens) are kept as they are. Works for a learned table and a
+    sin-cos one alike; a table resampled to its own grid comes back unchanged.
+    """
+    (gh, gw), (nh, nw) = tuple(grid), tuple(new_grid)
+    lead, rows = table[:, :prefix], table[:, prefix:]
+    if rows.shape[1] != gh * gw:
+        raise ValueError(f"position table has {rows.shape[1]} rows, not {gh}x{gw}")
+    d = rows.shape[-1]
+    x = rows.reshape(1, gh, gw, d).permute(0, 3, 1, 2).float()          # (1, D, gh, gw)
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
+                      antialias=nh < gh or nw < gw)
+    x = x.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(table.dtype)
+    return torch.cat([lead, x], dim=1)
+
+
+def adapt_embed_channels(weight: torch.Tensor, patch_size: int, channels: int,
+                         new_channels: int) -> torch.Tensor:
+    """A linear pixel embedding's weight (D, p*p*C) for another channel count (1 <-> 3).
+
+    3 -> 1 sums the colour channels' columns, so a grey image gives the tokens the RGB model gave
+    for the same image with r = g = b; 1 -> 3 repeats the grey column over r, g and b divided by
+    3, so an image with r = g = b gives the tokens the grey model gave (up to normalisation).
+    """
+    d, k = weight.shape
+    p2 = patch_size * patch_size
+    if k != p2 * channels:
+        raise ValueError(f"pixel embedding has {k} inputs, not {p2}x{channels}")
+    w = weight.reshape(d, p2, channels)                  # patch layout (p, p, C)
+    if new_channels == 1:
+        w = w.sum(dim=2, keepdim=True)
+    elif channels == 1:
+        w = w.expand(d, p2, new_channels) / new_channels
+    else:
+        raise ValueError(f"cannot adapt {channels} channels to {new_channels}: only 1 <-> 3")
+    return w.reshape(d, p2 * new_channels).contiguous()
 
 
 class PixelEmbed(nn.Module):

@@ -14,9 +14,11 @@ SPLITS = ("train", "test")
 
 
 def build_dataset(name: str, data_dir=None, split: str = "train", image_size=None,
-                  resize: str = "bicubic", cache_dir=None):
-    """The data set `name` ("fashion-mnist", "cifar100", "cifar100-coarse", "imagefolder")."""
-    if split not in SPLITS:
+                  resize: str = "bicubic", cache_dir=None, channels: int = 0):
+    """The data set `name` ("fashion-mnist", "cifar100", "cifar100-coarse", "imagefolder").
+    An ImageFolder also has a "val" split (its val/ folder) and takes `channels` (1, 3, or 0:
+    what its training images are)."""
+    if split not in SPLITS and not (name == "imagefolder" and split == "val"):
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if resize not in RESIZE_MODES:
         raise DataError(f"resize {resize!r}: expected one of {', '.join(RESIZE_MODES)}")
@@ -29,7 +31,7 @@ def build_dataset(name: str, data_dir=None, split: str = "train", image_size=Non
         return load_cifar100(data_dir, split, size, resize, coarse=name == "cifar100-coarse")
     if name == "imagefolder":
         from .imagefolder import ImageFolder
-        return ImageFolder(data_dir, split, size, resize, cache_dir)
+        return ImageFolder(data_dir, split, size, resize, cache_dir, channels)
     raise DataError(f"data set {name!r}: expected one of {', '.join(NAMES)}")
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pixtok.errors import UserError
 from pixtok.models import build_model
-from training.checkpoint import load_same_task
+from training.adapt import freeze_encoder, init_encoder, silent, tell
 from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches, with_bar
@@ -15,7 +15,6 @@ from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
 from training.tasks.common import (
     TokenDropout,
     data_spec,
-    load_mae_encoder,
     load_split,
     load_splits,
     recipe_vit_config,
@@ -32,8 +31,9 @@ class ClassifyTask(Task):
     """What the training loop needs to train and evaluate a classifier."""
 
     name = "classify"
-    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "mixup", "cutmix", "label_smoothing",
-                                            "token_drop", "val_size", "train_size",
+    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "freeze", "channels", "mixup", "cutmix",
+                                            "label_smoothing", "token_drop", "val_size",
+                                            "train_size",
                                             "permute_swaps", "permute_distance", "permute_seed"}
     SELECT = ("acc1", "max")
 
@@ -44,6 +44,8 @@ class ClassifyTask(Task):
         ds = self.train_set
         self.spec = model_spec(recipe, ds, len(ds.classes))
         self.model = build_model(self.spec)
+        if recipe.freeze == "encoder":             # a linear probe: the head alone learns
+            freeze_encoder(self.model)
         self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)
         self.mix = None
         if recipe.mixup > 0 or recipe.cutmix > 0:
@@ -60,10 +62,11 @@ class ClassifyTask(Task):
                 "data": self.data}
 
     def init_from(self, path) -> None:
-        """Start from a classify checkpoint of the same model (all weights: a later phase with its
-        own schedule) or from an MAE checkpoint's encoder (fine-tuning; the head keeps its init)."""
-        if not load_same_task(path, self.name, self.spec, self.model):
-            load_mae_encoder(path, self.model)
+        """Start from the encoder of any classifier, depth model or MAE (a checkpoint folder or a
+        shipped model's name), adapted to this data's classes, size and channels (its head too
+        for the same labels: a later phase of the same run takes every weight)."""
+        init_encoder(path, self.model, list(self.train_set.classes),
+                     tell if self.dist.main else silent)
 
     def batches(self, index_lists, aug_seeds):
         """Yield (images float [0, 1], labels) for the given index lists of this process.

@@ -1,23 +1,15 @@
 """Helpers every image task shares: the recipe's ViT sized for its data, token dropout, the data
-set a recipe names and its splits, and the MAE encoder that classify and depth can start from."""
+set a recipe names and its splits (init_from= is training/adapt.py)."""
 from __future__ import annotations
 
 import torch
 
-from pixtok.checkpoint import load_model
 from pixtok.errors import UserError
-from pixtok.models.mae import MAEConfig, encoder_state_dict
-from pixtok.models.vit import ViT, shuffle_tokens, vit_config
-from training.checkpoint import check_fit, read_init_config
+from pixtok.models.vit import parse_name, shuffle_tokens, vit_config
 from training.data import Slice, build_dataset, holdout
 from training.distributed import Dist
 from training.loader import channel_stats
 from training.recipe import Recipe
-
-# ViTConfig fields that must agree for an MAE encoder's weights to fit another ViT ([cls] may
-# differ: a mean-pooled model drops it, a [cls] model without one keeps its own initial token)
-ARCH_FIELDS = ("image_size", "in_channels", "patch_size", "width", "depth", "heads",
-               "mlp_ratio", "embed", "dict_dim", "pos_embed")
 
 
 def recipe_vit_config(recipe: Recipe, dataset, num_classes: int = 0):
@@ -59,8 +51,23 @@ class TokenDropout:
 
 
 def data_spec(recipe: Recipe) -> dict:
+    """The config.json "data" entry: enough to rebuild any split. An ImageFolder's channels and
+    (where the recipe gives none) image size are settled here, from its training images, so
+    every split and `pixtok eval` read it alike."""
     spec = {"dataset": recipe.dataset, "data_dir": recipe.data_dir or None,
             "image_size": recipe.image_size or None, "resize": recipe.resize}
+    if recipe.dataset == "imagefolder" and recipe.data_dir and \
+            not (recipe.channels and recipe.image_size):
+        from training.data.imagefolder import describe_folder
+        try:
+            patch = parse_name(recipe.model)[3]       # a ViT: the size is a multiple of p
+        except ValueError:
+            patch = 1                                 # a VQGAN's own names ("f4-small")
+        found = describe_folder(recipe.data_dir, patch)
+        spec["image_size"] = recipe.image_size or found["image_size"]
+        spec["channels"] = recipe.channels or found["channels"]
+    elif recipe.channels:
+        spec["channels"] = recipe.channels
     for key in ("val_size", "train_size"):
         if getattr(recipe, key):
             spec[key] = getattr(recipe, key)
@@ -72,6 +79,8 @@ def data_spec(recipe: Recipe) -> dict:
 
 def split_source(data: dict, split: str) -> str:
     """The stored split that `split` is cut from: "val" is the end of "train" (val_size)."""
+    if split == "val" and not data.get("val_size") and data.get("dataset") == "imagefolder":
+        return "val"                                      # its own val/ folder
     if split == "val" and not data.get("val_size"):
         raise UserError("split 'val': this run was trained without val_size=N, so it has no "
                         "validation split")
@@ -100,7 +109,7 @@ def load_split(data: dict, split: str, cache_dir: str = ""):
     size = tuple(data["image_size"]) if data.get("image_size") else None
     dataset = build_dataset(data["dataset"], data.get("data_dir"), split=split_source(data, split),
                             image_size=size, resize=data.get("resize", "bicubic"),
-                            cache_dir=cache_dir or None)
+                            cache_dir=cache_dir or None, channels=data.get("channels", 0))
     return cut_split(data, split, dataset)
 
 
@@ -112,29 +121,3 @@ def load_splits(data: dict, recipe: Recipe, dist: Dist, load=load_split):
     return dist.local_first(lambda: (load(data, "train", recipe.cache_dir),
                                      load(data, held_out, recipe.cache_dir)),
                             enabled=bool(recipe.cache_dir))
-
-
-def load_mae_encoder(path, vit: ViT) -> None:
-    """Load the encoder of the MAE checkpoint folder `path` into `vit` (in place).
-
-    Raises UserError when `path` is not an MAE checkpoint or its encoder's architecture differs.
-    Normalisation stays this model's own (from its training set), so a resumed fine-tuning run,
-    which does not load the MAE again, builds exactly the same model.
-    """
-    config = read_init_config(path)
-    model_spec = config.get("model", {})
-    if config.get("task") != "mae" or model_spec.get("arch") != "mae":
-        raise UserError(f"init_from={path}: not an MAE checkpoint (task {config.get('task')!r}, "
-                        f"arch {model_spec.get('arch')!r}); give a folder written by a "
-                        f"task = \"mae\" recipe")
-    theirs = MAEConfig(**model_spec["args"]).encoder.to_dict()
-    ours = vit.cfg.to_dict()
-    differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ARCH_FIELDS if theirs[k] != ours[k]]
-    if differ:
-        raise UserError(f"init_from={path}: its encoder does not match this model "
-                        f"({'; '.join(differ)}); use the same model size and image size")
-    mae, _ = load_model(path)
-    result = vit.load_state_dict(encoder_state_dict(mae), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("head.") and k != "cls_token"]
-    unexpected = [k for k in result.unexpected_keys if k != "cls_token"]
-    check_fit(path, "encoder weights", missing, unexpected)

@@ -14,7 +14,7 @@ from pixtok.errors import UserError
 from pixtok.models import build_model
 from pixtok.models.depth import DepthHeadConfig, depth_loss
 from pixtok.models.vit import gather_tokens, patchify
-from training.checkpoint import load_same_task
+from training.adapt import freeze_encoder, init_depth_head, init_encoder, silent, tell
 from training.data.augment import CropFlip
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
@@ -25,7 +25,6 @@ from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
 from training.tasks.common import (
     TokenDropout,
     cut_split,
-    load_mae_encoder,
     load_splits,
     recipe_vit_config,
     split_source,
@@ -79,7 +78,7 @@ class DepthTask(Task):
     """What the training loop needs to train and evaluate a depth regressor."""
 
     name = "depth"
-    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "token_drop", "depth_loss",
+    RECIPE_KEYS = COMMON_KEYS | VIT_KEYS | {"init_from", "freeze", "token_drop", "depth_loss",
                                             "silog_lambda", "n_train", "n_test", "splits",
                                             "val_size", "train_size"}
     SELECT = ("rmse", "min")
@@ -94,6 +93,8 @@ class DepthTask(Task):
             raise UserError(f"{recipe.dataset} {self.data['data_dir'] or ''}: {e}") from None
         self.spec = model_spec(recipe, self.train_set, self.train_mean_depth)
         self.model = build_model(self.spec)
+        if recipe.freeze == "encoder":             # the dense head alone learns
+            freeze_encoder(self.model)
         # padding is zero depth, which every loss and metric treats as "not measured"
         self.crop_flip = CropFlip(recipe.crop_padding, recipe.hflip)
         self.token_dropout = TokenDropout(recipe, self.model.cfg.num_tokens)
@@ -108,10 +109,11 @@ class DepthTask(Task):
                 "data": self.data}
 
     def init_from(self, path) -> None:
-        """Start from a depth checkpoint of the same model (all weights: a later phase with its
-        own schedule) or the encoder from an MAE checkpoint's encoder."""
-        if not load_same_task(path, self.name, self.spec, self.model):
-            load_mae_encoder(path, self.model.encoder)
+        """Start from the encoder of any depth model, classifier or MAE, adapted to this data's
+        size and channels, and a depth model's head (a later phase takes every weight)."""
+        say = tell if self.dist.main else silent
+        head = init_encoder(path, self.model.encoder, None, say)
+        init_depth_head(path, self.model, head, say)
 
     def batches(self, index_lists, aug_seeds):
         """Yield (images float [0, 1] (n, 3, H, W), depths (n, 1, H, W) in metres), cropped and
