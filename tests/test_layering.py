@@ -19,7 +19,7 @@ ALLOWED = {"pixtok": {"pixtok"}, "training": {"pixtok", "training"},
 NARROWER = {   # modules held to less than their part
     "serving.gradio_app": {"pixtok", "serving.client", "serving.page_settings",
                            "serving.gradio_app"},
-    "serving.page_settings": {"pixtok", "serving.client", "serving.torchserve_config"},
+    "serving.page_settings": {"pixtok", "serving.client"},
     "serving.client": {"pixtok"},
 }
 
