@@ -65,7 +65,10 @@ ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
 IMAGE ?= pixtok:cpu
 # the Debian base, made from Debian's own packages once (no image registry needed)
 BASE_IMAGE ?= pixtok-base:bookworm
-DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# the mirror this machine's own apt sources take bookworm from (empty until `apt-get update` ran,
+# or on a machine without a bookworm source: then give DEBIAN_MIRROR=URL)
+DEBIAN_MIRROR ?= $(shell apt-get indextargets --format '$$(REPO_URI) $$(CODENAME)' 2>/dev/null | \
+	awk '$$2 == "bookworm" { print $$1; exit }')
 # a folder of wheels pip takes torch's CPU build from (default: pip's own find-links, if a folder);
 # empty: give TORCH_INDEX=https://download.pytorch.org/whl/cpu instead
 TORCH_WHEELS ?= $(shell d=$$($(PYTHON) -m pip config get global.find-links 2>/dev/null); [ -d "$$d" ] && echo "$$d")
@@ -92,7 +95,9 @@ base-image: image-deps
 	@if $(ENGINE) image inspect $(BASE_IMAGE) >/dev/null 2>&1; then \
 	  echo "base image $(BASE_IMAGE): present"; else \
 	  root=$$(mktemp -d) && trap '$(SUDO) rm -rf "$$root"' EXIT && \
-	  echo "debootstrap bookworm -> $(BASE_IMAGE)" && \
+	  [ -n "$(DEBIAN_MIRROR)" ] || { echo "no bookworm source in this machine's apt sources" \
+	    "(run apt-get update, or give DEBIAN_MIRROR=URL)" >&2; exit 2; } && \
+	  echo "debootstrap bookworm -> $(BASE_IMAGE) from $(DEBIAN_MIRROR)" && \
 	  $(SUDO) debootstrap --variant=minbase bookworm "$$root" $(DEBIAN_MIRROR) >/dev/null && \
 	  $(SUDO) rm -rf "$$root"/var/lib/apt/lists/* "$$root"/var/cache/apt/archives/*.deb && \
 	  $(SUDO) tar -C "$$root" -c . | $(ENGINE) import - $(BASE_IMAGE); fi

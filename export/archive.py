@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -85,7 +86,16 @@ def check_depth_config(config: dict, ckpt: Path) -> None:
     check_input_spec(config, ckpt)
 
 
-CHECKS = {"classify": check_classifier_config, "depth": check_depth_config}   # per task
+def export_checks() -> dict:
+    """{task: the check of its checkpoint's config.json} for every task whose registry row
+    (pixtok/tasks.py) names an export check: the tasks export builds from a checkpoint folder."""
+    checks = {}
+    for name, task in TASKS.items():
+        if task.export_check:
+            module, function = task.export_check.split(":")
+            checks[name] = getattr(importlib.import_module(module), function)
+    return checks
+
 
 def handler_path(task: TaskInfo) -> Path:
     return HANDLERS / f"{task.handler}.py"
@@ -224,10 +234,11 @@ def read_source(ckpt: Path, onnx: bool) -> tuple[TaskInfo, dict | None, object]:
                               "PyTorch")
         return TASKS["dit"], None, read_pipeline(ckpt)
     config = read_config(ckpt)
-    if config.get("task") not in CHECKS:
+    checks = export_checks()
+    if config.get("task") not in checks:
         raise ExportError(f"{ckpt}: task {config.get('task')!r} cannot be exported yet; "
-                          f"supported: {', '.join(CHECKS)} and generator pipeline folders")
-    CHECKS[config["task"]](config, ckpt)
+                          f"supported: {', '.join(checks)} and generator pipeline folders")
+    checks[config["task"]](config, ckpt)
     try:
         model, _ = load_model(ckpt)
     except (RuntimeError, ValueError, TypeError) as e:
@@ -377,7 +388,7 @@ def build_each(store: Path, stale: list[Path], log, broken: dict | None, bar,
         try:
             if not is_pipeline_folder(ckpt):
                 task = read_config(ckpt).get("task")
-                if task not in CHECKS:
+                if task not in export_checks():
                     log(f"skipping {ckpt.name}: task {task!r} has no exporter yet")
                     continue
             log(f"building {mar.name} from {ckpt}")

@@ -18,10 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
+from pixtok.tasks import TASKS  # noqa: E402
+
 LEFT_OUT = {"train_state.pt", "reconstruction.png"}
 COMPUTE = "one torch thread, niced and shared with other work"
 MACHINE = f"the project's 2-core {platform.machine()} CPU machine (no GPU)"
-CURVE_KEYS = {"classify": "acc1", "depth": "rmse", "dit": "loss", "vqgan": "psnr", "mae": "loss"}
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     if args.curve:
         shutil.copy(args.curve, dst / "curve.jsonl")
     task = config.get("task", config.get("recipe", {}).get("task"))
-    keys = args.key[:2] or [CURVE_KEYS.get(task, "loss")]
+    keys = args.key[:2] or [TASKS[task].curve_key if task in TASKS else "loss"]
     if metrics:
         learning_curve(metrics, keys, dst / "curve.png", f"{args.name}: {' and '.join(keys)}")
     samples = None

@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from pixtok.errors import UserError
+from pixtok.tasks import served_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MIX = "classify=0.7,depth=0.2,generate=0.1"
 RAMP_USERS = [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 RAMP_P99_S = 2.0
-CONTENT_TYPES = {"classify": "image/png", "depth": "image/png", "generate": "application/json"}
+CONTENT_TYPES = {name: t.serving.content_type for name, t in served_tasks().items()}
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 N_BODIES = 64
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 from pixtok.errors import UserError
 from pixtok.inference.validate import MAX_BODY_BYTES
+from pixtok.tasks import served_tasks
 
-DEFAULT_MODELS = {"classify": "fashion-vit1", "depth": "scenes-vit1-depth",
-                  "generate": "fashion-dit1"}
+DEFAULT_MODELS = {name: t.serving.default_model for name, t in served_tasks().items()}
 STATUS_CODES = {int(s) for s in HTTPStatus}
 PORTS = {   # api -> (environment variable, default port); `pixtok serve` listens on these
     "inference": ("PIXTOK_INFERENCE_PORT", 8080),

@@ -13,7 +13,7 @@ core (pixtok/inference/), so both servers answer alike. It speaks two protocols 
   step and the answer last, and a client that leaves stops its generation at the next step.
 
 Requests of one model are batched across clients (up to --batch-size items, waiting at most
---max-batch-delay ms after the first; defaults per task: serving/torchserve_config.py's)
+--max-batch-delay ms after the first; defaults per task: the task registry, pixtok/tasks.py)
 and run on one thread per model; decoding runs on a thread pool. A bad input answers its own 4xx
 and nothing a client sends ends the process.
 
@@ -55,11 +55,13 @@ from fastapi import Request  # at module level: the route's annotation is resolv
 from pixtok.archive import read_archive_json
 from pixtok.inference.handler_base import STREAM_CONTENT_TYPE, v2_generate_body, v2_image
 from pixtok.inference.validate import MAX_BODY_BYTES, RequestError
+from pixtok.tasks import served_tasks
 
 log = logging.getLogger("pixtok.kserve")
 
-# task -> (batch size, max batch delay in ms): TorchServe's, serving/torchserve_config.py BATCHING
-BATCHING = {"classify": (16, 10), "depth": (4, 10), "generate": (1, 0)}
+# task -> (batch size, max batch delay in ms): TorchServe's, from the task registry
+BATCHING = {name: (t.serving.batching["batchSize"], t.serving.batching["maxBatchDelay"])
+            for name, t in served_tasks().items()}
 MAX_REQUEST_BYTES = 2 * MAX_BODY_BYTES      # as TorchServe's max_request_size in `pixtok serve`
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/ping")    # probes: no key needed
 CLOSED_PREFIXES = ("/v2/repository", "/v1/", "/docs", "/openapi.json", "/redoc")
@@ -507,32 +509,10 @@ def unpack(mar: Path, into: Path) -> Path:
     return into
 
 
-def load_core(task: str, folder: Path, device):
-    """The inference core of one model folder, with the repository's model code."""
-    from pixtok.models import build_model
-    from pixtok.resize import resize_image
-
-    if task == "classify":
-        from pixtok.inference.backend import load_classifier
-
-        return load_classifier(folder, build_model, resize_image, device)
-    if task == "depth":
-        from pixtok.inference.depth_estimator import load_depth_estimator
-
-        return load_depth_estimator(folder, build_model, resize_image, device)
-    if task == "generate":
-        from pixtok.inference.image_generator import load_generator
-        from pixtok.models.dit import PixelDiT
-        from pixtok.pipeline import make_scheduler
-        from pixtok.sampling import DEFAULT_STEPS
-
-        return load_generator(folder, PixelDiT.from_config, make_scheduler, device, DEFAULT_STEPS)
-    raise ValueError(f"task {task!r} cannot be served")
-
-
 def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: int | None,
                 delay_ms: float | None, queue_size: int | None = None) -> list:
     from pixtok.inference.backend import pick_device
+    from pixtok.inference.core import load_core
 
     classes = make_model_classes()
     device = pick_device(0)

@@ -14,15 +14,16 @@ import secrets
 from pathlib import Path
 
 from pixtok.errors import UserError
+from pixtok.tasks import served_tasks
 from serving.client import DEFAULT_MODELS
-from serving.torchserve_config import BATCHING
 
-MODEL_ENV = {"classify": "PIXTOK_CLASSIFIER", "depth": "PIXTOK_DEPTH_MODEL",
-             "generate": "PIXTOK_GENERATOR"}
-UI_MODEL_FLAGS = {"classify": "--classifier", "depth": "--depth-model", "generate": "--generator"}
+SERVED = served_tasks()      # the task registry's served tasks, by the name the page uses
+MODEL_ENV = {name: t.serving.model_env for name, t in SERVED.items()}
+UI_MODEL_FLAGS = {name: t.serving.page_flag for name, t in SERVED.items()}
 UI_PORT_ENV, DEFAULT_UI_PORT = "PIXTOK_UI_PORT", 7860
 UI_USER, UI_PASSWORD_ENV, UI_PASSWORD_FILE = "pixtok", "PIXTOK_UI_PASSWORD", "ui_password"
-CONCURRENCY = {"generate": 2, "classify": 8, "depth": 4}   # TorchServe batches the rest
+# requests the page sends at once, per task; TorchServe batches the rest
+CONCURRENCY = {name: t.serving.page_concurrency for name, t in SERVED.items()}
 
 
 def ui_port() -> int:
@@ -75,7 +76,8 @@ def ui_login(run_dir: Path) -> tuple[str, str]:
 
 def request_timeout() -> float:
     """Seconds to wait for an answer: longer than the slowest model's TorchServe timeout."""
-    return 30.0 + max(120, *(b.get("responseTimeout", 120) for b in BATCHING.values()))
+    return 30.0 + max(120, *(t.serving.batching.get("responseTimeout", 120)
+                             for t in SERVED.values()))
 
 
 def model_names(overrides: dict | None = None) -> dict:

@@ -9,16 +9,13 @@ from pathlib import Path
 from string import Template
 
 from pixtok.inference.validate import MAX_BODY_BYTES
+from pixtok.tasks import served_tasks
 from serving.client import read_properties
 from serving.run_folder import ServeError, bracketed, positive_int_env
 
 TEMPLATE = Path(__file__).with_name("config.properties")
-BATCHING = {   # task -> TorchServe batching; a generator batches inside one request instead
-    "classify": {"batchSize": 16, "maxBatchDelay": 10, "workers": 1},
-    "depth": {"batchSize": 4, "maxBatchDelay": 10, "workers": 1},
-    # 16 images x 1000 steps on a CPU worker takes minutes, not TorchServe's default 120 s
-    "generate": {"batchSize": 1, "maxBatchDelay": 0, "workers": 1, "responseTimeout": 600},
-}
+# task -> TorchServe batching, as the task registry (pixtok/tasks.py) gives it
+BATCHING = {name: dict(t.serving.batching) for name, t in served_tasks().items()}
 # BATCHING's settings an operator may set: $PIXTOK_<TASK>_<suffix>, e.g. PIXTOK_CLASSIFY_BATCH_SIZE
 BATCHING_ENV = {"batchSize": ("BATCH_SIZE", 1), "maxBatchDelay": ("MAX_BATCH_DELAY_MS", 0),
                 "workers": ("WORKERS", 1)}      # setting -> (variable suffix, smallest value)

@@ -5,11 +5,13 @@ and no modules import each other in a circle."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 from export.archive import imported_modules
+from pixtok.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("pixtok", "training", "export", "serving")
@@ -19,7 +21,7 @@ ALLOWED = {"pixtok": {"pixtok"}, "training": {"pixtok", "training"},
 NARROWER = {   # modules held to less than their part
     "serving.gradio_app": {"pixtok", "serving.client", "serving.page_settings",
                            "serving.gradio_app"},
-    "serving.page_settings": {"pixtok", "serving.client", "serving.torchserve_config"},
+    "serving.page_settings": {"pixtok", "serving.client"},
     "serving.client": {"pixtok"},
 }
 
@@ -29,10 +31,40 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+# "module:name" references (resolved with importlib by whoever reads them) and
+# importlib.import_module("module") calls with a literal name
+REFERENCE = re.compile(r"^((?:pixtok|training|export|serving)(?:\.\w+)+):\w+$")
+# the task registry's references are resolved by the part each field belongs to, not by the
+# core that holds them: field -> the module that imports what it names
+REGISTRY_RESOLVERS = {"trainer": "training.tasks", "export_check": "export.archive",
+                      "runner": "pixtok.inference.core"}
+
+
+def string_imports(path: Path) -> set[str]:
+    """The modules `path` names to be imported at run time: a literal argument of
+    importlib.import_module / __import__, and "module:name" strings."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and getattr(node.func, "attr", getattr(node.func, "id", None))
+                in ("import_module", "__import__")):
+            found.add(node.args[0].value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            match = REFERENCE.match(node.value)
+            if match:
+                found.add(match.group(1))
+    return found
+
+
 def imports_of(path: Path) -> set[str]:
     """Names of the repository's modules that `path` imports (export's own import reader, the
-    one that checks an archive's code)."""
-    return {n for n in imported_modules(path, ROOT) if n.split(".")[0] in PARTS}
+    one that checks an archive's code), and those it imports by name at run time (the task
+    registry's are checked against the modules that resolve them instead)."""
+    names = set(imported_modules(path, ROOT))
+    if module_name(path) != "pixtok.tasks":
+        names |= string_imports(path)
+    return {n for n in names if n.split(".")[0] in PARTS}
 
 
 MODULES = sorted(p for part in PARTS for p in (ROOT / part).rglob("*.py"))
@@ -61,6 +93,30 @@ def test_the_rule_catches_a_crossing(tmp_path):
     assert not allowed("serving.gradio_app", "serving.launcher")    # the page starts nothing
     assert allowed("serving.gradio_app", "pixtok.inference.validate")
     assert allowed("pixtok.cli", "serving.launcher")
+
+
+def registry_references() -> list[tuple[str, str]]:
+    """(resolving module, referenced module) of every reference in the task registry."""
+    pairs = []
+    for task in TASKS.values():
+        values = {"trainer": task.trainer, "export_check": task.export_check,
+                  "runner": task.serving.runner if task.serving else None}
+        pairs += [(REGISTRY_RESOLVERS[f], v.split(":")[0]) for f, v in values.items() if v]
+    return pairs
+
+
+def test_the_registry_references_follow_the_one_way_flow():
+    wrong = [(r, m) for r, m in registry_references() if not allowed(r, m)]
+    assert registry_references() and not wrong, wrong
+
+
+def test_string_imports_are_seen(tmp_path):
+    """A module that imports by name at run time is read as importing that module."""
+    module = tmp_path / "lazy.py"
+    module.write_text('import importlib\nCMD = "training.train:run_cli"\n'
+                      'def f():\n    return importlib.import_module("export.cli")\n')
+    assert string_imports(module) == {"training.train", "export.cli"}
+    assert not allowed("serving.bench", "training.train")
 
 
 def test_the_modules_are_all_seen():

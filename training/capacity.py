@@ -16,6 +16,7 @@ import torch
 from pixtok.models import build_model
 from training.flops import count_forward_flops
 from training.recipe import load_recipe
+from training.tasks import trainer_class
 
 STORE = Path(__file__).resolve().parent.parent / "model_store"
 
@@ -28,7 +29,6 @@ PAPER_RECIPES = ["vit-t1-cifar100", "vit-t2-cifar100", "vit-s1-cifar100", "vit-s
                  "dit-l2-imagenet"]
 H100_BF16 = 989.4e12        # dense bf16 tensor-core peak of an H100 SXM, FLOP/s
 MFU = 0.40                  # the utilisation the estimates assume
-DIT_LATENT = (4, 32, 32)    # the paper's VQ-f8 latent of a 256x256 image
 TRAIN_FACTOR = 3            # forward + backward (2x forward) per trained image
 
 
@@ -37,25 +37,7 @@ def recipe_model(recipe):
     n, channels, classes = DATASETS[recipe.dataset]
     size = tuple(recipe.image_size or (32, 32))
     shape_only = SimpleNamespace(image_size=size, in_channels=channels, classes=range(classes))
-    if recipe.task == "dit":
-        from pixtok.models.dit import dit_config
-        c, h, w = DIT_LATENT
-        spec = {"arch": "dit", "args": dit_config(recipe.model, sample_size=h, in_channels=c,
-                                                  num_classes=classes)}
-        label = torch.zeros(1, dtype=torch.long)
-        return spec, (lambda: torch.rand(1, c, h, w), lambda: label, lambda: label)
-    if recipe.task == "classify":
-        from training.tasks.classify import model_spec
-        spec = model_spec(recipe, shape_only, classes)
-    elif recipe.task == "depth":
-        from training.tasks.depth import model_spec
-        spec = model_spec(recipe, shape_only, init_depth=3.0)
-    elif recipe.task == "mae":
-        from training.tasks.mae import mae_spec
-        spec = mae_spec(recipe, shape_only)
-    else:
-        raise ValueError(f"no capacity rule for task {recipe.task}")
-    return spec, (lambda: torch.rand(1, channels, *size),)
+    return trainer_class(recipe.task).shape_model(recipe, shape_only)
 
 
 def recipe_capacity(name: str) -> dict:

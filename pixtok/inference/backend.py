@@ -140,3 +140,12 @@ def load_classifier(model_dir, build_model: Callable[[dict], torch.nn.Module],
     """A classifier's model folder -> ImageClassifier (ONNX Runtime or PyTorch: load_backend)."""
     backend, config = load_backend(model_dir, build_model, device, prefer_onnx)
     return ImageClassifier(backend, config, resize_image)
+
+
+def load(model_dir, device: torch.device | str = "cpu") -> ImageClassifier:
+    """The classify task's runner (pixtok/tasks.py): its ImageClassifier, with this core's own
+    model code and resize."""
+    from pixtok.models import build_model
+    from pixtok.resize import resize_image
+
+    return load_classifier(model_dir, build_model, resize_image, device)

@@ -91,3 +91,12 @@ def load_depth_estimator(model_dir, build_model: Callable[[dict], torch.nn.Modul
     """A depth model's folder -> DepthEstimator (ONNX Runtime or PyTorch: load_backend)."""
     backend, config = load_backend(model_dir, build_model, device, prefer_onnx)
     return DepthEstimator(backend, config, resize_image)
+
+
+def load(model_dir, device: torch.device | str = "cpu") -> DepthEstimator:
+    """The depth task's runner (pixtok/tasks.py): its DepthEstimator, with this core's own
+    model code and resize."""
+    from pixtok.models import build_model
+    from pixtok.resize import resize_image
+
+    return load_depth_estimator(model_dir, build_model, resize_image, device)

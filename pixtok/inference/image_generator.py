@@ -189,3 +189,13 @@ def load_generator(model_dir, build_transformer: Callable[[dict], nn.Module],
     decoder = VQDecoder(config["vq_decoder"])
     decoder.load_state_dict(load_file(model_dir / "vq_decoder.safetensors"))
     return ImageGenerator(transformer, decoder, make_scheduler, config, device, sampler_steps)
+
+
+def load(model_dir, device: torch.device | str = "cpu") -> ImageGenerator:
+    """The generate task's runner (pixtok/tasks.py): its ImageGenerator, with this core's own
+    DiT and sampler presets."""
+    from pixtok.models.dit import PixelDiT
+    from pixtok.pipeline import make_scheduler
+    from pixtok.sampling import DEFAULT_STEPS
+
+    return load_generator(model_dir, PixelDiT.from_config, make_scheduler, device, DEFAULT_STEPS)

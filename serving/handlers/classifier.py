@@ -9,18 +9,12 @@ import sys
 # the archive's own copy of the pixtok core runs, whatever else the Python environment holds
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pixtok.inference.backend import load_classifier  # noqa: E402
+from pixtok.inference.core import load_core  # noqa: E402
 from pixtok.inference.handler_base import PixtokHandler  # noqa: E402
-from pixtok.models.vit import ViT, ViTConfig  # noqa: E402
-from pixtok.resize import resize_image  # noqa: E402
-
-
-def build_vit(spec: dict) -> ViT:
-    return ViT(ViTConfig(**spec["args"]))
 
 
 class ClassifierHandler(PixtokHandler):
     """Image bytes -> {"label", "index", "score", "top_k"}."""
 
     def load(self, model_dir, device):
-        return load_classifier(model_dir, build_vit, resize_image, device)
+        return load_core("classify", model_dir, device)

@@ -10,18 +10,12 @@ import sys
 # the archive's own copy of the pixtok core runs, whatever else the Python environment holds
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pixtok.inference.depth_estimator import load_depth_estimator  # noqa: E402
+from pixtok.inference.core import load_core  # noqa: E402
 from pixtok.inference.handler_base import PixtokHandler  # noqa: E402
-from pixtok.models.depth import DepthViT  # noqa: E402
-from pixtok.resize import resize_image  # noqa: E402
-
-
-def build_depth_vit(spec: dict) -> DepthViT:
-    return DepthViT.from_args(spec["args"])
 
 
 class DepthHandler(PixtokHandler):
     """Image bytes -> {"width", "height", "unit", "min", "max", "depth_png"}."""
 
     def load(self, model_dir, device):
-        return load_depth_estimator(model_dir, build_depth_vit, resize_image, device)
+        return load_core("depth", model_dir, device)

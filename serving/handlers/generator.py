@@ -11,11 +11,8 @@ import sys
 # the archive's own copy of the pixtok core runs, whatever else the Python environment holds
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from pixtok.inference.core import load_core  # noqa: E402
 from pixtok.inference.handler_base import PixtokHandler, v2_generate_body  # noqa: E402
-from pixtok.inference.image_generator import load_generator  # noqa: E402
-from pixtok.models.dit import PixelDiT  # noqa: E402
-from pixtok.pipeline import make_scheduler  # noqa: E402
-from pixtok.sampling import DEFAULT_STEPS  # noqa: E402
 
 
 class GeneratorHandler(PixtokHandler):
@@ -23,8 +20,7 @@ class GeneratorHandler(PixtokHandler):
     Under KServe v2 the same fields come as named inputs of one request."""
 
     def load(self, model_dir, device):
-        return load_generator(model_dir, PixelDiT.from_config, make_scheduler, device,
-                              DEFAULT_STEPS)
+        return load_core("generate", model_dir, device)
 
     def send_intermediate(self, text, idx, context):
         # TorchServe sends it to the one request idx (not the whole batch) as an HTTP chunk

@@ -69,3 +69,15 @@ class Task:
     def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
         """`pixtok eval CKPT` for a checkpoint of this task."""
         raise NotImplementedError
+
+    @staticmethod
+    def shape_model(recipe: Recipe, data) -> tuple[dict, tuple]:
+        """(config.json's "model" entry, makers of one forward pass's inputs) of the recipe's
+        model on a data set known by its shape only (`image_size`, `in_channels`, `classes`):
+        what training/capacity.py counts the FLOPs of, without reading any data."""
+        raise ValueError(f"no capacity rule for task {recipe.task}")
+
+
+def image_inputs(data) -> tuple:
+    """shape_model's inputs of an image model: one image of the data set's shape."""
+    return (lambda: torch.rand(1, data.in_channels, *data.image_size),)

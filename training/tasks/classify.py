@@ -11,7 +11,7 @@ from training.data.augment import CropFlip, MixUpCutMix, smooth_targets
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches, with_bar
 from training.recipe import Recipe
-from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
+from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task, image_inputs
 from training.tasks.common import (
     TokenDropout,
     data_spec,
@@ -100,6 +100,10 @@ class ClassifyTask(Task):
     @staticmethod
     def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
         return evaluate_checkpoint(ckpt, config, args)
+
+    @staticmethod
+    def shape_model(recipe: Recipe, data) -> tuple[dict, tuple]:
+        return model_spec(recipe, data, len(data.classes)), image_inputs(data)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches, with_bar
 from training.metrics.depth import DepthMetrics, mean_depth_baseline
 from training.recipe import Recipe
-from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
+from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task, image_inputs
 from training.tasks.common import (
     TokenDropout,
     cut_split,
@@ -138,6 +138,10 @@ class DepthTask(Task):
     @staticmethod
     def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
         return evaluate_checkpoint(ckpt, config, args)
+
+    @staticmethod
+    def shape_model(recipe: Recipe, data) -> tuple[dict, tuple]:
+        return model_spec(recipe, data, init_depth=3.0), image_inputs(data)
 
 
 def pooled(metrics: DepthMetrics, dist: Dist) -> dict:

@@ -40,6 +40,7 @@ from training.tasks.generate import (
 from training.tasks.vqgan import load_vqgan
 
 EVAL_ITEMS = 10_000          # held-out items for the test diffusion loss (a fixed random subset)
+PAPER_LATENT = (4, 32, 32)  # the paper's VQ-f8 latent of a 256x256 image (shape_model)
 
 
 def latent_caches(recipe: Recipe, dist: Dist, vae, info: dict):
@@ -181,6 +182,15 @@ class DiTTask(Task):
     def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
         """`pixtok eval` of a generator: its pipeline folder (training/tasks/generate.py)."""
         return evaluate_checkpoint(ckpt, config, args)
+
+    @staticmethod
+    def shape_model(recipe: Recipe, data) -> tuple[dict, tuple]:
+        """The DiT on the paper's latent of a 256x256 image (VQ-f8: 4x32x32)."""
+        c, h, w = PAPER_LATENT
+        spec = {"arch": "dit", "args": dit_config(recipe.model, sample_size=h, in_channels=c,
+                                                  num_classes=len(data.classes))}
+        label = torch.zeros(1, dtype=torch.long)
+        return spec, (lambda: torch.rand(1, c, h, w), lambda: label, lambda: label)
 
     def sample_metrics(self, model) -> dict:
         """fid_proxy and class_agreement of eval_samples samples with the default sampler."""

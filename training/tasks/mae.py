@@ -19,7 +19,7 @@ from training.data.augment import CropFlip
 from training.distributed import Dist
 from training.loader import crop_flip_batches, fetch_batches
 from training.recipe import Recipe
-from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task
+from training.tasks.base import COMMON_KEYS, VIT_KEYS, Task, image_inputs
 from training.tasks.common import data_spec, load_split, load_splits, recipe_vit_config
 
 EVAL_SEED = 0
@@ -79,6 +79,10 @@ class MAETask(Task):
     @staticmethod
     def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
         return evaluate_checkpoint(ckpt, config, args)
+
+    @staticmethod
+    def shape_model(recipe: Recipe, data) -> tuple[dict, tuple]:
+        return mae_spec(recipe, data), image_inputs(data)
 
 
 @torch.no_grad()
