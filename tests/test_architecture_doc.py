@@ -19,7 +19,9 @@ TICKED = re.findall(r"`([^`\n]+)`", DOC)
 # files and folders the page names inside a checkpoint, an archive or the run folder, not in
 # the repository
 NOT_IN_THE_REPOSITORY = {"handler.py", "best/", "best.partial/", "best.old/", "transformer/",
-                         "vae/", "scheduler/", "logs/", "tmp/"}
+                         "vae/", "scheduler/", "logs/", "tmp/",
+                         # a generator folder's carried code (copies of pixtok/models/ files)
+                         "transformer/pixel_dit.py", "transformer/pixel_layers.py"}
 PATH = re.compile(r"^[a-z_][\w./-]*(\.py|\.yaml|\.properties|\.md|/)$")
 DOTTED = re.compile(r"^(pixtok|training|export|serving)(\.\w+)+")
 PACKAGES = ("pixtok", "training", "export", "serving")
