@@ -142,3 +142,24 @@ def test_make_folder_writes_the_measured_folders(tmp_path):
     plain = np.array(Image.open(tmp_path / "out0L/train/trouser/0000.png"))
     turned = np.array(Image.open(tmp_path / "out1L/train/trouser/0000.png"))
     assert np.array_equal(turned, 255 - np.rot90(plain))
+
+
+@pytest.mark.slow
+def test_a_generator_of_the_folders_classes_from_folder_vqgan_then_folder_dit(folder, tmp_path):
+    """The generator half of docs/your-data.md: folder-vqgan, then folder-dit over it; the
+    pipeline folder's classes are the folder names, sorted, and sampling takes them by name."""
+    small = ["budget_minutes=0", "epochs=1", "batch_size=16", "amp=off", "threads=1"]
+    vq, dit = tmp_path / "vq", tmp_path / "dit"
+    pixtok("train", "folder-vqgan", f"data_dir={folder}", "--out", vq, "max_steps=4", *small)
+    pixtok("train", "folder-dit", f"data_dir={folder}", f"vqgan={vq}", "--out", dit,
+           "model=DiT-F/1", "max_steps=4", *small)
+    index = json.loads((dit / "model_index.json").read_text())
+    assert index["labels"] == sorted(NAMES)
+    out = json.loads(pixtok("sample", dit, "--label", "zebra-stripes", "--steps", "2",
+                            "--out", tmp_path / "z.png").stdout)
+    assert out["label"] == "zebra-stripes" and out["index"] == sorted(NAMES).index("zebra-stripes")
+    with Image.open(tmp_path / "z.png") as image:
+        assert image.size == (12, 12) and image.mode == "L"
+    bad = pixtok("sample", dit, "--label", "sneaker", "--out", tmp_path / "s.png", check=False)
+    (line,) = message_lines(bad.stderr)
+    assert bad.returncode == 2 and "sneaker" in line and "zebra-stripes" in line
