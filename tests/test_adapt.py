@@ -270,3 +270,67 @@ def test_new_recipe_keys_refuse_bad_values_in_one_line(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)) as error:
         load_recipe("vit1-fashion", overrides)
     assert "\n" not in str(error.value)
+
+
+# --- a DiT from another DiT ---------------------------------------------------------------------
+
+def dit_folder(folder, size=4, classes=LABELS, width=None, seed=0):
+    """A generator checkpoint folder as the dit task writes it (config.json + transformer/)."""
+    from pixtok.models.dit import PixelDiT, dit_config
+
+    torch.manual_seed(seed)
+    args = dit_config("DiT-F/1", sample_size=size, in_channels=4, num_classes=len(classes),
+                      **({"width": width} if width else {}))
+    model = PixelDiT(**args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder / "transformer")
+    write_json(folder / "config.json", {"format": "pixtok-checkpoint/1", "task": "dit",
+                                        "model": {"arch": "dit", "args": args},
+                                        "labels": list(classes)})
+    return folder, model
+
+
+def fresh_dit(size=4, classes=LABELS, width=None):
+    from pixtok.models.dit import PixelDiT, dit_config
+    torch.manual_seed(1)
+    return PixelDiT(**dit_config("DiT-F/1", sample_size=size, in_channels=4,
+                                 num_classes=len(classes), **({"width": width} if width else {})))
+
+
+def test_a_dit_from_a_dit_of_the_same_labels_and_grid_takes_every_weight(tmp_path):
+    from training.adapt import init_dit
+    folder, source = dit_folder(tmp_path / "gen")
+    model, said = fresh_dit(), []
+    init_dit(str(folder), model, LABELS, None, said.append)
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert said == [f"transformer of {folder} loaded"]
+
+
+def test_a_dit_for_other_classes_and_grid_gets_a_new_label_table_and_a_resampled_grid(tmp_path):
+    from training.adapt import init_dit
+    folder, source = dit_folder(tmp_path / "gen", size=4)
+    model = fresh_dit(size=6, classes=["x", "y"])
+    before, said = model.state_dict()["y_embedder.table.weight"].clone(), []
+    init_dit(str(folder), model, ["x", "y"], None, said.append)
+    state, theirs = model.state_dict(), source.state_dict()
+    table = state["y_embedder.table.weight"]
+    assert torch.equal(table[:2], before[:2])                       # reset, not copied
+    assert torch.equal(table[-1], theirs["y_embedder.table.weight"][-1])    # the null class
+    assert state["position_embedding"].shape[1] == 36
+    assert torch.equal(state["position_embedding"],
+                       resample_pos_embed(theirs["position_embedding"], (4, 4), (6, 6)))
+    for k in ("blocks.0.attn.qkv.weight", "final.linear.weight"):
+        if k in theirs:
+            assert torch.equal(state[k], theirs[k])
+    assert any(line.startswith("labels: 2 classes") for line in said)
+    assert any(line.startswith("latent grid: 4x4 -> 6x6") for line in said)
+
+
+def test_a_dit_of_another_width_is_a_one_line_refusal(tmp_path):
+    from training.adapt import init_dit
+    folder, _ = dit_folder(tmp_path / "gen", width=64)
+    with pytest.raises(UserError, match=r"another model \(width 64 vs \d+\)"):
+        init_dit(str(folder), fresh_dit(), LABELS, None, print)

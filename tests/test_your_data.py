@@ -163,3 +163,17 @@ def test_a_generator_of_the_folders_classes_from_folder_vqgan_then_folder_dit(fo
     bad = pixtok("sample", dit, "--label", "sneaker", "--out", tmp_path / "s.png", check=False)
     (line,) = message_lines(bad.stderr)
     assert bad.returncode == 2 and "sneaker" in line and "zebra-stripes" in line
+
+
+@pytest.mark.slow
+def test_folder_dit_fine_tunes_the_shipped_generator_into_the_folders_classes(folder, tmp_path):
+    """init_from=fashion-dit1 over the shipped VQGAN: a new label table for the folder's three
+    classes, the 8x8 latent grid resampled to this size's 4x4, every other weight taken."""
+    res = pixtok("train", "folder-dit", f"data_dir={folder}", "vqgan=model_store/fashion-dit1",
+                 f"latent_dir={tmp_path / 'latents'}", "init_from=fashion-dit1", "--out",
+                 tmp_path / "dit", "budget_minutes=0", "epochs=1", "max_steps=2",
+                 "batch_size=16", "amp=off", "threads=1")
+    said = [line for line in message_lines(res.stderr) if line.startswith("init_from:")]
+    assert said[0].startswith("init_from: labels: 3 classes") and "null class kept" in said[0]
+    assert said[1] == "init_from: latent grid: 8x8 -> 4x4: position table resampled"
+    assert json.loads((tmp_path / "dit/model_index.json").read_text())["labels"] == sorted(NAMES)

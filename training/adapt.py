@@ -191,3 +191,75 @@ def freeze_encoder(model: torch.nn.Module, head_prefix: str = "head.") -> int:
         p.requires_grad_(name.startswith(head_prefix))
         learning += p.numel() if p.requires_grad else 0
     return learning
+
+
+# --- generators: a DiT from another DiT -----------------------------------------------------------
+# PixelDiT config keys that decide what every transformer weight means: they must agree
+DIT_FIXED = ("patch_size", "width", "depth", "heads", "mlp_ratio", "in_channels", "learn_sigma")
+
+
+def init_dit(path: str, model, labels: list[str], vqgan_hash: str | None, say=None) -> None:
+    """A DiT run from another DiT's transformer (a pipeline folder or a shipped generator's
+    name), adapted to this run's classes (a new label table, the null class's row kept for
+    classifier-free guidance) and latent grid (a learned position table resampled; a sin-cos one
+    rebuilt); another width, depth, patch size or latent channel count is a one-line refusal."""
+    from safetensors.torch import load_file
+
+    say = say or tell
+    folder = resolve(path)
+    config = read_init_config(folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    if config.get("task") != "dit" or not weights.is_file():
+        raise UserError(f"init_from={path}: a {config.get('task')!r} checkpoint is no generator; "
+                        "a DiT starts from a DiT pipeline folder (or a shipped generator's name)")
+    import json
+    theirs = json.loads((weights.parent / "config.json").read_text())   # every key, defaults too
+    ours = dict(model.config)
+    differ = [f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in DIT_FIXED
+              if theirs.get(k) != ours.get(k)]
+    if theirs.get("pos_embed", "learned") != ours["pos_embed"]:
+        differ.append(f"pos_embed {theirs.get('pos_embed')} vs {ours['pos_embed']}")
+    if differ:
+        raise UserError(f"init_from={path}: this generator holds another model "
+                        f"({'; '.join(differ)}); only the classes and the latent grid adapt")
+    state = load_file(weights)
+    mine = model.state_dict()
+    lines = dit_adapt(state, mine, model.grid, list(config.get("labels") or []), labels,
+                      ours["pos_embed"] == "sincos")
+    missing = model.load_state_dict(state, strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise UserError(f"init_from={path}: its transformer's weights do not fit "
+                        f"({missing.missing_keys[:3] + missing.unexpected_keys[:3]})")
+    source_vq = config.get("vqgan_sha256")
+    if vqgan_hash and source_vq and source_vq != vqgan_hash:
+        lines.append(f"latents: trained over another VQGAN ({source_vq[:12]}...): its weights "
+                     "start the run, but they learned other latents")
+    for line in lines + [f"transformer of {folder} loaded"]:
+        say(line)
+
+
+def dit_adapt(state: dict, mine: dict, grid: tuple[int, int], their_labels: list[str],
+              labels: list[str], sincos: bool = False) -> list[str]:
+    """Adapt a PixelDiT state dict in place to a model whose state is `mine`; the lines say what
+    was done."""
+    lines = []
+    table = "y_embedder.table.weight"
+    if their_labels != labels or state[table].shape != mine[table].shape:
+        fresh = mine[table].clone()
+        fresh[-1] = state[table][-1]                 # the null class: unconditional sampling
+        state[table] = fresh
+        lines.append(f"labels: {len(labels)} classes {labels[:4]}{'...' if len(labels) > 4 else ''}"
+                     f" (the checkpoint's: {len(their_labels)}): a new label table (reset), the "
+                     "null class kept")
+    key = "position_embedding"
+    if state[key].shape != mine[key].shape:
+        n_theirs = state[key].shape[1]
+        side = int(round(n_theirs ** 0.5))
+        if side * side != n_theirs:
+            raise UserError(f"init_from: its position table ({n_theirs} rows) is not square")
+        learned = not sincos
+        state[key] = resample_pos_embed(state[key], (side, side), tuple(grid)) if learned \
+            else mine[key]
+        lines.append(f"latent grid: {side}x{side} -> {grid[0]}x{grid[1]}: position table "
+                     + ("resampled" if learned else "rebuilt (sin-cos)"))
+    return lines

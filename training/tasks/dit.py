@@ -79,7 +79,8 @@ class DiTTask(Task):
 
     name = "dit"
     RECIPE_KEYS = COMMON_KEYS | {"width", "depth", "heads", "pos_embed", "vqgan", "latent_dir",
-                                 "latent_scale", "class_dropout", "classifier", "eval_samples"}
+                                 "latent_scale", "class_dropout", "classifier", "eval_samples",
+                                 "init_from"}
 
     def __init__(self, recipe: Recipe, dist: Dist):
         super().__init__(recipe, dist)
@@ -123,10 +124,18 @@ class DiTTask(Task):
                 "input": {"image_size": [vae.sample_size] * 2, "channels": vae.in_channels,
                           "pad": self.vqgan_info["pad"],
                           "latent_shape": list(self.train_set.shape)},
-                "vqgan": self.recipe.vqgan, "latent_scale": self.scale,
+                "vqgan": self.recipe.vqgan, "vqgan_sha256": self.vqgan_info["weights_hash"],
+                "latent_scale": self.scale,
                 "latent_cache": str(self.train_set.folder.parent),
                 "data": data_spec(self.recipe), "classifier": self.recipe.classifier or None,
                 "sampling": SAMPLING_DEFAULTS}
+
+    def init_from(self, path) -> None:
+        """Start from another DiT (a pipeline folder or a shipped generator's name), adapted to
+        this data's classes and latent grid (training/adapt.py)."""
+        from training.adapt import init_dit, silent, tell
+        init_dit(path, self.model, list(self.train_set.classes),
+                 self.vqgan_info["weights_hash"], tell if self.dist.main else silent)
 
     def pipeline(self, transformer: nn.Module, sampler: str | None = None) -> PixelDiTPipeline:
         scheduler = make_scheduler(sampler or SAMPLING_DEFAULTS["sampler"], self.scheduler,
