@@ -51,16 +51,19 @@ from pixtok.inference.validate import (
     MAX_STEPS,
     SAMPLERS,
 )
-from serving.client import Client, ServerError, default_run_dir, read_properties
+from serving.client import Client, ServerError, default_run_dir
 from serving.page_settings import (
     CONCURRENCY,
     MODEL_ENV,
     UI_PORT_ENV,
     UI_USER,
+    archive_labels,
     examples_dir,
     model_names,
     needs_login,
     request_timeout,
+    served_archives,
+    served_models,
     ui_login,
     ui_port,
 )
@@ -76,46 +79,6 @@ CSS = """
 #generate-gallery img, #classify-input img, #depth-input img, #depth-output img {
   image-rendering: pixelated; }
 """
-
-
-# --- what the server serves (read from the run folder, never from the model itself) ---------
-def served_archives(run_dir: Path) -> dict[str, Path]:
-    """{model name: .mar path} from the config.properties `pixtok serve` wrote; {} without one."""
-    config = Path(run_dir) / "config.properties"
-    if not config.is_file():
-        return {}
-    props = read_properties(config)
-    try:
-        models = json.loads(props.get("models", "{}").replace("\\\\", "\\"))
-    except json.JSONDecodeError:
-        return {}
-    store = Path(props.get("model_store", "").replace("\\\\", "\\"))
-    return {name: store / next(iter(versions.values()))["marName"]
-            for name, versions in models.items() if versions}
-
-
-def archive_task(mar: Path) -> str | None:
-    return (read_archive_json(mar, "config.json") or {}).get("task")
-
-
-def served_models(run_dir: Path) -> dict[str, list[str]]:
-    """{task: [model names]} of the server of `run_dir`, from its archives' config.json."""
-    by_task: dict[str, list[str]] = {}
-    for name, mar in sorted(served_archives(run_dir).items()):
-        by_task.setdefault(archive_task(mar) or "classify", []).append(name)
-    return by_task
-
-
-def archive_labels(mar: Path) -> list[str]:
-    """Class names from an archive's config.json "labels" or its index_to_name.json; [] if none."""
-    labels = (read_archive_json(mar, "config.json") or {}).get("labels")
-    if isinstance(labels, list) and labels:
-        return [str(label) for label in labels]
-    index = read_archive_json(mar, "index_to_name.json") or {}
-    try:
-        return [str(index[k]) for k in sorted(index, key=int)]
-    except (ValueError, TypeError):
-        return []
 
 
 @dataclass

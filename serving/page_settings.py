@@ -9,13 +9,15 @@ login: user `pixtok`, password $PIXTOK_UI_PASSWORD or the run folder's ui_passwo
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 from pathlib import Path
 
+from pixtok.archive import read_archive_json
 from pixtok.errors import UserError
 from pixtok.tasks import served_tasks
-from serving.client import DEFAULT_MODELS
+from serving.client import DEFAULT_MODELS, read_properties
 
 SERVED = served_tasks()      # the task registry's served tasks, by the name the page uses
 MODEL_ENV = {name: t.serving.model_env for name, t in SERVED.items()}
@@ -91,3 +93,43 @@ def model_names(overrides: dict | None = None) -> dict:
 def examples_dir(run_dir: Path) -> Path:
     """Where `pixtok serve` writes the page's example inputs (the page only reads them)."""
     return Path(run_dir) / "ui" / "examples"
+
+
+# --- what the server serves (read from the run folder, never from the model itself) ---------
+def served_archives(run_dir: Path) -> dict[str, Path]:
+    """{model name: .mar path} from the config.properties `pixtok serve` wrote; {} without one."""
+    config = Path(run_dir) / "config.properties"
+    if not config.is_file():
+        return {}
+    props = read_properties(config)
+    try:
+        models = json.loads(props.get("models", "{}").replace("\\\\", "\\"))
+    except json.JSONDecodeError:
+        return {}
+    store = Path(props.get("model_store", "").replace("\\\\", "\\"))
+    return {name: store / next(iter(versions.values()))["marName"]
+            for name, versions in models.items() if versions}
+
+
+def archive_task(mar: Path) -> str | None:
+    return (read_archive_json(mar, "config.json") or {}).get("task")
+
+
+def served_models(run_dir: Path) -> dict[str, list[str]]:
+    """{task: [model names]} of the server of `run_dir`, from its archives' config.json."""
+    by_task: dict[str, list[str]] = {}
+    for name, mar in sorted(served_archives(run_dir).items()):
+        by_task.setdefault(archive_task(mar) or "classify", []).append(name)
+    return by_task
+
+
+def archive_labels(mar: Path) -> list[str]:
+    """Class names from an archive's config.json "labels" or its index_to_name.json; [] if none."""
+    labels = (read_archive_json(mar, "config.json") or {}).get("labels")
+    if isinstance(labels, list) and labels:
+        return [str(label) for label in labels]
+    index = read_archive_json(mar, "index_to_name.json") or {}
+    try:
+        return [str(index[k]) for k in sorted(index, key=int)]
+    except (ValueError, TypeError):
+        return []

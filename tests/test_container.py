@@ -67,3 +67,8 @@ def test_healthcheck_asks_for_a_real_prediction(server):
     res = subprocess.run([sys.executable, "-m", "serving.healthcheck"], capture_output=True,
                          text=True, env=env, timeout=60, cwd=ROOT)
     assert res.returncode == 1 and "unhealthy" in res.stderr
+    # without a name, a model the run folder's server serves (this store holds no fashion-vit1)
+    del env["PIXTOK_CLASSIFIER"]
+    res = subprocess.run([sys.executable, "-m", "serving.healthcheck"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and "healthy" in res.stdout, res.stderr
