@@ -4,7 +4,15 @@ inference API, for the answers TorchServe 0.12's frontend cannot give (docs/reli
 TorchServe listens on a loopback port of its own; the gate listens on the inference address
 (PIXTOK_INFERENCE_PORT, `--host`) and passes every request through unchanged (method, path,
 query, headers, body; the key too: TorchServe still checks it) and every answer back (streamed
-answers as they come). It changes five answers only:
+answers as they come), on two routes only: /ping and /predictions/MODEL[/VERSION]. Any other
+route (TorchServe's /api-description, OPTIONS, the undocumented aliases /explanations,
+/v1/models/M:predict, /v2/models/M/infer) is a JSON 404 NotFound, and a model name that is not
+letters, digits, '_', '.' and '-' (an encoded newline or '/') a JSON 404 ModelNotFoundException;
+the path goes on as it came, never decoded. TorchServe's internal ts_stream_next header is
+dropped. It changes six answers:
+
+- a missing, wrong or expired key: TorchServe 0.12's 400 InvalidKeyException becomes a 401 with
+  `WWW-Authenticate: Bearer` (the same JSON type);
 
 - a full queue: TorchServe's 503 ServiceUnavailableException, whose message ("has no worker ...
   use scale workers API") misleads, gains a plain message and a `Retry-After` of the whole
@@ -52,6 +60,17 @@ from aiohttp import (
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
 MODEL_PATH = re.compile(r"^/(?:predictions|explanations)/([^/]+)|^/v[12]/models/([^/:]+)")
+# the routes the gate passes on, on the raw (still percent-encoded) path: /ping and
+# /predictions/MODEL[/VERSION]. TorchServe's other inference routes are closed here: its
+# undocumented aliases of /predictions (/explanations, /v1/models/M:predict, /v2/models/M/infer,
+# which answer our v2 bodies with 415) and /api-description (and OPTIONS), which answer
+# without a key
+OPEN_ROUTE = re.compile(r"^/ping$|^/predictions/([^/]+)(?:/([^/]+))?$")
+# a model name or version as TorchServe accepts them at registration
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# headers of TorchServe's answers that are its own business, never the client's: its worker's
+# marker of a streamed answer's next chunk
+INTERNAL_ANSWER_HEADERS = {"ts_stream_next"}
 PACE_WINDOW_S = 30.0       # answers of the last 30 s set a model's pace
 RETRY_AFTER_MAX_S = 60
 UNDECODABLE_FORM = "ErrorDataDecoderException"   # TorchServe's type for a form it cannot decode
@@ -121,7 +140,46 @@ def full_queue(answer: bytes) -> bool:
 
 
 def passed_on(headers) -> dict:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    return {k: v for k, v in headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in INTERNAL_ANSWER_HEADERS}
+
+
+def clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def closed_route(request: web.Request) -> web.Response | None:
+    """None for a route the gate passes on; else the JSON answer: 404 NotFound for a closed
+    route (OPTIONS anywhere), 404 ModelNotFoundException for a model name or version TorchServe
+    could never have registered (a newline, or an encoded '/' that it would decode and take
+    as MODEL/VERSION)."""
+    from urllib.parse import unquote
+
+    found = OPEN_ROUTE.match(request.raw_path.split("?", 1)[0])
+    if request.method == "OPTIONS" or found is None:
+        return error(404, "NotFound", f"{request.method} {clip(request.path)!r} is not served "
+                     "here: the routes are /ping and /predictions/MODEL (docs/openapi.yaml)")
+    for part in found.groups():
+        if part is not None and not NAME.match(unquote(part)):
+            return error(404, "ModelNotFoundException",
+                         f"Model not found: {clip(unquote(part))!r} (a model name or version "
+                         "is letters, digits, '_', '.' and '-')")
+    return None
+
+
+def unauthorized(answer: bytes) -> web.Response | None:
+    """TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException;
+    the gate makes it the 401 with `WWW-Authenticate: Bearer` that HTTP clients expect."""
+    try:
+        found = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(found, dict) or found.get("type") != "InvalidKeyException":
+        return None
+    return error(401, "InvalidKeyException",
+                 "send the inference key as `Authorization: Bearer <key>` (key_file.json in "
+                 "the run folder; it rolls over, see docs/serving.md)",
+                 {"WWW-Authenticate": 'Bearer realm="pixtok"'})
 
 
 def unreachable(why: str) -> web.Response:
@@ -165,6 +223,9 @@ class Gate:
         return bytes(body)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        closed = closed_route(request)
+        if closed is not None:
+            return closed
         body = await self.read_body(request)
         if isinstance(body, web.Response):
             return body
@@ -175,7 +236,7 @@ class Gate:
         headers["X-Forwarded-For"] = ", ".join(
             p for p in (request.headers.get("X-Forwarded-For"), peer) if p)
         try:
-            sent = self.session.request(request.method, self.upstream + request.path_qs,
+            sent = self.session.request(request.method, self.upstream + request.raw_path,
                                         headers=headers, data=body or None,
                                         allow_redirects=False)
             try:
@@ -189,6 +250,10 @@ class Gate:
                         return self.overloaded(model)
                     return web.Response(status=503, body=answer, headers=passed_on(up.headers))
                 counted = True
+                if up.status == 400 and up.content_length is not None:
+                    answer = await up.read()
+                    return unauthorized(answer) or web.Response(
+                        status=400, body=answer, headers=passed_on(up.headers))
                 if up.status == 500 and request.content_type.startswith("multipart/"):
                     answer = await up.read()
                     if UNDECODABLE_FORM.encode() in answer:
@@ -243,7 +308,7 @@ def make_app(upstream: str, max_body: int, log=print,
     app = web.Application(client_max_size=max_body + 1)
     app.on_startup.append(gate.open)
     app.on_cleanup.append(gate.close)
-    app.router.add_route("*", "/{tail:.*}", gate.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", gate.handle)    # newlines too (%0A)
     app["gate"] = gate
     return app
 

@@ -106,9 +106,76 @@ def test_the_server_answers_through_the_gate(server):
     assert via_gate.header("X-Pixtok-Backend") == "torch"
     assert via_gate.header("X-Pixtok-Batch-Size")
     assert via_gate.json() == post(direct, "tiny-cls", image).json()
-    # the key is still TorchServe's to check
+    # the key is still TorchServe's to check; the gate makes its 400 the usual 401
     refused = post(client, "tiny-cls", image, key=False)
-    assert refused.status == 400 and refused.json()["type"] == "InvalidKeyException"
+    assert refused.status == 401 and refused.json()["type"] == "InvalidKeyException"
+    assert post(direct, "tiny-cls", image, key=False).status == 400
+
+
+def key_headers(server) -> dict:
+    return {"Authorization": f"Bearer {server.client().key('inference')}"}
+
+
+def test_a_missing_or_wrong_key_is_401_with_www_authenticate(server):
+    """TorchServe 0.12 answers 400 InvalidKeyException; curl, requests and browsers expect a
+    401 with a challenge, which the gate gives (the JSON body stays TorchServe's shape)."""
+    image = encode(noise(8, 8, 1))
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic eA=="}):
+        for method, path, body in (("POST", "/predictions/tiny-cls", image),
+                                   ("GET", "/ping", None)):
+            status, got, answer = raw(server.inference_url + path, body,
+                                      {**headers, "Content-Type": "image/png"}, method)
+            assert status == 401, (headers, path, status, answer[:200])
+            assert got["WWW-Authenticate"].startswith("Bearer")
+            assert json.loads(answer)["type"] == "InvalidKeyException"
+    result = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             server.inference_url + "/ping"], capture_output=True, text=True)
+    assert result.stdout == "401"
+
+
+def test_api_description_options_and_the_aliases_are_closed(server):
+    """/api-description and OPTIONS answer TorchServe's whole API without a key; the aliases of
+    /predictions (/explanations, /v1/models/M:predict, /v2/models/M/infer) are undocumented
+    and answer our v2 bodies with 415. Through the gate all are a JSON 404, key or not."""
+    direct = raw(server.upstream + "/api-description")
+    assert direct[0] == 200          # what the gate keeps from clients
+    v2 = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                 "data": ["eA=="]}]}).encode()
+    for method, path, body in (("GET", "/api-description", None), ("OPTIONS", "/", None),
+                               ("OPTIONS", "/predictions/tiny-cls", None),
+                               ("POST", "/explanations/tiny-cls", encode(noise(8, 8, 1))),
+                               ("POST", "/v1/models/tiny-cls:predict", v2),
+                               ("POST", "/v2/models/tiny-cls/infer", v2),
+                               ("GET", "/models", None)):
+        for headers in ({}, key_headers(server)):
+            status, got, answer = raw(server.inference_url + path, body,
+                                      {**headers, "Content-Type": "application/json"}, method)
+            assert status == 404, (method, path, status, answer[:200])
+            assert json.loads(answer)["type"] == "NotFound"
+
+
+def test_odd_model_names_get_the_json_404_and_are_not_split(server):
+    """%0A in a name got TorchServe's plain-text 404; %2F was decoded and taken as
+    MODEL/VERSION. Both are a JSON ModelNotFoundException from the gate."""
+    image = encode(noise(8, 8, 1))
+    for name in ("tiny%0Acls", "tiny-cls%2F1.0", "tiny-cls%2f..%2fx", "%00", "tiny-cls%20"):
+        status, got, answer = raw(f"{server.inference_url}/predictions/{name}", image,
+                                  {**key_headers(server), "Content-Type": "image/png"}, "POST")
+        assert status == 404, (name, status, answer[:200])
+        assert got["Content-Type"].startswith("application/json")
+        assert json.loads(answer)["type"] == "ModelNotFoundException"
+
+
+def test_torchserves_internal_stream_header_never_reaches_clients(server):
+    body = json.dumps({"label": "coat", "steps": 2, "stream": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    _, direct, _ = raw(server.upstream + "/predictions/tiny-gen", body,
+                       {**headers, **key_headers(server)}, "POST")
+    assert "ts_stream_next" in {k.lower() for k in direct}      # TorchServe sends it
+    status, got, lines = raw(server.inference_url + "/predictions/tiny-gen", body,
+                             {**headers, **key_headers(server)}, "POST")
+    assert status == 200 and lines.count(b"\n") == 3
+    assert "ts_stream_next" not in {k.lower() for k in got}
 
 
 def test_an_unnamed_multipart_field_is_a_400(server):
