@@ -44,6 +44,7 @@ import math
 import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from aiohttp import (
@@ -68,6 +69,12 @@ MODEL_PATH = re.compile(r"^/(?:predictions|explanations)/([^/]+)|^/v[12]/models/
 OPEN_ROUTE = re.compile(r"^/ping$|^/predictions/([^/]+)(?:/([^/]+))?$")
 # a model name or version as TorchServe accepts them at registration
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# a request's cancel token (pixtok/inference/handler_base.py): the gate sets it on every request
+# it passes on (a client's own is dropped) and, when a client leaves a streamed answer, makes
+# the file CANCEL_DIR/TOKEN in the run folder's tmp/, where the handler looks at each step
+CANCEL_HEADER = "X-Pixtok-Cancel-Token"
+CANCEL_DIR = "pixtok-cancelled"
+CANCEL_KEEP_S = 3600       # markers no handler picked up (the answer was done) go after an hour
 # headers of TorchServe's answers that are its own business, never the client's: its worker's
 # marker of a streamed answer's next chunk
 INTERNAL_ANSWER_HEADERS = {"ts_stream_next"}
@@ -141,7 +148,23 @@ def full_queue(answer: bytes) -> bool:
 
 def passed_on(headers) -> dict:
     return {k: v for k, v in headers.items()
-            if k.lower() not in HOP_BY_HOP and k.lower() not in INTERNAL_ANSWER_HEADERS}
+            if k.lower() not in HOP_BY_HOP and k.lower() not in INTERNAL_ANSWER_HEADERS
+            and k.lower() != CANCEL_HEADER.lower()}
+
+
+def mark_cancelled(folder: Path | None, token: str) -> None:
+    """Tell the handler that the client of request `token` has left (and drop old markers)."""
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in folder.iterdir():
+            if now - old.stat().st_mtime > CANCEL_KEEP_S:
+                old.unlink(missing_ok=True)
+        (folder / token).touch()
+    except OSError:
+        pass           # no marker: the worker finishes the steps, as without the gate
 
 
 def clip(text: str, limit: int = 64) -> str:
@@ -189,8 +212,10 @@ def unreachable(why: str) -> web.Response:
 
 
 class Gate:
-    def __init__(self, upstream: str, max_body: int, log=print, request_timeout: float = 0.0):
+    def __init__(self, upstream: str, max_body: int, log=print, request_timeout: float = 0.0,
+                 cancel_dir: Path | None = None):
         self.upstream, self.max_body, self.log = upstream.rstrip("/"), max_body, log
+        self.cancel_dir = cancel_dir
         self.request_timeout = request_timeout       # seconds; 0: none
         self.pace = Pace()
         self.session: ClientSession | None = None
@@ -232,6 +257,8 @@ class Gate:
         model = model_of(request.path) or ""
         since, counted = self.pace.started(model), False
         headers = passed_on(request.headers)
+        token = uuid.uuid4().hex
+        headers[CANCEL_HEADER] = token
         peer = request.remote or ""
         headers["X-Forwarded-For"] = ", ".join(
             p for p in (request.headers.get("X-Forwarded-For"), peer) if p)
@@ -261,7 +288,7 @@ class Gate:
                                      "every field needs a name (Content-Disposition: form-data; "
                                      'name="data")')
                     return web.Response(status=500, body=answer, headers=passed_on(up.headers))
-                return await self.relay(request, up)
+                return await self.relay(request, up, token)
         except (ClientConnectionError, ClientPayloadError) as e:
             if request.get("gate_started"):
                 raise      # the answer had begun: end the connection, the client sees it cut
@@ -288,23 +315,28 @@ class Gate:
                      f"model {model!r} is overloaded: {why}; retry after {seconds} s",
                      {"Retry-After": str(seconds)})
 
-    async def relay(self, request: web.Request, up) -> web.StreamResponse:
-        """TorchServe's answer, passed on: whole when its length is known, else streamed."""
+    async def relay(self, request: web.Request, up, token: str) -> web.StreamResponse:
+        """TorchServe's answer, passed on: whole when its length is known, else streamed. A
+        client that leaves a stream is told to the handler (mark_cancelled)."""
         headers = passed_on(up.headers)
         if up.content_length is not None:
             return web.Response(status=up.status, body=await up.read(), headers=headers)
         answer = web.StreamResponse(status=up.status, headers=headers)
         await answer.prepare(request)
         request["gate_started"] = True
-        async for chunk in up.content.iter_any():
-            await answer.write(chunk)
-        await answer.write_eof()
+        try:
+            async for chunk in up.content.iter_any():
+                await answer.write(chunk)
+            await answer.write_eof()
+        except (ConnectionError, asyncio.CancelledError):     # the client has gone
+            mark_cancelled(self.cancel_dir, token)
+            raise
         return answer
 
 
-def make_app(upstream: str, max_body: int, log=print,
-             request_timeout: float = 0.0) -> web.Application:
-    gate = Gate(upstream, max_body, log, request_timeout)
+def make_app(upstream: str, max_body: int, log=print, request_timeout: float = 0.0,
+             cancel_dir: Path | None = None) -> web.Application:
+    gate = Gate(upstream, max_body, log, request_timeout, cancel_dir)
     app = web.Application(client_max_size=max_body + 1)
     app.on_startup.append(gate.open)
     app.on_cleanup.append(gate.close)
@@ -335,7 +367,8 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
 
-    app = make_app(args.upstream, args.max_body, log, args.request_timeout)
+    app = make_app(args.upstream, args.max_body, log, args.request_timeout,
+                   args.run_dir / "tmp" / CANCEL_DIR)
     log(f"gate: {args.listen} -> {args.upstream} (run folder {args.run_dir})")
     # SIGTERM: stop taking connections, let the requests in flight finish (up to 8 s)
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=8,

@@ -7,6 +7,7 @@ tests/test_reliability.py, where the queue is small.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -116,6 +117,18 @@ def key_headers(server) -> dict:
     return {"Authorization": f"Bearer {server.client().key('inference')}"}
 
 
+def raw_with_key(server, url: str, body: bytes, headers: dict, method: str = "POST"):
+    """raw() with the inference key, renewed if refused (the session's keys last 6 s)."""
+    client = server.client()
+    for _ in range(3):
+        key = client.key("inference")
+        got = raw(url, body, {**headers, "Authorization": f"Bearer {key}"}, method)
+        if got[0] not in (400, 401) or b"InvalidKeyException" not in got[2]:
+            return got
+        client.refresh_key("inference", key)
+    return got
+
+
 def test_a_missing_or_wrong_key_is_401_with_www_authenticate(server):
     """TorchServe 0.12 answers 400 InvalidKeyException; curl, requests and browsers expect a
     401 with a challenge, which the gate gives (the JSON body stays TorchServe's shape)."""
@@ -169,11 +182,11 @@ def test_odd_model_names_get_the_json_404_and_are_not_split(server):
 def test_torchserves_internal_stream_header_never_reaches_clients(server):
     body = json.dumps({"label": "coat", "steps": 2, "stream": True}).encode()
     headers = {"Content-Type": "application/json"}
-    _, direct, _ = raw(server.upstream + "/predictions/tiny-gen", body,
-                       {**headers, **key_headers(server)}, "POST")
+    _, direct, _ = raw_with_key(server, server.upstream + "/predictions/tiny-gen", body,
+                                headers)
     assert "ts_stream_next" in {k.lower() for k in direct}      # TorchServe sends it
-    status, got, lines = raw(server.inference_url + "/predictions/tiny-gen", body,
-                             {**headers, **key_headers(server)}, "POST")
+    status, got, lines = raw_with_key(server, server.inference_url + "/predictions/tiny-gen",
+                                      body, headers)
     assert status == 200 and lines.count(b"\n") == 3
     assert "ts_stream_next" not in {k.lower() for k in got}
 
@@ -250,3 +263,43 @@ def test_a_gate_without_its_server_answers_503_json_with_retry_after(lone_gate):
     with pytest.raises(Exception, match=r"gave up after \d+ tries"):
         client.classify(encode(noise(8, 8, 1)), model="m")
     assert client.retries >= 1
+
+
+def test_a_client_that_leaves_a_stream_stops_the_sampler_on_torchserve(server):
+    """TorchServe never tells a worker that its client left; the gate does (a marker file the
+    handler checks at each sampler step), so the worker is free again at once instead of
+    running the generation's remaining steps."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    log = server.run_dir / "logs" / "model_log.log"
+    before = log.read_text(errors="replace").count("the client cancelled the request")
+    url, client = urlsplit(server.inference_url), server.client()
+    body = json.dumps({"label": "coat", "steps": 1000, "sampler": "ddpm", "stream": True})
+    for _ in range(3):              # the session's keys expire every 6 s: renew if refused
+        key = client.key("inference")
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        conn.request("POST", "/predictions/tiny-gen", body,
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {key}",
+                      "X-Pixtok-Cancel-Token": "0" * 32})     # a client's own token is dropped
+        answer = conn.getresponse()
+        if answer.status != 401:
+            break
+        conn.close()
+        client.refresh_key("inference", key)
+    assert answer.status == 200
+    assert json.loads(answer.readline()) == {"step": 1, "total": 1000}
+    conn.sock.shutdown(socket.SHUT_RDWR)                   # the page's Stop: the client leaves
+    conn.close()
+    deadline = time.monotonic() + 60
+    while True:
+        text = log.read_text(errors="replace")
+        found = re.findall(r"the client cancelled the request after (\d+) of 1000 steps", text)
+        if len(found) > before:
+            break
+        assert time.monotonic() < deadline, "the worker ran on after its client left"
+        time.sleep(0.2)
+    assert int(found[-1]) < 1000
+    # and the worker answers the next request
+    assert server.client().generate("coat", model="tiny-gen", steps=2)["images"]
+    assert not any((server.run_dir / "tmp" / "pixtok-cancelled").iterdir())   # picked up
