@@ -875,6 +875,14 @@ def install_v2_routes(app, dataplane, models: dict) -> None:
                                         if i["name"] == "image" else i for i in model.inputs],
                              "outputs": model.outputs})
 
+    async def versioned(model_name: str, model_version: str):
+        # KServe's own route would decode the body with its decoder (the one that fails on
+        # raw image bytes); the models have no versions here
+        raise V2Error(404, f"model {clip(model_name, 64)!r} has no version "
+                      f"{clip(model_version, 32)!r} here: POST /v2/models/NAME/infer")
+
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", versioned,
+                      methods=["POST"])
     app.add_api_route("/v2/models/{model_name}", model_metadata, methods=["GET"])
     app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"])
     app.add_api_route("/v2", server_metadata, methods=["GET"])

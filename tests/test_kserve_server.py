@@ -507,6 +507,9 @@ def test_a_1mb_non_utf8_bytes_element_is_a_short_4xx_and_no_long_log_line(ks):
     with pytest.raises(th.InferenceServerException) as stock:    # and as the client reports it
         client.infer("tiny-cls", [image], headers=key_header(ks))
     assert stock.value.status() == "400" and len(str(stock.value)) < 4096
+    with pytest.raises(th.InferenceServerException) as versioned:   # the versioned route too
+        client.infer("tiny-cls", [image], model_version="1", headers=key_header(ks))
+    assert versioned.value.status() == "404" and len(str(versioned.value)) < 4096
     log = (ks.run_dir / "logs" / "kserve.out").read_bytes()
     assert max(len(line) for line in log.splitlines()) < 4096
     assert server_pid(ks)
