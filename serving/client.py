@@ -1,7 +1,8 @@
 """A small REST client for `pixtok serve`: finds the server and its key through the run folder.
 
-TorchServe's keys expire (token_expiration_min) and a rejected key comes back as HTTP 400
-InvalidKeyException (401 in other versions). On either, the client re-reads key_file.json (another
+TorchServe's keys expire (token_expiration_min) and a rejected key comes back as HTTP 401
+InvalidKeyException through pixtok's gate (TorchServe 0.12 itself, and its management API, answer
+400). On either, the client re-reads key_file.json (another
 client may already have rolled the key) and, if the key there is the one just refused, asks the
 management API for a fresh one with the never-expiring API key. A long-running server therefore
 never strands a client, the Gradio front end included.

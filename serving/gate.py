@@ -4,7 +4,15 @@ inference API, for the answers TorchServe 0.12's frontend cannot give (docs/reli
 TorchServe listens on a loopback port of its own; the gate listens on the inference address
 (PIXTOK_INFERENCE_PORT, `--host`) and passes every request through unchanged (method, path,
 query, headers, body; the key too: TorchServe still checks it) and every answer back (streamed
-answers as they come). It changes five answers only:
+answers as they come), on two routes only: /ping and /predictions/MODEL[/VERSION]. Any other
+route (TorchServe's /api-description, OPTIONS, the undocumented aliases /explanations,
+/v1/models/M:predict, /v2/models/M/infer) is a JSON 404 NotFound, and a model name that is not
+letters, digits, '_', '.' and '-' (an encoded newline or '/') a JSON 404 ModelNotFoundException;
+the path goes on as it came, never decoded. TorchServe's internal ts_stream_next header is
+dropped. It changes six answers:
+
+- a missing, wrong or expired key: TorchServe 0.12's 400 InvalidKeyException becomes a 401 with
+  `WWW-Authenticate: Bearer` (the same JSON type);
 
 - a full queue: TorchServe's 503 ServiceUnavailableException, whose message ("has no worker ...
   use scale workers API") misleads, gains a plain message and a `Retry-After` of the whole
@@ -36,6 +44,7 @@ import math
 import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from aiohttp import (
@@ -52,6 +61,23 @@ from aiohttp import (
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
 MODEL_PATH = re.compile(r"^/(?:predictions|explanations)/([^/]+)|^/v[12]/models/([^/:]+)")
+# the routes the gate passes on, on the raw (still percent-encoded) path: /ping and
+# /predictions/MODEL[/VERSION]. TorchServe's other inference routes are closed here: its
+# undocumented aliases of /predictions (/explanations, /v1/models/M:predict, /v2/models/M/infer,
+# which answer our v2 bodies with 415) and /api-description (and OPTIONS), which answer
+# without a key
+OPEN_ROUTE = re.compile(r"^/ping$|^/predictions/([^/]+)(?:/([^/]+))?$")
+# a model name or version as TorchServe accepts them at registration
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# a request's cancel token (pixtok/inference/handler_base.py): the gate sets it on every request
+# it passes on (a client's own is dropped) and, when a client leaves a streamed answer, makes
+# the file CANCEL_DIR/TOKEN in the run folder's tmp/, where the handler looks at each step
+CANCEL_HEADER = "X-Pixtok-Cancel-Token"
+CANCEL_DIR = "pixtok-cancelled"
+CANCEL_KEEP_S = 3600       # markers no handler picked up (the answer was done) go after an hour
+# headers of TorchServe's answers that are its own business, never the client's: its worker's
+# marker of a streamed answer's next chunk
+INTERNAL_ANSWER_HEADERS = {"ts_stream_next"}
 PACE_WINDOW_S = 30.0       # answers of the last 30 s set a model's pace
 RETRY_AFTER_MAX_S = 60
 UNDECODABLE_FORM = "ErrorDataDecoderException"   # TorchServe's type for a form it cannot decode
@@ -121,7 +147,62 @@ def full_queue(answer: bytes) -> bool:
 
 
 def passed_on(headers) -> dict:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    return {k: v for k, v in headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in INTERNAL_ANSWER_HEADERS
+            and k.lower() != CANCEL_HEADER.lower()}
+
+
+def mark_cancelled(folder: Path | None, token: str) -> None:
+    """Tell the handler that the client of request `token` has left (and drop old markers)."""
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in folder.iterdir():
+            if now - old.stat().st_mtime > CANCEL_KEEP_S:
+                old.unlink(missing_ok=True)
+        (folder / token).touch()
+    except OSError:
+        pass           # no marker: the worker finishes the steps, as without the gate
+
+
+def clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def closed_route(request: web.Request) -> web.Response | None:
+    """None for a route the gate passes on; else the JSON answer: 404 NotFound for a closed
+    route (OPTIONS anywhere), 404 ModelNotFoundException for a model name or version TorchServe
+    could never have registered (a newline, or an encoded '/' that it would decode and take
+    as MODEL/VERSION)."""
+    from urllib.parse import unquote
+
+    found = OPEN_ROUTE.match(request.raw_path.split("?", 1)[0])
+    if request.method == "OPTIONS" or found is None:
+        return error(404, "NotFound", f"{request.method} {clip(request.path)!r} is not served "
+                     "here: the routes are /ping and /predictions/MODEL (docs/openapi.yaml)")
+    for part in found.groups():
+        if part is not None and not NAME.match(unquote(part)):
+            return error(404, "ModelNotFoundException",
+                         f"Model not found: {clip(unquote(part))!r} (a model name or version "
+                         "is letters, digits, '_', '.' and '-')")
+    return None
+
+
+def unauthorized(answer: bytes) -> web.Response | None:
+    """TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException;
+    the gate makes it the 401 with `WWW-Authenticate: Bearer` that HTTP clients expect."""
+    try:
+        found = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(found, dict) or found.get("type") != "InvalidKeyException":
+        return None
+    return error(401, "InvalidKeyException",
+                 "send the inference key as `Authorization: Bearer <key>` (key_file.json in "
+                 "the run folder; it rolls over, see docs/serving.md)",
+                 {"WWW-Authenticate": 'Bearer realm="pixtok"'})
 
 
 def unreachable(why: str) -> web.Response:
@@ -131,8 +212,10 @@ def unreachable(why: str) -> web.Response:
 
 
 class Gate:
-    def __init__(self, upstream: str, max_body: int, log=print, request_timeout: float = 0.0):
+    def __init__(self, upstream: str, max_body: int, log=print, request_timeout: float = 0.0,
+                 cancel_dir: Path | None = None):
         self.upstream, self.max_body, self.log = upstream.rstrip("/"), max_body, log
+        self.cancel_dir = cancel_dir
         self.request_timeout = request_timeout       # seconds; 0: none
         self.pace = Pace()
         self.session: ClientSession | None = None
@@ -165,17 +248,22 @@ class Gate:
         return bytes(body)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        closed = closed_route(request)
+        if closed is not None:
+            return closed
         body = await self.read_body(request)
         if isinstance(body, web.Response):
             return body
         model = model_of(request.path) or ""
         since, counted = self.pace.started(model), False
         headers = passed_on(request.headers)
+        token = uuid.uuid4().hex
+        headers[CANCEL_HEADER] = token
         peer = request.remote or ""
         headers["X-Forwarded-For"] = ", ".join(
             p for p in (request.headers.get("X-Forwarded-For"), peer) if p)
         try:
-            sent = self.session.request(request.method, self.upstream + request.path_qs,
+            sent = self.session.request(request.method, self.upstream + request.raw_path,
                                         headers=headers, data=body or None,
                                         allow_redirects=False)
             try:
@@ -189,6 +277,10 @@ class Gate:
                         return self.overloaded(model)
                     return web.Response(status=503, body=answer, headers=passed_on(up.headers))
                 counted = True
+                if up.status == 400 and up.content_length is not None:
+                    answer = await up.read()
+                    return unauthorized(answer) or web.Response(
+                        status=400, body=answer, headers=passed_on(up.headers))
                 if up.status == 500 and request.content_type.startswith("multipart/"):
                     answer = await up.read()
                     if UNDECODABLE_FORM.encode() in answer:
@@ -196,7 +288,7 @@ class Gate:
                                      "every field needs a name (Content-Disposition: form-data; "
                                      'name="data")')
                     return web.Response(status=500, body=answer, headers=passed_on(up.headers))
-                return await self.relay(request, up)
+                return await self.relay(request, up, token)
         except (ClientConnectionError, ClientPayloadError) as e:
             if request.get("gate_started"):
                 raise      # the answer had begun: end the connection, the client sees it cut
@@ -223,27 +315,32 @@ class Gate:
                      f"model {model!r} is overloaded: {why}; retry after {seconds} s",
                      {"Retry-After": str(seconds)})
 
-    async def relay(self, request: web.Request, up) -> web.StreamResponse:
-        """TorchServe's answer, passed on: whole when its length is known, else streamed."""
+    async def relay(self, request: web.Request, up, token: str) -> web.StreamResponse:
+        """TorchServe's answer, passed on: whole when its length is known, else streamed. A
+        client that leaves a stream is told to the handler (mark_cancelled)."""
         headers = passed_on(up.headers)
         if up.content_length is not None:
             return web.Response(status=up.status, body=await up.read(), headers=headers)
         answer = web.StreamResponse(status=up.status, headers=headers)
         await answer.prepare(request)
         request["gate_started"] = True
-        async for chunk in up.content.iter_any():
-            await answer.write(chunk)
-        await answer.write_eof()
+        try:
+            async for chunk in up.content.iter_any():
+                await answer.write(chunk)
+            await answer.write_eof()
+        except (ConnectionError, asyncio.CancelledError):     # the client has gone
+            mark_cancelled(self.cancel_dir, token)
+            raise
         return answer
 
 
-def make_app(upstream: str, max_body: int, log=print,
-             request_timeout: float = 0.0) -> web.Application:
-    gate = Gate(upstream, max_body, log, request_timeout)
+def make_app(upstream: str, max_body: int, log=print, request_timeout: float = 0.0,
+             cancel_dir: Path | None = None) -> web.Application:
+    gate = Gate(upstream, max_body, log, request_timeout, cancel_dir)
     app = web.Application(client_max_size=max_body + 1)
     app.on_startup.append(gate.open)
     app.on_cleanup.append(gate.close)
-    app.router.add_route("*", "/{tail:.*}", gate.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", gate.handle)    # newlines too (%0A)
     app["gate"] = gate
     return app
 
@@ -270,7 +367,8 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
 
-    app = make_app(args.upstream, args.max_body, log, args.request_timeout)
+    app = make_app(args.upstream, args.max_body, log, args.request_timeout,
+                   args.run_dir / "tmp" / CANCEL_DIR)
     log(f"gate: {args.listen} -> {args.upstream} (run folder {args.run_dir})")
     # SIGTERM: stop taking connections, let the requests in flight finish (up to 8 s)
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=8,

@@ -433,7 +433,7 @@ def generate_tab(actions: PageActions, models: list[ServedModel]):
                              api_name="generate", concurrency_limit=CONCURRENCY["generate"])
     # Stop: `cancels` frees the page at once (the run's answer is dropped), and the Event makes
     # the run close its stream at the next step; what the server does then is in
-    # docs/serving.md (KServe stops sampling; TorchServe's worker finishes)
+    # docs/serving.md (both stop sampling; TorchServe through the gate)
     stop.click(stop_fn, None, None, cancels=[running], api_visibility="private",
                concurrency_limit=None)
 

@@ -4,9 +4,12 @@ One kserve.Model per task (classifier, depth, generator), each as thin as our To
 handlers: it unpacks the model's archive from the model store and runs it with pixtok's inference
 core (pixtok/inference/), so both servers answer alike. It speaks two protocols on one port:
 
-- the Open Inference Protocol v2 with typed tensors (/v2/health/live, /v2/health/ready,
+- the Open Inference Protocol v2 with typed tensors (/v2/health/live, /v2/health/ready, /v2,
   /v2/models/NAME, /v2/models/NAME/ready, /v2/models/NAME/infer; names and types in
-  docs/architecture.md), errors as {"error": message} with a 4xx;
+  docs/architecture.md), its binary tensor extension (an `image` element is an image file's
+  raw bytes or its base64; a body is JSON unless Inference-Header-Content-Length splits it, as
+  tritonclient sends it) and Triton's model configuration (/v2/models/NAME/config, what
+  perf_analyzer reads); errors as {"error": message} with a short 4xx message;
 - our REST routes as TorchServe answers them (POST /predictions/NAME, GET /ping), errors as
   {"code", "type", "message"}, so serving/client.py and the Gradio page work unchanged; a
   generator request with "stream": true is answered as a stream of JSON lines, one per sampler
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -50,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from fastapi import Request  # at module level: the route's annotation is resolved from here
+from fastapi import Request, Response  # at module level: route annotations resolve here
 
 from pixtok.archive import read_archive_json
 from pixtok.inference.handler_base import STREAM_CONTENT_TYPE, v2_generate_body, v2_image
@@ -218,8 +223,14 @@ def only_input(request, names: tuple[str, ...]):
     if len(request.inputs) != 1 or request.inputs[0].name not in names:
         given = [i.name for i in request.inputs]
         raise RequestError(400, "bad_input", f"send exactly one input, named "
-                           f"{' or '.join(repr(n) for n in names)}; got {given}")
+                           f"{' or '.join(repr(n) for n in names)}; got {clip(given)}")
     return request.inputs[0]
+
+
+def clip(value, limit: int = 80) -> str:
+    """A short text for a message or a log line: what a client sent is never echoed whole."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def input_array(item, dtype) -> np.ndarray:
@@ -229,31 +240,54 @@ def input_array(item, dtype) -> np.ndarray:
         try:
             return item.as_numpy()
         except Exception as e:
-            raise bad(item.name, f"binary data does not fit shape {item.shape} ({e})") from None
-    array = np.asarray(data, dtype=object if dtype is object else None)
+            raise bad(item.name, f"binary data does not fit shape {clip(item.shape)} "
+                      f"({type(e).__name__})") from None
+    try:
+        array = np.asarray(data, dtype=object if dtype is object else None)
+    except (ValueError, TypeError):
+        raise bad(item.name, "the data is not a (nested) list of one type") from None
     shape = [int(s) for s in item.shape]
     if any(s < 0 for s in shape) or array.size != int(np.prod(shape)):
-        raise bad(item.name, f"shape {shape} holds {int(np.prod(shape))} values, the data "
-                  f"{array.size}")
+        raise bad(item.name, f"shape {clip(shape)} holds {int(np.prod(shape))} values, the "
+                  f"data {array.size}")
     return array.reshape(shape)
 
 
+def image_file(value) -> bytes:
+    """One element of an `image` BYTES tensor -> an image file: base64 text (JSON, or binary
+    elements that are strict base64), else the raw file bytes as the binary tensor extension
+    carries them (tritonclient's binary_data=True). The core then checks the file."""
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        value = bytes(value)
+        if not value.isascii():
+            return value                         # an image file is never all ASCII
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return value                         # not base64: the core says if it is an image
+    return v2_image({"name": "image", "datatype": "BYTES", "data": value})
+
+
 def image_files(item) -> list[bytes]:
-    """An `image` (BYTES [N], base64 image files) or `pixels` (UINT8 [N, H, W, C]) input ->
-    N image files for the core, each checked as a REST upload is."""
+    """An `image` (BYTES [N] or [N, 1]: image files, raw or base64) or `pixels` (UINT8
+    [N, H, W, C]) input -> N image files for the core, each checked as a REST upload is."""
+    shape = [int(s) for s in item.shape]
     if item.name == "image":
         if item.datatype != "BYTES":
-            raise bad("image", f"datatype {item.datatype} is not accepted: send BYTES, each "
-                      "element the base64 of an image file (or send `pixels` as UINT8)")
-        if len(item.shape) != 1:
-            raise bad("image", f"shape must be [N], got {item.shape}")
-        files = input_array(item, object).ravel()
-        return [v2_image({"name": "image", "datatype": "BYTES", "data": f}) for f in files]
+            raise bad("image", f"datatype {clip(item.datatype)} is not accepted: send BYTES, "
+                      "each element an image file, raw or base64 (or send `pixels` as UINT8)")
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise bad("image", f"shape must be [N] (or [N, 1]), got {clip(shape)}")
+        if shape[0] < 1:
+            raise bad("image", "N is 0: send at least one image")
+        return [image_file(f) for f in input_array(item, object).ravel()]
     if item.datatype != "UINT8":
-        raise bad("pixels", f"datatype {item.datatype} is not accepted: send UINT8 shaped "
-                  "[N, H, W, C] (or `image` as BYTES)")
-    if len(item.shape) != 4:
-        raise bad("pixels", f"shape must be [N, H, W, C] with C 1 or 3, got {item.shape}")
+        raise bad("pixels", f"datatype {clip(item.datatype)} is not accepted: send UINT8 "
+                  "shaped [N, H, W, C] (or `image` as BYTES)")
+    if len(shape) != 4:
+        raise bad("pixels", f"shape must be [N, H, W, C] with C 1 or 3, got {clip(shape)}")
+    if shape[0] < 1:
+        raise bad("pixels", "N is 0: send at least one image")
     pixels = input_array(item, None)
     return [v2_image({"name": "pixels", "datatype": "UINT8", "data": p}) for p in pixels]
 
@@ -262,6 +296,7 @@ class PixtokModel:
     """What the three task models share: REST answers, v2 parsing, batching, metadata."""
 
     task = ""
+    device = "cpu"
     inputs: list[dict] = []
     outputs: list[dict] = []
 
@@ -354,8 +389,8 @@ class PixtokModel:
         except FloatingPointError as e:     # the model's fault, not the client's
             raise V2Error(500, str(e)) from None
         except Exception as e:       # a decoder failing in a way we did not foresee
-            log.exception("pixtok: could not answer a v2 request")
-            raise V2Error(400, f"could not read the request ({e})") from None
+            log.error("pixtok: could not answer a v2 request: %s", clip(str(e), 300))
+            raise V2Error(400, f"could not read the request ({type(e).__name__})") from None
         return InferResponse(response_id=payload.id or "", model_name=self.name,
                              infer_outputs=outputs, parameters=parameters,
                              use_binary_outputs=payload.use_binary_outputs,
@@ -526,6 +561,7 @@ def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: 
         models.append(classes[task](name, core, batch_size or size,
                                     delay if delay_ms is None else delay_ms))
         models[-1].batcher.max_waiting = queue_size
+        models[-1].device = device.type
         log.info("pixtok: %s (%s) ready on %s", name, task, device)
     return models
 
@@ -627,18 +663,210 @@ async def drain(receive) -> None:
             return
 
 
+def form_parts(body: bytes, content_type: str) -> list[bytes]:
+    """The parts of a multipart/form-data body, each as the bytes sent: a field without a
+    filename (curl -F "data=<shoe.png") is bytes as a file is, never re-encoded as text."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "bad_request", "a multipart body needs a boundary in its "
+                           "Content-Type")
+    parts: list[bytearray] = []
+    parser = MultipartParser(boundary, {
+        "on_part_begin": lambda: parts.append(bytearray()),
+        "on_part_data": lambda data, start, end: parts[-1].extend(data[start:end])})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception:
+        raise RequestError(400, "bad_request", "the body is not a well-formed multipart "
+                           "form") from None
+    return [bytes(p) for p in parts]
+
+
 async def request_body(request: Request, content_type: str | None) -> bytes:
     """The payload of a REST request as TorchServe hands it to a handler: the raw body, or the
-    one field of a multipart form."""
+    one field of a multipart form (with or without a filename)."""
     if (content_type or "").lower().startswith("multipart/form-data"):
-        form = await request.form(max_files=2, max_fields=2)
-        values = list(form.values())
-        if len(values) != 1:
+        parts = form_parts(await request.body(), content_type)
+        if len(parts) != 1:
             raise RequestError(400, "bad_request", f"a multipart upload must hold one field "
-                               f"(the image), got {len(values)}")
-        value = values[0]
-        return value.encode() if isinstance(value, str) else await value.read()
+                               f"(the image), got {len(parts)}")
+        return parts[0]
     return await request.body()
+
+
+# --- v2 requests as stock clients send them ----------------------------------------------------
+HEADER_LENGTH = "inference-header-content-length"
+MAX_DIMS = 8
+
+
+def v2_refusal(message: str) -> V2Error:
+    return V2Error(400, f"not a v2 inference request: {message}")
+
+
+def v2_input(spec, raw: bytes, start: int):
+    """One entry of a request's "inputs" -> (kserve InferInput, where the next binary input
+    starts). Its data is JSON `data`, or `binary_data_size` bytes of the binary part, kept as
+    bytes (BYTES elements are not decoded as text: image files are binary)."""
+    from kserve import InferInput
+
+    if not isinstance(spec, dict):
+        raise v2_refusal("each input is an object")
+    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise v2_refusal("each input has a `name`, a string of 1 to 64 characters")
+    if not isinstance(datatype, str) or not 0 < len(datatype) <= 16:
+        raise v2_refusal(f"input {name!r} needs a `datatype` such as BYTES, UINT8 or FP32")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise v2_refusal(f"input {name!r} needs a `shape`: at most {MAX_DIMS} sizes, each an "
+                         "integer >= 0")
+    params = spec.get("parameters") if isinstance(spec.get("parameters"), dict) else None
+    item = InferInput(name=name, shape=shape, datatype=datatype, parameters=params)
+    size = (params or {}).get("binary_data_size")
+    if "data" in spec:
+        item.data = spec["data"]
+        return item, start
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise v2_refusal(f"input {name!r} has neither `data` nor a `binary_data_size`")
+    if start + size > len(raw):
+        raise v2_refusal(f"input {name!r} says {size} bytes of binary data; the body holds "
+                         f"{len(raw) - start} more")
+    item._raw_data = raw[start:start + size]
+    return item, start + size
+
+
+def decode_v2(body: bytes, header_length: str | None, model_name: str):
+    """A v2 request body -> kserve's InferRequest. JSON unless `Inference-Header-Content-Length`
+    says where the JSON ends and the binary tensor data begins (tritonclient's JSON mode sends
+    no Content-Type, so it is not looked at). Every refusal is a short 400."""
+    from kserve import InferRequest
+    from kserve.protocol.infer_type import RequestedOutput
+
+    raw = b""
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise v2_refusal(f"Inference-Header-Content-Length must be the length of the JSON "
+                             f"header, at most the body's {len(body)} bytes")
+        body, raw = body[:int(header_length)], body[int(header_length):]
+    try:
+        doc = json.loads(body)
+    except UnicodeDecodeError:
+        raise v2_refusal("the JSON header is not UTF-8 (binary tensor data needs "
+                         "Inference-Header-Content-Length)") from None
+    except json.JSONDecodeError as e:
+        raise v2_refusal(f"not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise v2_refusal('a JSON object with a list of "inputs"')
+    inputs, start = [], 0
+    for spec in doc["inputs"][:16]:
+        item, start = v2_input(spec, raw, start)
+        inputs.append(item)
+    outputs = doc.get("outputs")
+    requested = [RequestedOutput(name=str(o.get("name", ""))[:64],
+                                 parameters=o.get("parameters")
+                                 if isinstance(o.get("parameters"), dict) else None)
+                 for o in outputs if isinstance(o, dict)] if isinstance(outputs, list) else None
+    request_id = doc.get("id")
+    return InferRequest(model_name=model_name, infer_inputs=inputs,
+                        request_id=request_id if isinstance(request_id, str) else None,
+                        parameters=doc.get("parameters")
+                        if isinstance(doc.get("parameters"), dict) else None,
+                        request_outputs=requested or None)
+
+
+# what an `image` BYTES element may be; the model metadata says it beside the tensor
+IMAGE_CONTENT = {"content": "an image file (PNG, JPEG, WebP, BMP or GIF): its raw bytes "
+                            "(binary tensor extension) or its base64 text"}
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "INT64": "TYPE_INT64",
+                "FP32": "TYPE_FP32"}
+
+
+def triton_tensor(spec: dict, batched: bool, optional: bool | None = None) -> dict:
+    """A v2 metadata tensor -> Triton's model configuration entry (dims without the batch
+    dimension when the model batches; a [N] tensor is dims [1] reshaped to [])."""
+    dims = spec["shape"][1:] if batched else spec["shape"]
+    out = {"name": spec["name"], "data_type": TRITON_TYPES[spec["datatype"]],
+           "dims": dims or [1]}
+    if batched and not dims:
+        out["reshape"] = {"shape": []}
+    if optional is not None:
+        out["optional"] = optional
+    return out
+
+
+def triton_config(model) -> dict:
+    """GET /v2/models/NAME/config: Triton's model configuration (what perf_analyzer and
+    tritonclient's get_model_config read): inputs, outputs, max_batch_size, batching."""
+    batched = model.task != "generate"
+    required = {"image"} if batched else {"label"}
+    config = {
+        "name": model.name, "platform": "pixtok", "backend": "pixtok",
+        "max_batch_size": model.batcher.size if batched else 0,
+        "input": [triton_tensor(i, batched, i["name"] not in required) for i in model.inputs],
+        "output": [triton_tensor(o, batched) for o in model.outputs],
+        "instance_group": [{"count": 1, "kind": "KIND_CPU" if model.device == "cpu"
+                            else "KIND_GPU"}],
+        "model_transaction_policy": {"decoupled": False},
+        "parameters": {"pixtok_task": {"string_value": model.task}},
+    }
+    if batched:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds":
+                                      int(model.batcher.delay_s * 1e6)}
+    return config
+
+
+def install_v2_routes(app, dataplane, models: dict) -> None:
+    """Routes ahead of KServe's own: /infer with our decoder (raw image bytes in BYTES, JSON
+    whatever the Content-Type, short 400s), the server metadata without extensions we do not
+    serve, and Triton's model configuration."""
+    from fastapi.responses import JSONResponse
+    from kserve.protocol.rest.v2_endpoints import V2Endpoints
+
+    endpoints = V2Endpoints(dataplane)
+
+    async def infer(model_name: str, request: Request, response: Response):
+        if model_name not in models:
+            raise V2Error(404, f"model {clip(model_name, 64)!r} is not served here")
+        body = await request.body()
+        infer_request = decode_v2(body, request.headers.get(HEADER_LENGTH), model_name)
+        return await endpoints.infer(request, response, model_name, infer_request)
+
+    async def server_metadata():
+        from importlib.metadata import version
+
+        return JSONResponse({"name": "pixtok-kserve", "version": version("kserve"),
+                             "extensions": ["binary_tensor_data", "model_configuration"]})
+
+    async def config(model_name: str):
+        model = models.get(model_name)
+        if model is None:
+            raise V2Error(404, f"model {clip(model_name, 64)!r} is not served here")
+        return JSONResponse(triton_config(model))
+
+    async def model_metadata(model_name: str):
+        model = models.get(model_name)
+        if model is None:
+            raise V2Error(404, f"model {clip(model_name, 64)!r} is not served here")
+        return JSONResponse({"name": model.name, "versions": [], "platform": "pixtok",
+                             "inputs": [{**i, "parameters": IMAGE_CONTENT}
+                                        if i["name"] == "image" else i for i in model.inputs],
+                             "outputs": model.outputs})
+
+    async def versioned(model_name: str, model_version: str):
+        # KServe's own route would decode the body with its decoder (the one that fails on
+        # raw image bytes); the models have no versions here
+        raise V2Error(404, f"model {clip(model_name, 64)!r} has no version "
+                      f"{clip(model_version, 32)!r} here: POST /v2/models/NAME/infer")
+
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", versioned,
+                      methods=["POST"])
+    app.add_api_route("/v2/models/{model_name}", model_metadata, methods=["GET"])
+    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"])
+    app.add_api_route("/v2", server_metadata, methods=["GET"])
+    app.add_api_route("/v2/models/{model_name}/config", config, methods=["GET"])
 
 
 async def streamed(model, item: dict, request: Request, headers: dict):
@@ -695,8 +923,9 @@ def install_routes(app, models: dict) -> None:
             return Response(e.to_json().encode(), e.code, media_type="application/json",
                             headers=headers)
         except Exception as e:
-            log.exception("pixtok: REST request failed")
-            code, payload = rest_error(400, "bad_request", f"could not read the request ({e})")
+            log.error("pixtok: REST request failed: %s", clip(str(e), 300))
+            code, payload = rest_error(400, "bad_request",
+                                       f"could not read the request ({type(e).__name__})")
             return Response(payload, code, media_type="application/json", headers=headers)
         headers["X-Pixtok-Batch-Size"] = str(batch_size)
         return Response(json_bytes(answer), 200, media_type="application/json", headers=headers)
@@ -731,6 +960,73 @@ def install_routes(app, models: dict) -> None:
     app.add_exception_handler(RequestValidationError, invalid_body)
 
 
+MAX_LOG_LINE = 2000       # characters; a line that quotes a request is cut there
+
+
+class ClippedFormatter(logging.Formatter):
+    """Formats as the handler's own formatter did, then cuts every line (a traceback's too) to
+    MAX_LOG_LINE characters, so no request a client sends can write a huge log line."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        return "\n".join(line if len(line) <= MAX_LOG_LINE else
+                         f"{line[:MAX_LOG_LINE]}... ({len(line)} characters)"
+                         for line in text.split("\n"))
+
+
+def clip_log_lines() -> None:
+    """Every handler of every logger configured now (ours, KServe's, uvicorn's) clips."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not isinstance(handler.formatter, ClippedFormatter):
+                handler.setFormatter(ClippedFormatter(handler.formatter))
+
+
+def install_error_handlers(app) -> None:
+    """After KServe's own (which answer str(exc), a repr of the payload at times, and log the
+    whole of it): short messages; v2 routes {"error"}, the others {"code", "type", "message"},
+    unknown routes and methods too."""
+    from fastapi.responses import JSONResponse, Response
+    from kserve.errors import InferenceError, InvalidInput
+    from starlette.exceptions import HTTPException
+
+    def answer(request, code: int, type_: str, message: str, headers=None):
+        if is_v2(request.url.path):
+            return JSONResponse({"error": message}, code, headers=headers)
+        return Response(rest_error(code, type_, message)[1], code,
+                        media_type="application/json", headers=headers)
+
+    async def http_error(request, exc):
+        names = {404: "NotFound", 405: "MethodNotAllowed"}
+        message = {404: f"no route {clip(request.url.path, 100)} on this server (see "
+                        "docs/openapi.yaml)",
+                   405: f"{request.method} is not allowed on {clip(request.url.path, 100)}"
+                   }.get(exc.status_code, clip(str(exc.detail), 200))
+        return answer(request, exc.status_code, names.get(exc.status_code, "HTTPException"),
+                      message, getattr(exc, "headers", None))
+
+    async def invalid(request, exc):
+        log.info("pixtok: refused a request: %s", clip(str(exc), 300))
+        return answer(request, 400, "bad_request", clip(str(exc), 300))
+
+    async def failed(request, exc):
+        log.error("pixtok: %s on %s: %s", type(exc).__name__, clip(request.url.path, 100),
+                  clip(str(exc), 300))
+        return answer(request, 500, "internal_error", f"the server failed on this request "
+                      f"({type(exc).__name__})")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(InvalidInput, invalid)
+    app.add_exception_handler(InferenceError, failed)
+    app.add_exception_handler(Exception, failed)
+
+
 def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -759,9 +1055,18 @@ def serve(args) -> int:
                                 enable_docs_url=False)
     for model in models:
         server.register_model(model)
-    install_routes(app, {m.name: m for m in models})
+    by_name = {m.name: m for m in models}
+    install_v2_routes(app, server.dataplane, by_name)     # ahead of KServe's own routes
+    install_routes(app, by_name)
     app.add_middleware(Guard, key=key, max_body=args.max_request_bytes)
-    rest = RESTServer("kserve.model_server:app", server.dataplane,
+
+    class Server(RESTServer):
+        def create_application(self):
+            super().create_application()
+            install_error_handlers(app)       # over KServe's, which it adds here
+            clip_log_lines()
+
+    rest = Server("kserve.model_server:app", server.dataplane,
                       server.model_repository_extension, args.port, workers=1,
                       timeout_keep_alive=65)
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: di
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
+        "grpc_address": os.environ.get("PIXTOK_GRPC_HOST", "").strip() or "127.0.0.1",
         "inference_address": bracketed("127.0.0.1" if gated else host),
         **{f"{api}_port": number for api, number in ports.items()},
         "token_expiration_min": token_expiration_min

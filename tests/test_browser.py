@@ -1,11 +1,15 @@
 """The Gradio page in a real browser (headless Chromium from Debian's `chromium` package, driven by
 playwright without a browser download): generate, its progress bar moving with the server's
-streamed steps, Stop, the examples, a bad upload, and the page working after it."""
+streamed steps, Stop, the examples, a bad upload, and the page working after it. The README's
+docs/screenshot.png is this test's screenshot of the running page (remade when the controls
+change)."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-quic", "--no-first-run",
                  "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +76,41 @@ def test_generate_shows_a_non_blank_image(ui, browser_page, tmp_path_factory):
     print(f"screenshot: {shot}")
     assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 8
     assert pixels.std() > 1.0, "the generated image is blank"
+    keep_readme_screenshot_current(page, shot)
+
+
+# the controls the page shows (tabs, buttons, labels, choices), as the README's screenshot must
+CONTROLS = """() => {
+  const seen = new Set();
+  for (const e of document.querySelectorAll(
+      'button, [role=tab], label, [data-testid=block-info], [data-testid=block-label]')) {
+    if (!e.checkVisibility || !e.checkVisibility()) continue;
+    if (e.closest('#generate-gallery')) continue;      // captions of what was generated
+    const text = (e.innerText || '').replace(/\\s+/g, ' ').trim();
+    if (text && text.length <= 60) seen.add(text);
+  }
+  return [...seen].sort();
+}"""
+README_SHOT = ROOT / "docs" / "screenshot.png"
+CONTROLS_KEY = "pixtok-page-controls"
+
+
+def keep_readme_screenshot_current(page, shot) -> None:
+    """docs/screenshot.png (the README's picture of the page) is this test's screenshot of the
+    running page. It carries the list of controls it shows; when the page's controls differ
+    (a new sampler, field or button) the test writes the new screenshot there and fails, so a
+    stale picture cannot pass unnoticed: commit the new file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    controls = json.dumps(page.evaluate(CONTROLS))
+    shown = Image.open(README_SHOT).info.get(CONTROLS_KEY) if README_SHOT.exists() else None
+    if shown == controls:
+        return
+    info = PngInfo()
+    info.add_text(CONTROLS_KEY, controls)
+    Image.open(shot).save(README_SHOT, pnginfo=info, optimize=True)
+    pytest.fail(f"docs/screenshot.png showed other controls than the page has now; it was "
+                f"remade from the running page ({README_SHOT}): commit it")
 
 
 # Installed before a generation: a MutationObserver writes down every progress-bar label the

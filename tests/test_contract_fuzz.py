@@ -1,4 +1,5 @@
-"""schemathesis against the real TorchServe (issue 22): requests generated from docs/openapi.yaml,
+"""schemathesis against the real TorchServe (issue 22) and the KServe server (issue 31): requests
+generated from docs/openapi.yaml,
 valid and invalid ones (its positive and negative modes, and its spec examples), sent to the
 session's server; no answer may be a 5xx, and every answer must be documented for its route and
 match its schema, headers and content type; an invalid request must be refused with a 4xx.
@@ -9,7 +10,9 @@ served models in turn (or keep a generated name: a 404). Left out, each for its 
 POST /token (it renews the shared server's keys; the client tests cover it), methods other than
 GET on the management API (PUT would scale the shared server's workers). A multipart form
 with an unnamed field, which TorchServe 0.12's frontend answers 500, is sent like any other: the
-gate in front of TorchServe (serving/gate.py) answers it 400.
+gate in front of TorchServe (serving/gate.py) answers it 400. The KServe server has no
+management API: its run takes /predictions/{model}, /ping and /metrics (on its inference port,
+behind the inference key).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from test_kserve_server import ks  # noqa: F401  (the KServe server fixture, one per module)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = schemathesis.openapi.from_path(ROOT / "docs" / "openapi.yaml").exclude(path="/token")
@@ -42,6 +46,8 @@ EXAMPLES = 60      # per route and phase: about half a minute on 2 busy cores, b
 
 def base_url(server, path: str) -> tuple[str, str | None]:
     """(the URL of the port that serves `path`, the kind of key it takes)."""
+    if server.kind == "kserve":       # one port; /ping is open
+        return server.inference_url, (None if path == "/ping" else "inference")
     if path == "/models/{model}":
         return server.management_url, "management"
     if path == "/metrics":
@@ -74,7 +80,7 @@ def call(server, case):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         case.headers = {**(case.headers or {}), **headers}
         response = case.call(base_url=url, timeout=120)
-        refused = response.status_code == 400 and "InvalidKeyException" in response.text
+        refused = response.status_code in (400, 401) and "InvalidKeyException" in response.text
         if not (kind and refused):
             return response, headers
         client.refresh_key(kind, key)
@@ -89,6 +95,17 @@ def test_every_answer_is_documented_and_never_a_server_error(case, server):
         # schemathesis also tries other methods; PUT /models/NAME would scale the shared
         # server's workers (DELETE and POST are refused: the model API is off)
         reject()
+    check_case(server, case)
+
+
+@SCHEMA.exclude(path="/models/{model}").parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_the_kserve_server_answers_are_documented_and_never_a_server_error(case, ks):  # noqa: F811
+    check_case(ks, case)
+
+
+def check_case(server, case) -> None:
     pick_model(case, next(TURN))
     response, headers = call(server, case)
     try:

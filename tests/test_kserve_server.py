@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -451,6 +452,159 @@ def test_kserves_own_rest_client_gets_typed_answers(ks):
     np.testing.assert_allclose(by_pixels.get_output_by_name("probabilities").as_numpy(), probs,
                                atol=1e-6)
     assert "401" in str(refused)
+
+
+# --- stock clients: tritonclient (HTTP, binary and JSON modes), curl-style forms ---------------
+def triton(ks):
+    import tritonclient.http as triton_http
+
+    return triton_http, triton_http.InferenceServerClient(ks.url.split("://", 1)[1])
+
+
+def key_header(ks) -> dict:
+    return {"Authorization": f"Bearer {ks.key}"}   # fresh: tritonclient adds to the dict it gets
+
+
+def test_tritonclient_sends_raw_image_bytes_or_base64_in_either_mode(ks):
+    th, client = triton(ks)
+    files = [encode(noise(8, 8, 1)), encode(noise(11, 9, 3), "JPEG")]
+    local = local_classifier(ks)
+    want = local.probabilities([local.preprocess(f, "image/png") for f in files])
+    sent = {"binary, raw files": (np.array(files, dtype=object), True),
+            "JSON, base64 text": (np.array([base64.b64encode(f) for f in files],
+                                           dtype=object), False),
+            "binary, base64 text": (np.array([base64.b64encode(f) for f in files],
+                                             dtype=object), True)}
+    for mode, (array, binary) in sent.items():
+        image = th.InferInput("image", [2], "BYTES")
+        image.set_data_from_numpy(array, binary_data=binary)
+        outputs = [th.InferRequestedOutput("probabilities", binary_data=binary),
+                   th.InferRequestedOutput("label", binary_data=binary)]
+        answer = client.infer("tiny-cls", [image], outputs=outputs, headers=key_header(ks))
+        np.testing.assert_allclose(answer.as_numpy("probabilities"), want, atol=1e-5,
+                                   err_msg=mode)
+        labels = [x.decode() if isinstance(x, bytes) else x for x in answer.as_numpy("label")]
+        assert labels == [
+            local.labels[i] for i in want.argmax(axis=1)], mode
+
+
+def test_a_1mb_non_utf8_bytes_element_is_a_short_4xx_and_no_long_log_line(ks):
+    th, client = triton(ks)
+    blob = b"\xff\xfe" + RNG.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    image = th.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)
+    body, json_size = th.InferenceServerClient.generate_request_body([image])
+    headers = {**key_header(ks), "Inference-Header-Content-Length": str(json_size),
+               "Content-Type": "application/octet-stream"}
+    req = urllib.request.Request(ks.url + "/v2/models/tiny-cls/infer", data=body,
+                                 method="POST", headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        OPENER.open(req, timeout=120)
+    answer = refused.value.read()
+    assert 400 <= refused.value.code < 500 and len(answer) < 4096, (refused.value.code,
+                                                                     len(answer))
+    assert "image" in json.loads(answer)["error"]
+    with pytest.raises(th.InferenceServerException) as stock:    # and as the client reports it
+        client.infer("tiny-cls", [image], headers=key_header(ks))
+    assert stock.value.status() == "400" and len(str(stock.value)) < 4096
+    with pytest.raises(th.InferenceServerException) as versioned:   # the versioned route too
+        client.infer("tiny-cls", [image], model_version="1", headers=key_header(ks))
+    assert versioned.value.status() == "404" and len(str(versioned.value)) < 4096
+    log = (ks.run_dir / "logs" / "kserve.out").read_bytes()
+    assert max(len(line) for line in log.splitlines()) < 4096
+    assert server_pid(ks)
+
+
+def test_tritonclient_json_mode_without_a_content_type_is_json(ks):
+    """tritonclient's JSON mode sends no Content-Type and no Inference-Header-Content-Length."""
+    th, client = triton(ks)
+    image = th.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([base64.b64encode(encode(noise(8, 8, 1)))],
+                                       dtype=object), binary_data=False)
+    answer = client.infer("tiny-cls", [image], headers=key_header(ks),
+                          outputs=[th.InferRequestedOutput("label", binary_data=False)])
+    assert answer.as_numpy("label").shape == (1,)
+    body = json.dumps({"inputs": [b64_images(encode(noise(8, 8, 1)))]}).encode()
+    for content_type in (None, "text/plain", "application/octet-stream"):
+        status, _, got = call(ks, "POST", "/v2/models/tiny-cls/infer", body,
+                              content_type=content_type)
+        assert status == 200 and output(got, "label")["shape"] == [1], (content_type, got)
+
+
+def test_model_config_is_a_triton_configuration_perf_analyzer_reads(ks):
+    """perf_analyzer (its wheel needs glibc 2.38; see docs/serving.md) asks for the config
+    first; this is what it reads: max_batch_size, inputs and outputs with Triton's types and
+    dims (without the batch dimension where the model batches)."""
+    _, client = triton(ks)
+    config = client.get_model_config("tiny-cls", headers=key_header(ks))
+    assert config["name"] == "tiny-cls" and config["max_batch_size"] == 16
+    inputs = {i["name"]: i for i in config["input"]}
+    assert inputs["image"]["data_type"] == "TYPE_STRING" and inputs["image"]["dims"] == [1]
+    assert inputs["image"]["reshape"] == {"shape": []} and not inputs["image"]["optional"]
+    assert inputs["pixels"] == {"name": "pixels", "data_type": "TYPE_UINT8",
+                                "dims": [-1, -1, -1], "optional": True}
+    assert {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]} == {
+        "probabilities": ("TYPE_FP32", [10]), "label": ("TYPE_STRING", [1])}
+    gen = client.get_model_config("tiny-gen", headers=key_header(ks))
+    assert gen["max_batch_size"] == 0 and {i["name"] for i in gen["input"]} == {
+        "label", "seed", "steps", "num_images", "sampler", "guidance"}
+    # a request shaped as the config says ([batch] + dims: image [2, 1]) is answered
+    th, _ = triton(ks)
+    image = th.InferInput("image", [2, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[encode(noise(8, 8, 1))], [encode(noise(8, 8, 1))]],
+                                       dtype=object))
+    answer = client.infer("tiny-cls", [image], headers=key_header(ks))
+    assert answer.as_numpy("probabilities").shape == (2, 10)
+    with pytest.raises(th.InferenceServerException) as missing:
+        client.get_model_config("nope", headers=key_header(ks))
+    assert missing.value.status() == "404"
+
+
+def test_server_metadata_advertises_only_extensions_it_serves(ks):
+    _, client = triton(ks)
+    meta = client.get_server_metadata(headers=key_header(ks))
+    assert meta["extensions"] == ["binary_tensor_data", "model_configuration"]
+    image = client.get_model_metadata("tiny-cls", headers=key_header(ks))["inputs"][0]
+    assert image["name"] == "image" and "raw bytes" in image["parameters"]["content"]
+    assert "base64" in image["parameters"]["content"]
+    assert call(ks, "POST", "/v2/repository/models/tiny-cls/load", {})[0] == 403
+
+
+def test_unimplemented_routes_answer_the_documented_error_shape(ks):
+    for method, path in (("GET", "/nope"), ("GET", "/predictions"), ("PUT", "/ping"),
+                         ("DELETE", "/predictions/tiny-cls")):
+        status, _, got = call(ks, method, path)
+        assert status in (404, 405) and set(got) == {"code", "type", "message"}, (path, got)
+        assert got["code"] == status
+    status, _, got = call(ks, "GET", "/v2/nope")
+    assert status == 404 and set(got) == {"error"}
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_a_multipart_field_without_a_filename_is_read_as_bytes(ks, tmp_path):
+    """curl -F "data=<shoe.png" sends the file as a plain field (no filename); TorchServe
+    takes its bytes, and so does the KServe server (it re-encoded them as text)."""
+    image = encode(noise(8, 8, 1))
+    (tmp_path / "shoe.png").write_bytes(image)
+    want = Client(run_dir=ks.run_dir).classify(image, model="tiny-cls")
+    for field in ("data=<shoe.png", "data=@shoe.png"):
+        done = subprocess.run(["curl", "-s", "--noproxy", "*", "-w", "\n%{http_code}",
+                               "-H", f"Authorization: Bearer {ks.key}", "-F", field,
+                               f"{ks.url}/predictions/tiny-cls"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        body, _, status = done.stdout.rpartition("\n")
+        assert status == "200", (field, done.stdout[:300])
+        assert_same_answer(json.loads(body), want, atol=1e-7)
+
+
+def test_pixels_or_images_with_n_zero_are_a_clear_400(ks):
+    th, client = triton(ks)
+    for name, shape, dtype in (("pixels", [0, 8, 8, 1], "UINT8"), ("image", [0], "BYTES")):
+        tensor_ = th.InferInput(name, shape, dtype)
+        tensor_.set_data_from_numpy(np.zeros(shape, np.uint8 if dtype == "UINT8" else object))
+        with pytest.raises(th.InferenceServerException) as refused:
+            client.infer("tiny-cls", [tensor_], headers=key_header(ks))
+        assert refused.value.status() == "400" and "N is 0" in str(refused.value), name
 
 
 # --- batching ----------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_real_answers_validate(request, kind):
             assert resp.header("X-Pixtok-Backend") in ("torch", "onnxruntime")
             assert int(resp.header("X-Pixtok-Batch-Size")) >= 1
     refused = post(client, "tiny-cls", encode(noise(8, 8, 1)), "image/png", key=False)
-    assert refused.status == (400 if kind == "torchserve" else 401)
+    assert refused.status == 401 and refused.header("WWW-Authenticate").startswith("Bearer")
     check_answer("/predictions/{model}", "post", refused)
     assert json.loads(refused.body)["type"] == ("InvalidKeyException" if kind == "torchserve"
                                                 else "Unauthorized")
@@ -155,8 +155,14 @@ def test_real_answers_validate(request, kind):
     assert ping.status == 200
     check_answer("/ping", "get", ping)
     bare = client.request("GET", f"{client.base_url}/ping", kind=None)
-    assert bare.status == (400 if kind == "torchserve" else 200)     # KServe: a probe route
+    assert bare.status == (401 if kind == "torchserve" else 200)     # KServe: a probe route
     check_answer("/ping", "get", bare)
+    # a route not served: the documented error shape and type, from both
+    for path in ("/api-description", "/no/such/route"):
+        missing = client.request("GET", f"{client.base_url}{path}")
+        assert missing.status == 404, (path, missing.body[:200])
+        validate({"$ref": "#/components/schemas/Error"}, json.loads(missing.body))
+        assert json.loads(missing.body)["type"] == "NotFound"
 
 
 def test_torchserve_management_and_metrics_answers_validate(server):

@@ -217,8 +217,26 @@ def test_requests_without_the_key_are_refused(server):
         r = client.request("POST", f"{client.base_url}/predictions/tiny-cls",
                            encode(noise(8, 8, 1)), {"Content-Type": "image/png", **headers},
                            kind=None)
-        # TorchServe 0.12 answers a missing or wrong key with 400, not 401
-        assert r.status in (400, 401) and r.json()["type"] == "InvalidKeyException"
+        # TorchServe 0.12 answers a missing or wrong key with 400; the gate makes it 401
+        assert r.status == 401 and r.json()["type"] == "InvalidKeyException"
+        assert r.header("WWW-Authenticate").startswith("Bearer")
+
+
+def test_grpc_listens_on_loopback_unless_opened(tmp_path, monkeypatch):
+    """TorchServe 0.12 cannot turn gRPC off and the gate is not in front of it: it stays on
+    127.0.0.1 even when `--host` opens the rest, until PIXTOK_GRPC_HOST says otherwise."""
+    from serving import launcher
+
+    models = {"a": ("a.mar", "1", "classify")}
+    ports = launcher.free_ports()
+    monkeypatch.delenv("PIXTOK_GRPC_HOST", raising=False)
+    config = launcher.render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
+    assert "grpc_inference_address=127.0.0.1\n" in config
+    assert "grpc_management_address=127.0.0.1\n" in config
+    assert "management_address=http://0.0.0.0:" in config
+    monkeypatch.setenv("PIXTOK_GRPC_HOST", "0.0.0.0")
+    config = launcher.render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
+    assert "grpc_inference_address=0.0.0.0\n" in config
 
 
 def test_model_registration_and_deletion_are_refused(server):

@@ -23,8 +23,11 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 from http import HTTPStatus
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +40,26 @@ from .validate import HF_NAMES, RequestError
 log = logging.getLogger(__name__)
 STREAM_CONTENT_TYPE = "application/x-ndjson"     # a streamed answer: one JSON object per line
 REPOSITORY_PACKAGES = {"training", "serving", "export"}    # never shipped in an archive
+
+
+# A streamed request's cancel token: pixtok's gate (serving/gate.py) gives every request one and,
+# when the client leaves mid-stream, makes the file CANCEL_DIR/TOKEN in the temp folder the
+# workers share with it (the run folder's tmp/); the sampler stops at its next step (TorchServe
+# itself never tells a worker that its client left)
+CANCEL_HEADER = "x-pixtok-cancel-token"
+CANCEL_DIR = "pixtok-cancelled"
+TOKEN = re.compile(r"^[0-9a-f]{32}$")
+
+
+def cancel_marker(headers: dict) -> Path | None:
+    """The file whose existence says that this request's client has left, or None."""
+    for key, value in headers.items():
+        if key.lower() == CANCEL_HEADER:
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace")
+            if isinstance(value, str) and TOKEN.match(value):
+                return Path(tempfile.gettempdir()) / CANCEL_DIR / value
+    return None
 
 
 def content_type(headers: dict) -> str | None:
@@ -170,15 +193,25 @@ class PixtokHandler:
     def progress_sender(self, good: list[int], batch: int, context):
         """progress(j, step, total) for the core: one {"step", "total"} line to the client of
         request good[j]; the answer's headers go with the first."""
-        def progress(j: int, step: int, total: int) -> None:
+        markers: dict[int, Path | None] = {}
+
+        def progress(j: int, step: int, total: int) -> bool | None:
             idx = good[j]
             if idx not in self.streaming:
                 self.streaming.add(idx)
                 context.set_response_content_type(idx, STREAM_CONTENT_TYPE)
                 context.set_response_header(idx, "X-Pixtok-Batch-Size", str(batch))
                 context.set_response_header(idx, "X-Pixtok-Backend", self.backend)
+                markers[idx] = cancel_marker(context.get_all_request_header(idx) or {})
+            marker = markers.get(idx)
+            if marker is not None and marker.exists():     # the client left: stop sampling
+                marker.unlink(missing_ok=True)
+                log.info("pixtok: the client cancelled the request after %d of %d steps",
+                         step, total)
+                return False
             self.send_intermediate(json.dumps({"step": step, "total": total}) + "\n", idx,
                                    context)
+            return None
         return progress
 
     def load(self, model_dir: str, device):
