@@ -532,7 +532,7 @@ def load_core(task: str, folder: Path, device):
 
 def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: int | None,
                 delay_ms: float | None, queue_size: int | None = None) -> list:
-    from pixtok.inference.backend import pick_device
+    from pixtok.inference.backend import describe_backend, pick_device
 
     classes = make_model_classes()
     device = pick_device(0)
@@ -546,7 +546,8 @@ def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: 
         models.append(classes[task](name, core, batch_size or size,
                                     delay if delay_ms is None else delay_ms))
         models[-1].batcher.max_waiting = queue_size
-        log.info("pixtok: %s (%s) ready on %s", name, task, device)
+        log.info("pixtok: %s (%s) ready on %s (%s)", name, task, device,
+                 describe_backend(getattr(core, "backend", None)))
     return models
 
 
