@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_NEEDS := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist default-jre-headless:java \
 	chromium:chromium
 
-.PHONY: install system-deps test test-fast test-reliability lint serve stop clean image \
+.PHONY: install system-deps test test-fast test-reliability lint serve stop clean image gpu-check \
 	image-deps base-image test-container
 
 install: $(STAMP)
@@ -58,6 +58,13 @@ serve: install system-deps
 
 stop: install
 	$(BIN)/pixtok serve --stop
+
+# one lent GPU, 9 minutes: install from this repository's files (keeping the machine's CUDA
+# torch), serve every default model on CUDA through TorchServe and KServe, measure MFU, then the
+# study if time is left; JSON in $(OUT)/gpu_check.json (docs/serving.md "On a GPU")
+OUT ?= gpu-check
+gpu-check:
+	scripts/gpu_check.sh $(OUT) $(GPU_CHECK_ARGS)
 
 # --- the CPU serving image (README "Containers") ------------------------------------------------
 # docker where an engine answers, podman otherwise (this machine: see serving/deploy/containers.conf)

@@ -11,7 +11,10 @@ An archive runs on a stock TorchServe with only torch, numpy, pillow and safeten
     config.json             the checkpoint's config: architecture, labels, input size and resize
     index_to_name.json      labels in TorchServe's usual form (classifiers and generators)
     model.safetensors       weights; never a pickle
-    model.onnx              with --onnx; the handler prefers it when onnxruntime imports
+    model.onnx              classifiers and depth models, unless --no-onnx (or the ONNX tools
+                            are not installed): the handler runs it when onnxruntime imports
+    model.int8.onnx         with --quantize int8, once it passed its check against model.onnx
+    quantization.json       that check's record (export/quantize.py)
     code.sha256             the digest of the handlers and the core as they were staged: an
                             archive of older code is stale (rebuilt by `pixtok serve`)
 
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -226,12 +230,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def read_source(ckpt: Path, onnx: bool) -> tuple[TaskInfo, dict | None, object]:
+def onnx_tools_available() -> bool:
+    """The ONNX exporter (onnxscript) and ONNX Runtime, which checks what it wrote, import."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxscript", "onnxruntime"))
+
+
+def read_source(ckpt: Path, onnx: bool | None,
+                quantize: str | None = None) -> tuple[TaskInfo, dict | None, object]:
     """(task, config.json or None, the loaded model or the pipeline) of what is exported."""
     if is_pipeline_folder(ckpt):
-        if onnx:
-            raise ExportError(f"{ckpt}: --onnx is for image models; a generator's archive runs "
-                              "PyTorch")
+        if onnx or quantize:
+            raise ExportError(f"{ckpt}: --onnx and --quantize are for image models; a "
+                              "generator's archive runs PyTorch")
         return TASKS["dit"], None, read_pipeline(ckpt)
     config = read_config(ckpt)
     checks = export_checks()
@@ -257,17 +269,41 @@ def stage_bar(name: str, stages: int, show: bool):
                 "{elapsed}")
 
 
-def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool = False,
-                   log=print, version: str | None = None, progress: bool = False) -> Path:
-    """Build out/NAME.mar (and out/NAME.onnx with onnx=True) from a checkpoint folder, or from a
-    generator's diffusers pipeline folder (model_index.json). The archive's model version is
-    the checkpoint's own (checkpoint_version) unless `version` says otherwise. progress: a bar
-    on stderr names each stage as it starts (`pixtok export`)."""
+def onnx_plan(config: dict | None, onnx: bool | None, quantize: str | None) -> tuple[bool, bool]:
+    """(put model.onnx in the archive, write NAME.onnx beside it) for export_archive's `onnx`:
+    None (the default) puts it in for an image model where the ONNX tools are installed;
+    True also writes it beside (--onnx); False leaves it out (--no-onnx)."""
+    from export.quantize import SCHEMES
+
+    if quantize is not None and quantize not in SCHEMES:
+        raise ExportError(f"--quantize {quantize!r}: expected one of {', '.join(SCHEMES)}")
+    if config is None:
+        return False, False
+    if onnx is False and quantize:
+        raise ExportError("--quantize needs the ONNX file; drop --no-onnx")
+    inside = onnx_tools_available() if onnx is None and not quantize else bool(onnx or quantize)
+    return inside, bool(onnx)
+
+
+def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool | None = None,
+                   log=print, version: str | None = None, progress: bool = False,
+                   quantize: str | None = None, held_out=None) -> Path:
+    """Build out/NAME.mar from a checkpoint folder, or from a generator's diffusers pipeline
+    folder (model_index.json). An image model's archive carries model.onnx unless onnx=False
+    (onnx=True also writes out/NAME.onnx); quantize="int8" adds model.int8.onnx once it passed
+    its check on held_out(config) -> (images, targets, description) (export/quantize.py). The
+    archive's model version is the checkpoint's own (checkpoint_version) unless `version` says
+    otherwise. progress: a bar on stderr names each stage as it starts (`pixtok export`)."""
     ckpt, out = Path(ckpt), Path(out)
     name = check_name(name or ckpt.resolve().name)
-    task, config, source = read_source(ckpt, onnx)
+    task, config, source = read_source(ckpt, onnx, quantize)
+    inside, beside = onnx_plan(config, onnx, quantize)
+    if quantize and held_out is None:
+        raise ExportError("--quantize needs held-out data to check against (pixtok export "
+                          "passes the checkpoint's test split)")
+    plan = OnnxPlan(inside, beside, quantize, held_out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = stage_bar(name, 4 if onnx else 3, progress)
+    bar = stage_bar(name, 3 + inside + bool(quantize), progress)
 
     def stage_done(next_stage: str | None = None):
         if bar is not None:
@@ -278,7 +314,7 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
     if bar is not None:
         bar.set_description(f"export {name}: staging the code")
     try:
-        version = write_archive(ckpt, out, name, task, config, source, onnx, version, log,
+        version = write_archive(ckpt, out, name, task, config, source, plan, version, log,
                                 stage_done)
     except BaseException:
         if bar is not None:     # cleared: a failed export's error stays the one stderr line
@@ -291,10 +327,44 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
     return out / f"{name}.mar"
 
 
+@dataclass(frozen=True)
+class OnnxPlan:
+    inside: bool                  # model.onnx in the archive
+    beside: bool                  # NAME.onnx next to it too (--onnx)
+    quantize: str | None          # "int8": model.int8.onnx, checked
+    held_out: object              # config -> (images, targets, description), for the check
+
+
+def stage_onnx(name: str, out: Path, task: TaskInfo, config: dict, model, plan: OnnxPlan,
+               files: Path, log, stage_done) -> None:
+    """model.onnx (checked against PyTorch) into the archive's files, NAME.onnx beside it with
+    --onnx, and with --quantize the int8 file once it passed its check."""
+    from export.onnx import export_onnx
+
+    spec = config["input"]
+    diff = export_onnx(model, (spec["channels"], *spec["image_size"]), files / "model.onnx",
+                       output_name=task.onnx_output)
+    log(f"onnx: {name} (onnxruntime vs torch: {diff:.2e})")
+    if plan.beside:
+        shutil.copy2(files / "model.onnx", out / f"{name}.onnx")
+        log(f"onnx: {out / f'{name}.onnx'}")
+    stage_done("int8 quantization and check" if plan.quantize else "writing the archive")
+    if plan.quantize:
+        from export.quantize import INT8_FILE, check_int8, quantize_int8, write_record
+
+        quantize_int8(files / "model.onnx", files / INT8_FILE)
+        images, targets, source = plan.held_out(config)
+        record = check_int8(task.name, files / "model.onnx", files / INT8_FILE,
+                            (images, targets), source)
+        write_record(record, files)
+        log(f"int8: {record['metric']} {record['value']:.4f} on {source} (passed)")
+        stage_done("writing the archive")
+
+
 def write_archive(ckpt: Path, out: Path, name: str, task: TaskInfo, config: dict | None,
-                  source, onnx: bool, version: str | None, log, stage_done) -> str:
-    """export_archive's stages: stage the code and the files, ONNX with onnx, the .mar into
-    out; stage_done(next stage) after each. -> the archive's version."""
+                  source, plan: OnnxPlan, version: str | None, log, stage_done) -> str:
+    """export_archive's stages: stage the code and the files, ONNX (and int8) per plan, the .mar
+    into out; stage_done(next stage) after each. -> the archive's version."""
     with tempfile.TemporaryDirectory(prefix="pixtok-export-") as tmp:
         stage = Path(tmp)
         stage_code(handler_path(task), stage)
@@ -303,22 +373,24 @@ def write_archive(ckpt: Path, out: Path, name: str, task: TaskInfo, config: dict
             stage_generator(source, stage / "files")
         else:
             stage_files(ckpt, config, stage / "files")
-        stage_done("ONNX export and check" if onnx else "writing the archive")
-        if onnx:
-            from export.onnx import export_onnx
-
-            spec = config["input"]
-            diff = export_onnx(source, (spec["channels"], *spec["image_size"]),
-                               out / f"{name}.onnx", output_name=task.onnx_output)
-            log(f"onnx: {out / f'{name}.onnx'} (onnxruntime vs torch: {diff:.2e})")
-            shutil.copy2(out / f"{name}.onnx", stage / "files" / "model.onnx")
-            stage_done("writing the archive")
+        stage_done("ONNX export and check" if plan.inside else "writing the archive")
+        if plan.inside:
+            stage_onnx(name, out, task, config, source, plan, stage / "files", log, stage_done)
         version = version or checkpoint_version(ckpt)
         mar = run_archiver(name, stage / "handler.py", stage / "files", stage,
                            requirements(task), version)
         os.replace(mar, out / f"{name}.mar")     # TorchServe never sees a half-written archive
         stage_done("done")
     return version
+
+
+def archived_quantization(mar: Path) -> str | None:
+    """The scheme of the quantized file an archive carries ("int8"), or None."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return json.loads(z.read("quantization.json")).get("scheme")
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError, AttributeError):
+        return None
 
 
 def archived_digest(mar: Path) -> str | None:
@@ -350,10 +422,13 @@ def is_model_folder(path: Path) -> bool:
         return path.is_dir()
 
 
-def build_missing_archives(store, log=print, broken: dict | None = None) -> list[Path]:
+def build_missing_archives(store, log=print, broken: dict | None = None,
+                           held_out=None) -> list[Path]:
     """(Re)build NAME.mar for every checkpoint or pipeline folder in the model store that lacks
-    a fresh one. With `broken` (a dict), a folder that cannot be built is noted there as
-    {folder name: one-line reason} and the others are still built; without, the error is raised."""
+    a fresh one: an image model's archive carries its ONNX file (where the ONNX tools are
+    installed), and an int8 archive is rebuilt as int8, checked again on held_out. With
+    `broken` (a dict), a folder that cannot be built is noted there as {folder name: one-line
+    reason} and the others are still built; without, the error is raised."""
 
     store = Path(store)
     built = []
@@ -367,7 +442,7 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
             stale.append(ckpt)    # unreadable: building it below says why
     bar = archives_bar(len(stale))
     try:
-        build_each(store, stale, log, broken, bar, built)
+        build_each(store, stale, log, broken, bar, built, held_out)
     except BaseException:
         if bar is not None:     # cleared: the error stays the one stderr line
             bar.leave = False
@@ -379,7 +454,7 @@ def build_missing_archives(store, log=print, broken: dict | None = None) -> list
 
 
 def build_each(store: Path, stale: list[Path], log, broken: dict | None, bar,
-               built: list[Path]) -> None:
+               built: list[Path], held_out=None) -> None:
     """build_missing_archives' loop: each stale folder's archive, appended to `built`."""
     for ckpt in stale:
         mar = store / f"{ckpt.name}.mar"
@@ -392,9 +467,12 @@ def build_each(store: Path, stale: list[Path], log, broken: dict | None, bar,
                     log(f"skipping {ckpt.name}: task {task!r} has no exporter yet")
                     continue
             log(f"building {mar.name} from {ckpt}")
-            # keep an image model's ONNX flavour
-            onnx = not is_pipeline_folder(ckpt) and (store / f"{ckpt.name}.onnx").is_file()
-            built.append(export_archive(ckpt, store, ckpt.name, onnx=onnx, log=log))
+            # an image model: ONNX by default, kept beside where it was; int8 stays int8
+            image = not is_pipeline_folder(ckpt)
+            beside = image and (store / f"{ckpt.name}.onnx").is_file()
+            quantize = archived_quantization(mar) if image and mar.is_file() else None
+            built.append(export_archive(ckpt, store, ckpt.name, onnx=True if beside else None,
+                                        log=log, quantize=quantize, held_out=held_out))
         except (UserError, OSError) as e:
             if broken is None:
                 raise

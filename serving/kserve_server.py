@@ -546,7 +546,7 @@ def unpack(mar: Path, into: Path) -> Path:
 
 def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: int | None,
                 delay_ms: float | None, queue_size: int | None = None) -> list:
-    from pixtok.inference.backend import pick_device
+    from pixtok.inference.backend import describe_backend, pick_device
     from pixtok.inference.core import load_core
 
     classes = make_model_classes()
@@ -562,7 +562,8 @@ def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: 
                                     delay if delay_ms is None else delay_ms))
         models[-1].batcher.max_waiting = queue_size
         models[-1].device = device.type
-        log.info("pixtok: %s (%s) ready on %s", name, task, device)
+        log.info("pixtok: %s (%s) ready on %s (%s)", name, task, device,
+                 describe_backend(getattr(core, "backend", None)))
     return models
 
 

@@ -99,17 +99,17 @@ def tiny_generator(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """A running TorchServe with tiny-cls (PyTorch, built by the launcher from its checkpoint
-    folder), tiny-cls-onnx (the same weights through ONNX Runtime), tiny-depth (a depth
-    checkpoint folder) and tiny-gen (a generator's pipeline folder), the last two also built by
-    the launcher. srv.checkpoint, srv.depth_checkpoint and srv.generator_checkpoint are the
-    folders."""
+    """A running TorchServe with tiny-cls (built by the launcher from its checkpoint folder, so
+    with its ONNX file: ONNX Runtime runs it), tiny-cls-torch (the same weights exported with
+    --no-onnx: PyTorch), tiny-depth (a depth checkpoint folder) and tiny-gen (a generator's
+    pipeline folder), the last two also built by the launcher. srv.checkpoint,
+    srv.depth_checkpoint and srv.generator_checkpoint are the folders."""
     from export.archive import build_missing_archives, export_archive
     from serving import launcher
 
     store = tmp_path_factory.mktemp("model_store")
     ckpt = make_classifier(store / "tiny-cls")
-    export_archive(ckpt, store, name="tiny-cls-onnx", onnx=True, log=lambda *_: None)
+    export_archive(ckpt, store, name="tiny-cls-torch", onnx=False, log=lambda *_: None)
     depth, generator = make_depth(store / "tiny-depth"), make_generator(store / "tiny-gen")
     run_dir = tmp_path_factory.mktemp("run")
     srv = launcher.start(store, run_dir=run_dir, timeout=120, log=lambda *_: None,

@@ -64,7 +64,8 @@ def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_pat
     assert not [n for n in names if n.endswith(("pixtok/cli.py", "pixtok/__main__.py"))]
     # the core ships as it is in the repository: no import is rewritten
     assert vit == (ROOT / "pixtok" / "models" / "vit.py").read_bytes()
-    assert "model.onnx" not in names
+    # an image model's archive carries its ONNX file by default (the server runs it)
+    assert "model.onnx" in names and "model.int8.onnx" not in names
     assert manifest["model"] == {**manifest["model"], "modelName": "tiny-cls",
                                  "handler": "handler.py",
                                  "modelVersion": checkpoint_version(tiny_classifier)}
@@ -155,6 +156,11 @@ def test_onnx_flag_puts_the_onnx_beside_and_inside_the_archive(tiny_classifier, 
         inside = z.read("model.onnx")
         assert "model.safetensors" in z.namelist()     # PyTorch fallback without onnxruntime
     assert inside == (tmp_path / "cls-onnx.onnx").read_bytes()
+    # --no-onnx: a PyTorch-only archive, nothing beside it
+    mar = export_archive(tiny_classifier, tmp_path, name="cls-torch", onnx=False, **QUIET)
+    with zipfile.ZipFile(mar) as z:
+        assert "model.onnx" not in z.namelist() and "model.safetensors" in z.namelist()
+    assert not (tmp_path / "cls-torch.onnx").exists()
 
 
 def test_cli_exports_under_the_folder_name(tiny_classifier, tmp_path):

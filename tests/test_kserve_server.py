@@ -196,6 +196,34 @@ def test_rest_routes_answer_as_torchserve_does_for_the_unchanged_client(ks):
     assert status == 404 and missing["code"] == 404
 
 
+def backend_of(headers: dict) -> str | None:
+    return {k.lower(): v for k, v in headers.items()}.get("x-pixtok-backend")
+
+
+def test_image_models_run_their_onnx_file_on_onnxruntime(ks):
+    """The launcher built tiny-cls and tiny-depth with their ONNX files; the KServe server's
+    model folders carry them, ONNX Runtime runs them (the header and the ready line say so),
+    and the answers are PyTorch's (in process, from the checkpoint folder)."""
+    folders = ks.run_dir / "tmp" / "kserve-models"
+    for name in ("tiny-cls", "tiny-depth"):
+        assert (folders / name / "model.onnx").is_file(), name
+    assert not (folders / "tiny-gen" / "model.onnx").exists()
+    body = encode(noise(8, 8, 1))
+    status, headers, answer = call(ks, "POST", "/predictions/tiny-cls", body,
+                                   content_type="image/png")
+    assert status == 200 and backend_of(headers) == "onnxruntime"
+    local = local_classifier(ks)
+    assert local.backend.name == "torch"
+    assert_same_answer(answer, local.predict([local.preprocess(body, "image/png")])[0])
+    status, headers, _ = call(ks, "POST", "/predictions/tiny-depth", encode(noise(12, 16)),
+                              content_type="image/png")
+    assert status == 200 and backend_of(headers) == "onnxruntime"
+    log = (ks.run_dir / "logs" / "kserve.out").read_text()
+    for name, task in (("tiny-cls", "classify"), ("tiny-depth", "depth")):
+        assert f"pixtok: {name} ({task}) ready on cpu (onnxruntime, " in log, log[-2000:]
+    assert "pixtok: tiny-gen (generate) ready on cpu (torch, " in log
+
+
 def test_a_multipart_upload_is_read_like_a_raw_body(ks):
     image = encode(noise(8, 8, 1))
     form = (b'--XyZ\r\nContent-Disposition: form-data; name="data"; filename="a.png"\r\n'
@@ -787,3 +815,4 @@ def test_custom_predictor_manifests_run_our_image_without_the_torchserve_runtime
         assert gpus == (1 if variant == "gpu" else 0), kind
     old = (DEPLOY / f"inferenceservice-{variant}.yaml").read_text()
     assert old.startswith("# DEPRECATED") and "kserve-torchserve" in old.splitlines()[0]
+

@@ -144,7 +144,7 @@ def test_real_answers_validate(request, kind):
                       "GenerateAnswer": "tiny-gen"}
             (name,) = [n for n, m in schema.items() if m == model]
             validate({"$ref": f"#/components/schemas/{name}"}, answer)
-            assert resp.header("X-Pixtok-Backend") in ("torch", "onnxruntime")
+            assert resp.header("X-Pixtok-Backend") in ("torch", "onnxruntime", "onnxruntime-int8")
             assert int(resp.header("X-Pixtok-Batch-Size")) >= 1
     refused = post(client, "tiny-cls", encode(noise(8, 8, 1)), "image/png", key=False)
     assert refused.status == 401 and refused.header("WWW-Authenticate").startswith("Bearer")

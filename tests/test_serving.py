@@ -205,7 +205,7 @@ def test_16bit_images_read_as_their_8bit_values(server):
 def test_onnx_and_pytorch_backends_agree(server):
     client = server.client()
     body = encode(noise(8, 8, 1))
-    torch_r, onnx_r = post(client, "tiny-cls", body), post(client, "tiny-cls-onnx", body)
+    torch_r, onnx_r = post(client, "tiny-cls-torch", body), post(client, "tiny-cls", body)
     assert torch_r.header("X-Pixtok-Backend") == "torch"
     assert onnx_r.header("X-Pixtok-Backend") == "onnxruntime"
     assert_same_answer(onnx_r.json(), torch_r.json(), atol=1e-5)
@@ -270,7 +270,7 @@ def test_run_folder_is_private_and_config_locked_down(server):
     assert re.search(r"^allowed_urls=file://.*model_store", config, re.M)
     assert re.search(r'^models=.*"batchSize": 16, "maxBatchDelay": 10', config, re.M)
     log = (rd / "logs" / "model_log.log").read_text()
-    assert "pixtok: tiny-cls ready" in log and "pixtok: tiny-cls-onnx ready" in log
+    assert "pixtok: tiny-cls ready" in log and "pixtok: tiny-cls-torch ready" in log
     assert "not self-contained" not in log
     assert not (ROOT / "key_file.json").exists() and not (ROOT / "logs").exists()
 
@@ -302,8 +302,14 @@ def test_each_worker_runs_on_its_share_of_the_cpus(server):
     """Four one-worker models: each worker's torch uses the CPUs divided by four (at least one
     thread), or what the environment asks for; its ready line says how many."""
     log = (server.run_dir / "logs" / "model_log.log").read_text()
-    found = dict(re.findall(r"pixtok: (\S+) ready on cpu \(\w+, (\d+) torch threads\)", log))
-    assert set(found) == {"tiny-cls", "tiny-cls-onnx", "tiny-depth", "tiny-gen"}, log[-2000:]
+    found = dict(re.findall(r"pixtok: (\S+) ready on cpu \([\w-]+, (\d+) torch threads", log))
+    assert set(found) == {"tiny-cls", "tiny-cls-torch", "tiny-depth", "tiny-gen"}, log[-2000:]
+    # the archives the launcher built carry their ONNX files, and ONNX Runtime runs them on
+    # the same share: their intra-op threads are torch's count
+    ort = re.findall(r"pixtok: (\S+) ready on cpu \(onnxruntime, (\d+) torch threads, (\d+) "
+                     r"onnxruntime threads, CPUExecutionProvider\)", log)
+    assert sorted(name for name, _, _ in ort) == ["tiny-cls", "tiny-depth"]
+    assert all(torch_threads == ort_threads for _, torch_threads, ort_threads in ort)
     asked = os.environ.get("PIXTOK_WORKER_THREADS") or os.environ.get("OMP_NUM_THREADS")
     want = int(asked) if asked else max(1, len(os.sched_getaffinity(0)) // 4)
     assert set(found.values()) == {str(want)}

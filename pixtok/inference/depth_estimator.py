@@ -87,9 +87,9 @@ class DepthEstimator:
 
 def load_depth_estimator(model_dir, build_model: Callable[[dict], torch.nn.Module],
                          resize_image: Callable, device: torch.device | str = "cpu",
-                         prefer_onnx: bool = True) -> DepthEstimator:
+                         prefer_onnx: bool = True, threads: int | None = None) -> DepthEstimator:
     """A depth model's folder -> DepthEstimator (ONNX Runtime or PyTorch: load_backend)."""
-    backend, config = load_backend(model_dir, build_model, device, prefer_onnx)
+    backend, config = load_backend(model_dir, build_model, device, prefer_onnx, threads)
     return DepthEstimator(backend, config, resize_image)
 
 

@@ -30,10 +30,9 @@ from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .backend import pick_device
+from .backend import describe_backend, pick_device
 from .drain import SHUTTING_DOWN, Drain
 from .validate import HF_NAMES, RequestError
 
@@ -226,8 +225,8 @@ class PixtokHandler:
             self.core.should_stop = self.drain.overdue
         self.drain.install()
         self.initialized = True
-        log.info("pixtok: %s ready on %s (%s, %d torch threads)", context.model_name, device,
-                 self.backend, torch.get_num_threads())
+        log.info("pixtok: %s ready on %s (%s)", context.model_name, device,
+                 describe_backend(getattr(self.core, "backend", None)))
         # an archive must run on a stock TorchServe: say so loudly if it leaned on an install
         leaked = foreign_modules(props.get("model_dir"))
         if leaked:
