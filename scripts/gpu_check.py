@@ -42,10 +42,12 @@ sys.path.insert(0, str(ROOT))
 BUDGET_S = 540            # 9 minutes: the device lends 15, and a rerun must fit
 DEFAULT_MODELS = ("fashion-vit1", "scenes-vit1-depth", "fashion-dit1")
 
-# >>> STUDY HOOK: the one line to change when `pixtok study` changes (issue 27). The
-# patch-size study's runs are ordered seed by seed, arms p7 p4 p2 p1, so shard 3/4 is p = 1
-# at 28x28 for every seed; scale=paper is its GPU set-up. <<<
-STUDY_ARGS = ["patch-size-fashion", "scale=paper", "--shard", "3/4"]
+# The study a lent GPU spends what is left on: the 28x28 patch-size grid with its GPU set-up
+# (bf16), one process per arm side by side on the one GPU (shard i of 4 holds every lr and seed
+# of one arm: p7, p4, p2, p1); each finished run's record comes back under OUT/study/records
+# (copy it to docs/studies/patch-size-fashion-28/scale-gpu/records/ and commit it).
+STUDY_ARGS = ["patch-size-fashion-28", "scale=gpu"]
+STUDY_SHARDS = 4
 
 # dense bf16 tensor-core peaks (FLOP/s) by a name torch.cuda.get_device_name() contains; the
 # first match wins, so the more specific names come first
@@ -298,19 +300,32 @@ def mfu_step(kind: str, dry: bool, steps: int) -> dict:
 
 # --- the run ------------------------------------------------------------------------------------
 def run_study(run: Run) -> dict:
-    cmd = [sys.executable, "-m", "pixtok", "study", *STUDY_ARGS, "--out",
-           str(run.out / "study"), "--resume"]
+    """The study's shards side by side until the budget is spent; what finished is recorded."""
+    folder = run.out / "study"
+    cmd = [sys.executable, "-m", "pixtok", "study", *STUDY_ARGS, "--out", str(folder),
+           "--records", str(folder / "records"), "--resume"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     limit = run.left() - 15
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
-        code, tail = done.returncode, (done.stdout + done.stderr)[-2000:]
-    except subprocess.TimeoutExpired as e:
-        code, tail = "cut off by the budget (--resume continues it)", str(e.output or "")[-2000:]
-    results = run.out / "study" / "results.json"
-    return {"command": " ".join(cmd[2:]), "limit_s": round(limit), "returncode": code,
-            "tail": tail, "results": json.loads(results.read_text()) if results.is_file()
-            else None}
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = [open(folder / f"shard{i}.log", "w") for i in range(STUDY_SHARDS)]
+    procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{STUDY_SHARDS}"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    deadline, codes = time.monotonic() + limit, []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            codes.append("cut off by the budget (--resume continues it)")
+    for log in logs:
+        log.close()
+    subprocess.run([*cmd, "--report"], env=env, capture_output=True, timeout=60)
+    results = folder / "results.json"
+    return {"command": " ".join(cmd[2:]), "shards": STUDY_SHARDS, "limit_s": round(limit),
+            "returncodes": codes, "records": sorted(str(p.relative_to(folder)) for p in
+                                                    (folder / "records").rglob("*.json")),
+            "results": json.loads(results.read_text()) if results.is_file() else None}
 
 
 def check_servers(run: Run, servers: list[str], store: Path, sizes: dict) -> None:

@@ -51,7 +51,7 @@ def test_gpu_check_dry_run_measures_every_step_it_can_on_a_cpu(tmp_path):
         assert mfu["flops_per_step"] > 0 and mfu["seconds_per_step"] > 0
         assert mfu["mfu"] is None and "no peak" in mfu["note"]          # a CPU has none here
     assert "needs CUDA" in results["skipped"]["study"]
-    assert "pixtok study patch-size-fashion" in results["skipped"]["study"]
+    assert "pixtok study patch-size-fashion-28 scale=gpu" in results["skipped"]["study"]
     assert "serve-torchserve" in results["skipped"]
 
 
