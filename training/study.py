@@ -883,7 +883,8 @@ def decision_section(study: Study, verdicts: list[dict]) -> list[str]:
               "(pairs) | last-quarter val movement per arm | verdict |", "|---|---|---|---|---|"]
     for v in verdicts:
         a, b = v["arms"]
-        moves = ", ".join(f"{arm} {fmt_move(m)}" for arm, m in v["late_movement"].items())
+        moves = ", ".join(f"{arm} {fmt_move(m)}" for arm, m in v["late_movement"].items()) \
+            if v["n"] else "—"
         lines.append(f"| {a} vs {b} | {a} {v['paper']} ({v['source']}) | {fmt_interval(v)} | "
                      f"{moves} | **{v['verdict']}** |")
     return lines + [""]
