@@ -12,9 +12,10 @@ def test_export_names_each_stage_on_stderr(tmp_path):
     ckpt = make_classifier(tmp_path / "tiny-cls")
     res = pixtok("export", ckpt, "--out", tmp_path / "store")
     assert (tmp_path / "store" / "tiny-cls.mar").is_file()
-    for stage in ("staging the code", "staging the weights", "writing the archive", "done"):
+    for stage in ("staging the code", "staging the weights", "ONNX export and check",
+                  "writing the archive", "done"):
         assert f"export tiny-cls: {stage}" in res.stderr, res.stderr
-    assert "3/3 stages" in res.stderr
+    assert "4/4 stages" in res.stderr            # a classifier's archive carries its ONNX file
     assert "stages" not in res.stdout and "archive: " in res.stdout     # stdout as before
 
 
