@@ -301,7 +301,9 @@ def export_archive(ckpt, out="model_store", name: str | None = None, onnx: bool 
     if quantize and held_out is None:
         raise ExportError("--quantize needs held-out data to check against (pixtok export "
                           "passes the checkpoint's test split)")
-    plan = OnnxPlan(inside, beside, quantize, held_out)
+    # the held-out sample is read before any stage runs: a checkpoint it cannot be read for is
+    # refused at once, its error the one line on stderr
+    plan = OnnxPlan(inside, beside, quantize, held_out(config) if quantize else None)
     out.mkdir(parents=True, exist_ok=True)
     bar = stage_bar(name, 3 + inside + bool(quantize), progress)
 
@@ -332,7 +334,7 @@ class OnnxPlan:
     inside: bool                  # model.onnx in the archive
     beside: bool                  # NAME.onnx next to it too (--onnx)
     quantize: str | None          # "int8": model.int8.onnx, checked
-    held_out: object              # config -> (images, targets, description), for the check
+    held_out: tuple | None        # (images, targets, description): the int8 check's sample
 
 
 def stage_onnx(name: str, out: Path, task: TaskInfo, config: dict, model, plan: OnnxPlan,
@@ -353,7 +355,7 @@ def stage_onnx(name: str, out: Path, task: TaskInfo, config: dict, model, plan: 
         from export.quantize import INT8_FILE, check_int8, quantize_int8, write_record
 
         quantize_int8(files / "model.onnx", files / INT8_FILE)
-        images, targets, source = plan.held_out(config)
+        images, targets, source = plan.held_out
         record = check_int8(task.name, files / "model.onnx", files / INT8_FILE,
                             (images, targets), source)
         write_record(record, files)

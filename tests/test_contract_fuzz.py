@@ -39,7 +39,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance, negative_data_rejection]
 # the session server's models by the bodies they take; None keeps the generated name (a 404)
 MODELS = {"application/json": ["tiny-gen", None],
-          "image": ["tiny-cls", "tiny-cls-onnx", "tiny-depth", None]}
+          "image": ["tiny-cls", "tiny-cls-torch", "tiny-depth", None]}
 TURN = itertools.count()      # the generated requests take the models in turn
 EXAMPLES = 60      # per route and phase: about half a minute on 2 busy cores, beside the server
 

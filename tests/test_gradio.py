@@ -185,7 +185,7 @@ def test_generate_defaults_are_the_rest_defaults(app):
 
 def test_labels_and_tasks_come_from_the_served_archives(server):
     archives = served_archives(server.run_dir)
-    assert set(archives) >= {"tiny-cls", "tiny-cls-onnx"}
+    assert set(archives) >= {"tiny-cls", "tiny-cls-torch"}
     assert archive_labels(archives["tiny-cls"]) == LABELS
 
 
@@ -193,13 +193,13 @@ def test_the_page_knows_every_served_model_and_puts_the_preferred_first(server, 
     monkeypatch.delenv("PIXTOK_CLASSIFIER", raising=False)
     found = page_models(server.run_dir)
     classifiers = [m.name for m in found["classify"]]
-    assert classifiers == sorted(classifiers) and {"tiny-cls", "tiny-cls-onnx"} <= set(classifiers)
+    assert classifiers == sorted(classifiers) and {"tiny-cls", "tiny-cls-torch"} <= set(classifiers)
     tiny = next(m for m in found["classify"] if m.name == "tiny-cls")
     assert tiny.labels == LABELS and tiny.image_size == [8, 8] and tiny.channels == 1
-    assert [m.name for m in page_models(server.run_dir, {"classify": "tiny-cls-onnx"})
-            ["classify"]][0] == "tiny-cls-onnx"
-    monkeypatch.setenv("PIXTOK_CLASSIFIER", "tiny-cls-onnx")
-    assert page_models(server.run_dir)["classify"][0].name == "tiny-cls-onnx"
+    assert [m.name for m in page_models(server.run_dir, {"classify": "tiny-cls-torch"})
+            ["classify"]][0] == "tiny-cls-torch"
+    monkeypatch.setenv("PIXTOK_CLASSIFIER", "tiny-cls-torch")
+    assert page_models(server.run_dir)["classify"][0].name == "tiny-cls-torch"
     assert list(found) == [t for t in ("generate", "classify", "depth") if t in found]
 
 
@@ -209,7 +209,7 @@ def test_classify_takes_the_model_to_ask(server, ui, app):
     model = {p["parameter_name"]: p for p in api["/classify"]["parameters"]}["model"]
     assert model["parameter_default"] == ui.models["classify"]
     path = example(ui, "scene-")
-    for name in ("tiny-cls", "tiny-cls-onnx"):
+    for name in ("tiny-cls", "tiny-cls-torch"):
         got = app.predict(gradio_client.handle_file(str(path)), name, api_name="/classify")
         want = server.client().classify(path.read_bytes(), model=name)
         assert got["label"] == want["label"]

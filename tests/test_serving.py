@@ -226,16 +226,17 @@ def test_grpc_listens_on_loopback_unless_opened(tmp_path, monkeypatch):
     """TorchServe 0.12 cannot turn gRPC off and the gate is not in front of it: it stays on
     127.0.0.1 even when `--host` opens the rest, until PIXTOK_GRPC_HOST says otherwise."""
     from serving import launcher
+    from serving.torchserve_config import render_config
 
     models = {"a": ("a.mar", "1", "classify")}
     ports = launcher.free_ports()
     monkeypatch.delenv("PIXTOK_GRPC_HOST", raising=False)
-    config = launcher.render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
+    config = render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
     assert "grpc_inference_address=127.0.0.1\n" in config
     assert "grpc_management_address=127.0.0.1\n" in config
     assert "management_address=http://0.0.0.0:" in config
     monkeypatch.setenv("PIXTOK_GRPC_HOST", "0.0.0.0")
-    config = launcher.render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
+    config = render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
     assert "grpc_inference_address=0.0.0.0\n" in config
 
 

@@ -245,7 +245,7 @@ def test_rest_defaults_are_the_shared_sampling_defaults():
 
 
 def test_onnx_of_a_generator_is_refused(tiny_generator, tmp_path):
-    with pytest.raises(ExportError, match="--onnx is for image models"):
+    with pytest.raises(ExportError, match="--onnx and --quantize are for image models"):
         export_archive(tiny_generator, tmp_path, onnx=True, log=lambda *_: None)
     assert not list(tmp_path.iterdir())
 
