@@ -59,7 +59,8 @@ def damaged_store(tmp_path_factory):
     assert not zipfile.is_zipfile(mar)
     # an archive that opens, but whose weights inside are cut short: only its worker finds out
     inner = make_classifier(tmp_path_factory.mktemp("spare") / "inner-cut")
-    cut_inside(export_archive(inner, store, name="inner-cut", log=lambda *_: None))
+    # PyTorch's archive (no model.onnx): its weights are what the worker reads
+    cut_inside(export_archive(inner, store, name="inner-cut", onnx=False, log=lambda *_: None))
     return store, {"cut-weights": "model.safetensors", "bad-config": "config.json",
                    "odd-model": "resnet", "cut-archive": "cut-archive.mar",
                    "inner-cut": "inner-cut.mar (model inner-cut): the archive opens but its "
@@ -139,7 +140,7 @@ def test_an_archive_whose_worker_cannot_load_it_alone_refuses_in_one_line(tmp_pa
 
     store = tmp_path / "store"
     store.mkdir()
-    cut_inside(export_archive(make_classifier(tmp_path / "only"), store, name="only",
+    cut_inside(export_archive(make_classifier(tmp_path / "only"), store, name="only", onnx=False,
                               log=lambda *_: None))
     env = {**ENV, "PIXTOK_RUN_DIR": str(tmp_path / "run"), ATTEMPTS_ENV: "1",
            **{e: str(p) for (e, _), p in zip(launcher.PORTS.values(),
