@@ -96,7 +96,8 @@ def check_int8(task: str, fp32: Path, int8: Path, sample: tuple[np.ndarray, np.n
             raise QuantizationRefused("the depth check needs ground-truth depths")
         check = check_depth(fp32_out, int8_out, targets)
     record = {"scheme": "int8", "method": "onnxruntime dynamic quantization (QInt8 "
-              "weights per channel, MatMul and Gemm)", "file": int8.name, "held_out": source, "n": len(images),
+              "weights per channel, MatMul and Gemm)", "file": int8.name, "held_out": source,
+              "n": len(images),
               "seconds": round(time.perf_counter() - start, 2), **check,
               "fp32_bytes": fp32.stat().st_size, "int8_bytes": int8.stat().st_size}
     if not check["passed"]:

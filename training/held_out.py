@@ -19,7 +19,8 @@ def pick(count: int, n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(count, min(n, count), replace=False))
 
 
-def held_out_sample(config: dict, n: int | None = None) -> tuple[np.ndarray, np.ndarray | None, str]:
+def held_out_sample(config: dict,
+                    n: int | None = None) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(images float32 (N, C, H, W) in [0, 1], targets: class indices (N,) or depths
     (N, 1, H, W) in metres, a description of the sample)."""
     data, task = config.get("data") or {}, config.get("task")
