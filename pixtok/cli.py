@@ -198,7 +198,14 @@ def bench(args) -> int:
     except (ImportError, AttributeError):
         raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
     extra = {}
-    if args.suite == "serve":
+    if args.suite == "infer":        # FLOPs from training, the ONNX files from export
+        from export.onnx import export_onnx
+        from export.quantize import quantize_int8
+        from training.flops import count_forward_flops
+
+        extra.update(count_flops=count_forward_flops, to_onnx=export_onnx,
+                     quantize=quantize_int8)
+    elif args.suite == "serve":
         from export.archive import export_archive
 
         extra["export_archive"] = export_archive

@@ -1,24 +1,30 @@
 """`pixtok bench serve`: classifier throughput and latency through TorchServe, KServe's
-ModelServer and in process, in one run.
+ModelServer and in process, each with each backend (PyTorch eager, ONNX Runtime), in one run.
 
-Every path runs the same archive with the same batching rule (up to BATCHING["classify"]
-requests, waiting at most its delay), so the gaps are what each server's HTTP side and worker
-protocol cost. Paths: `torchserve` (REST, through pixtok's gate, as `pixtok serve` runs it),
-`torchserve-direct` (the same server's own inference port, behind the gate: the gap between the
-two is what the gate costs), `kserve` (the same REST route on `pixtok serve
---server kserve`), `kserve-v2` (the same image as a v2 `image` BYTES input), `in-process`. Each
-server gets its own run folder and free ports, so a user's running server is never touched.
-startup_s / startup_kserve_s: `pixtok serve` (archives already built) to the first answer.
+Every path runs the same checkpoint with the same batching rule (up to BATCHING["classify"]
+requests, waiting at most its delay) and the same thread count, so the gaps are what each
+server's HTTP side and worker protocol cost. Paths: `torchserve` (REST, through pixtok's gate,
+as `pixtok serve` runs it), `kserve` (the same REST route on `pixtok serve --server kserve`),
+`in-process` (the inference core called from this process), each with `torch` (an archive
+exported --no-onnx) and `onnxruntime` (the default archive, which carries its ONNX file).
+
+Both servers run at once, and the six paths are measured in alternating rounds: each round
+drives every path at 1, 4 and 16 clients, in one order on even rounds and the reverse on odd
+ones (ABC.. ..CBA), so load from other work on a shared machine falls on all of them alike.
+Each row is the median over rounds; `of_in_process` is the median over rounds of the path's
+images/s over the in-process images/s of the same backend, clients and round.
+Each server gets its own run folder and free ports, so a user's running server is never
+touched. startup_s / startup_kserve_s: start (archives already built) to the first answer.
 """
 from __future__ import annotations
 
-import base64
 import io
-import json
 import queue
 import tempfile
 import threading
 import time
+import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +98,6 @@ class InProcessBatcher:
         self.thread.join()
 
 
-class V2Caller:
-    """One image per v2 request (an `image` BYTES [1] input) to the KServe server."""
-
-    def __init__(self, client, model: str):
-        self.client, self.url = client, f"{client.base_url}/v2/models/{model}/infer"
-
-    def __call__(self, body: bytes) -> dict:
-        payload = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                               "data": [base64.b64encode(body).decode()]}]}
-        resp = self.client.request("POST", self.url, json.dumps(payload).encode(),
-                                   {"Content-Type": "application/json"})
-        if resp.status != 200:
-            raise ServerError(resp.status, {"message": resp.json()})
-        return resp.json()
-
-
 def drive(call, bodies: list[bytes], clients: int, per_client: int) -> dict:
     """`clients` threads, each sending per_client requests back to back -> throughput, latency."""
     latencies, lock = [], threading.Lock()
@@ -162,64 +152,126 @@ def noise_pngs(n: int, seed: int = 0) -> list[bytes]:
     return bodies
 
 
+BACKENDS = ("torch", "onnxruntime")
+CLIENTS = (1, 4, 16)
+
+
+def median_rows(samples: dict, in_process: str = "in-process") -> list[dict]:
+    """{(path, backend, clients): [one drive() result per round]} -> one row each: the medians,
+    and where the path is a server, of_in_process (the median of the per-round ratios)."""
+    rows = []
+    for (path, backend, clients), runs in samples.items():
+        row = {"path": path, "backend": backend, "clients": clients, "rounds": len(runs)}
+        for key in ("images_per_s", "p50_ms", "p99_ms"):
+            row[key] = round(float(np.median([r[key] for r in runs])), 2)
+        base = samples.get((in_process, backend, clients))
+        if path != in_process and base:
+            row["of_in_process"] = round(float(np.median(
+                [r["images_per_s"] / b["images_per_s"] for r, b in zip(runs, base)])), 3)
+        rows.append(row)
+    eager = {(r["path"], r["clients"]): r["images_per_s"] for r in rows
+             if r["backend"] == "torch"}
+    for r in rows:                      # the same path and clients: ONNX Runtime over eager
+        if r["backend"] != "torch" and eager.get((r["path"], r["clients"])):
+            r["speedup_vs_torch"] = round(r["images_per_s"] / eager[(r["path"],
+                                                                      r["clients"])], 3)
+    return rows
+
+
+def alternate(paths: dict, bodies: list[bytes], rounds: int, per_client: int) -> list[dict]:
+    """Every path at every client count, in rounds of alternating order -> median rows."""
+    samples: dict = {(path, backend, c): [] for (path, backend) in paths for c in CLIENTS}
+    order = list(paths)
+    for r in range(rounds):
+        for clients in CLIENTS:
+            for key in order if r % 2 == 0 else order[::-1]:
+                samples[(*key, clients)].append(drive(paths[key], bodies, clients, per_client))
+    return median_rows(samples)
+
+
+class Servers:
+    """TorchServe and the KServe server started on one store (both models each), stopped on
+    exit; start-up times to the first answer."""
+
+    def __init__(self, store: Path, tmp: Path, bodies: list[bytes]):
+        self.store, self.tmp, self.bodies, self.startup = store, tmp, bodies, {}
+
+    def __enter__(self):
+        quiet = {"log": lambda *_: None}
+        t0 = time.perf_counter()
+        self.torchserve = launcher.start(self.store, run_dir=self.tmp / "run",
+                                         ports=launcher.free_ports(), **quiet)
+        self.ts_client = self.torchserve.client()
+        self.ts_client.classify(self.bodies[0], model="bench-torch")
+        self.startup["torchserve"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.kserve = launcher.start_kserve(
+            self.store, run_dir=self.tmp / "run-kserve",
+            ports={"inference": launcher.free_ports()["inference"]}, **quiet)
+        self.ks_client = self.kserve.client()
+        self.ks_client.classify(self.bodies[0], model="bench-torch")
+        self.startup["kserve"] = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc):
+        for run in ("run", "run-kserve"):
+            if (self.tmp / run).is_dir():
+                launcher.stop(self.tmp / run, log=lambda *_: None)
+
+
+def threads_for_every_path(threads: int) -> None:
+    """One thread count for TorchServe's workers, the KServe server and this process (torch and
+    ONNX Runtime alike), so that no path wins by taking more cores."""
+    import os
+
+    os.environ["PIXTOK_WORKER_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 def bench_serve(quick: bool = False, export_archive=None) -> dict:
-    """{"suite": "serve", "model", "results": [{"path", "clients", "images_per_s", "p50_ms",
-    "p99_ms"}], "ping": {path: {"p50_ms", "p99_ms"}, "n", "gate_p50_ms"}, "startup_s"}.
-    export_archive(ckpt, store, name=, log=) builds the benchmark
-    model's archive (`pixtok bench serve` passes export's; serving never imports export)."""
+    """{"suite": "serve", "model", "threads", "rounds", "results": [{"path", "backend",
+    "clients", "images_per_s", "p50_ms", "p99_ms", "of_in_process", "speedup_vs_torch"}],
+    "ping": {path: {"p50_ms", "p99_ms"}, "n", "gate_p50_ms"}, "startup_s", "startup_kserve_s"}.
+    export_archive(ckpt, store, name=, onnx=, log=) builds the benchmark model's archives
+    (`pixtok bench serve` passes export's; serving never imports export)."""
     from pixtok.models import build_model
     from pixtok.resize import resize_image
 
-    per_client = 8 if quick else 48
+    per_client, rounds = (2, 2) if quick else (4, 4)
+    threads = torch.get_num_threads()
+    threads_for_every_path(threads)
     device = pick_device(0)     # where TorchServe puts the worker: GPU 0 when there is one
     bodies = noise_pngs(32)
-    results = []
+    rule = launcher.BATCHING["classify"]
     with tempfile.TemporaryDirectory(prefix="pixtok-bench-") as tmp:
         tmp = Path(tmp)
         ckpt, model_label = bench_checkpoint(tmp)
         store = tmp / "store"
-        export_archive(ckpt, store, name="bench", log=lambda *_: None)
-        t0 = time.perf_counter()
-        server = launcher.start(store, run_dir=tmp / "run", log=lambda *_: None,
-                                ports=launcher.free_ports())
+        export_archive(ckpt, store, name="bench-torch", onnx=False, log=lambda *_: None)
+        onnx_mar = export_archive(ckpt, store, name="bench-onnxruntime", log=lambda *_: None)
+        local = tmp / "local"
+        zipfile.ZipFile(onnx_mar).extractall(local)
+        batchers = {b: InProcessBatcher(load_classifier(local, build_model, resize_image, device,
+                                                        prefer_onnx=b != "torch"),
+                                        rule["batchSize"], rule["maxBatchDelay"] / 1000)
+                    for b in BACKENDS}
         try:
-            client = server.client()
-            client.classify(bodies[0], model="bench")
-            startup_s = time.perf_counter() - t0
-            direct = Client(server.upstream, server.run_dir)
-            for clients in (1, 4, 16):     # through the gate and around it, side by side
-                for path, via in (("torchserve", client), ("torchserve-direct", direct)):
-                    row = drive(lambda b, via=via: via.classify(b, model="bench"), bodies,
-                                clients, per_client)
-                    results.append({"path": path, **row})
-            ping = ping_round_trips(client, direct, 50 if quick else 300)
+            with Servers(store, tmp, bodies) as servers:
+                paths = {}
+                for b in BACKENDS:
+                    paths[("torchserve", b)] = partial(servers.ts_client.classify,
+                                                       model=f"bench-{b}")
+                    paths[("kserve", b)] = partial(servers.ks_client.classify,
+                                                   model=f"bench-{b}")
+                    paths[("in-process", b)] = batchers[b].submit
+                results = alternate(paths, bodies, rounds, per_client)
+                direct = Client(servers.torchserve.upstream, servers.torchserve.run_dir)
+                ping = ping_round_trips(servers.ts_client, direct, 50 if quick else 300)
+                startup = servers.startup
         finally:
-            launcher.stop(tmp / "run", log=lambda *_: None)
-        t0 = time.perf_counter()
-        server = launcher.start_kserve(store, run_dir=tmp / "run-kserve", log=lambda *_: None,
-                                       ports={"inference": launcher.free_ports()["inference"]})
-        try:
-            client = server.client()
-            client.classify(bodies[0], model="bench")
-            startup_kserve_s = time.perf_counter() - t0
-            v2 = V2Caller(client, "bench")
-            for clients in (1, 4, 16):
-                row = drive(lambda b: client.classify(b, model="bench"), bodies, clients,
-                            per_client)
-                results.append({"path": "kserve", **row})
-            for clients in (1, 4, 16):
-                results.append({"path": "kserve-v2", **drive(v2, bodies, clients, per_client)})
-        finally:
-            launcher.stop(tmp / "run-kserve", log=lambda *_: None)
-        core = load_classifier(ckpt, build_model, resize_image, device)
-        rule = launcher.BATCHING["classify"]
-        batcher = InProcessBatcher(core, rule["batchSize"], rule["maxBatchDelay"] / 1000)
-        try:
-            for clients in (1, 4, 16):
-                results.append({"path": "in-process",
-                                **drive(batcher.submit, bodies, clients, per_client)})
-        finally:
-            batcher.close()
-    return {"suite": "serve", "model": model_label, "device": str(device),
-            "results": results, "ping": ping, "startup_s": round(startup_s, 2),
-            "startup_kserve_s": round(startup_kserve_s, 2)}
+            for batcher in batchers.values():
+                batcher.close()
+    return {"suite": "serve", "model": model_label, "device": str(device), "threads": threads,
+            "rounds": rounds, "requests_per_client": per_client, "results": results,
+            "ping": ping, "startup_s": round(startup["torchserve"], 2),
+            "startup_kserve_s": round(startup["kserve"], 2)}
