@@ -11,7 +11,7 @@ import pytest
 import torch
 from clirun import pixtok
 
-from pixtok.bench import depth_throughput
+from pixtok.bench import build_depth, forward_flops
 from pixtok.checkpoint import save_weights, write_json
 from pixtok.errors import UserError
 from pixtok.models.depth import depth_loss
@@ -188,9 +188,12 @@ def test_depth_cli_errors_are_one_line(args, message, tmp_path):
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
 
 
-def test_bench_depth_case_fields():
-    r = depth_throughput("ViT-F/1", (6, 8), 2, min_time=0.05)
+def test_bench_counts_a_depth_models_flops_as_the_hand_formula_does():
+    """`pixtok bench infer` counts FLOPs with FlopCounterMode; the hand formula is the oracle:
+    the encoder's, plus the dense head's one linear layer per token."""
+    from training.flops import count_forward_flops
+
+    case = {"build": lambda: build_depth("ViT-F/1", (6, 8)), "image_size": [6, 8], "batch": 2}
     cfg = vit_config("ViT-F/1", image_size=(6, 8), pool="mean")
-    assert (r["model"], r["image_size"], r["batch"]) == ("DepthViT-F/1", [6, 8], 2)
-    assert r["flops_per_image"] == flops_per_image(cfg) + 2 * 48 * 32     # encoder + head
-    assert r["images_per_s"] > 0
+    counted = forward_flops(case, case["build"](), count_forward_flops)
+    assert counted == flops_per_image(cfg) + 2 * 48 * 32
