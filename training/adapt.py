@@ -224,8 +224,10 @@ def init_dit(path: str, model, labels: list[str], vqgan_hash: str | None, say=No
                         f"({'; '.join(differ)}); only the classes and the latent grid adapt")
     state = load_file(weights)
     mine = model.state_dict()
-    lines = dit_adapt(state, mine, model.grid, list(config.get("labels") or []), labels,
-                      ours["pos_embed"] == "sincos")
+    size, p = theirs["sample_size"], theirs["patch_size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    lines = dit_adapt(state, mine, (h // p, w // p), model.grid,
+                      list(config.get("labels") or []), labels, ours["pos_embed"] == "sincos")
     missing = model.load_state_dict(state, strict=False)
     if missing.missing_keys or missing.unexpected_keys:
         raise UserError(f"init_from={path}: its transformer's weights do not fit "
@@ -238,10 +240,10 @@ def init_dit(path: str, model, labels: list[str], vqgan_hash: str | None, say=No
         say(line)
 
 
-def dit_adapt(state: dict, mine: dict, grid: tuple[int, int], their_labels: list[str],
-              labels: list[str], sincos: bool = False) -> list[str]:
-    """Adapt a PixelDiT state dict in place to a model whose state is `mine`; the lines say what
-    was done."""
+def dit_adapt(state: dict, mine: dict, their_grid: tuple[int, int], grid: tuple[int, int],
+              their_labels: list[str], labels: list[str], sincos: bool = False) -> list[str]:
+    """Adapt a PixelDiT state dict (whose latent grid is their_grid) in place to a model whose
+    state is `mine` and grid `grid`; the lines say what was done."""
     lines = []
     table = "y_embedder.table.weight"
     if their_labels != labels or state[table].shape != mine[table].shape:
@@ -252,14 +254,8 @@ def dit_adapt(state: dict, mine: dict, grid: tuple[int, int], their_labels: list
                      f" (the checkpoint's: {len(their_labels)}): a new label table (reset), the "
                      "null class kept")
     key = "position_embedding"
-    if state[key].shape != mine[key].shape:
-        n_theirs = state[key].shape[1]
-        side = int(round(n_theirs ** 0.5))
-        if side * side != n_theirs:
-            raise UserError(f"init_from: its position table ({n_theirs} rows) is not square")
-        learned = not sincos
-        state[key] = resample_pos_embed(state[key], (side, side), tuple(grid)) if learned \
-            else mine[key]
-        lines.append(f"latent grid: {side}x{side} -> {grid[0]}x{grid[1]}: position table "
-                     + ("resampled" if learned else "rebuilt (sin-cos)"))
+    if tuple(their_grid) != tuple(grid):
+        state[key] = mine[key] if sincos else resample_pos_embed(state[key], their_grid, grid)
+        lines.append(f"latent grid: {their_grid[0]}x{their_grid[1]} -> {grid[0]}x{grid[1]}: "
+                     f"position table {'rebuilt (sin-cos)' if sincos else 'resampled'}")
     return lines
