@@ -71,16 +71,32 @@ def url_host(host: str) -> str:
     return bracketed(local.get(host, host))
 
 
-def free_ports() -> dict:
-    """A port that nothing listens on right now for every API (tests, benchmarks)."""
-    socks = [socket.socket() for _ in PORTS]
+_HANDED_OUT: set[int] = set()     # ports free_ports gave this process: never given twice
+
+
+def free_ports(avoid=()) -> dict:
+    """A distinct port that nothing listens on right now for every API (tests, benchmarks),
+    none of them in `avoid` nor handed out by an earlier call in this process: the kernel may
+    offer a port it just offered again, and a server not yet started does not hold its ports
+    (a loopback port picked for TorchServe behind the gate once equalled its gRPC port)."""
+    taken = _HANDED_OUT | set(avoid)
+    held, ports = [], []
     try:
-        for s in socks:
+        while len(ports) < len(PORTS):
+            s = socket.socket()
+            held.append(s)     # kept bound until all are chosen, so no port comes twice
             s.bind(("127.0.0.1", 0))
-        return {api: s.getsockname()[1] for api, s in zip(PORTS, socks)}
+            port = s.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
+                taken.add(port)
+            if len(held) > 64 * len(PORTS):
+                raise ServeError("no free loopback ports left to choose from")
     finally:
-        for s in socks:
+        for s in held:
             s.close()
+    _HANDED_OUT.update(ports)
+    return dict(zip(PORTS, ports))
 
 
 def ports_from_env() -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from serving.model_store import (
     say_damaged,
     servable_models,
 )
+from serving.page_settings import UI_PORT_ENV
 from serving.process import (
     EXITED,
     READY,
@@ -59,8 +61,18 @@ from serving.torchserve_config import (
 
 
 def log_tail(run_dir: Path, lines: int = 5) -> str:
+    """Why TorchServe stopped where its output says (the Java exception that ended it, e.g. a
+    port it could not bind), else the last lines of the model log."""
+    out = run_dir / "logs" / "torchserve.out"
+    text = out.read_text(errors="replace").splitlines() if out.is_file() else []
+    starts = [i for i, line in enumerate(text) if line.startswith("Torchserve version:")]
+    text = text[starts[-1] if starts else 0:]     # this start's output, not an earlier one's
+    raised = [line.strip() for line in text
+              if re.match(r"(java\.|io\.|org\.|Caused by: )\S*(Exception|Error)\b", line)]
+    if raised:
+        return " | ".join(raised[-2:])
     path = run_dir / "logs" / "model_log.log"
-    return tail_of(path if path.is_file() else run_dir / "logs" / "torchserve.out", lines)
+    return tail_of(path if path.is_file() else out, lines)
 
 
 def check_can_start(run_dir: Path, store: Path) -> None:
@@ -111,7 +123,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     check_room(run_dir, store, models)
     gated = config is None and gate_setting()
     # behind the gate, TorchServe's inference API listens on a loopback port of its own
-    ts_ports = {**ports, "inference": free_ports()["inference"]} if gated else ports
+    ts_ports = {**ports, "inference": upstream_port(ports)} if gated else ports
     while True:
         with run_dir_writes(run_dir):
             if config is None:
@@ -143,6 +155,14 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     if key_file.exists():
         os.chmod(key_file, 0o600)
     return server
+
+
+def upstream_port(ports: dict) -> int:
+    """A loopback port for TorchServe's inference API behind the gate, none of the ports named
+    for the APIs or the page: nothing listens on those yet, so the kernel may offer one."""
+    page = os.environ.get(UI_PORT_ENV, "")
+    return free_ports(avoid={*ports.values(), *([int(page)] if page.isdigit() else [])})[
+        "inference"]
 
 
 def gated_server(server: Server, port: int) -> Server:

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -277,9 +276,7 @@ def test_pixtok_serve_starts_both_and_stop_stops_both(tmp_path):
     env = {**os.environ, "PIXTOK_RUN_DIR": str(run_dir), "PIXTOK_MODEL_STORE": str(store),
            "PIXTOK_CLASSIFIER": "tiny-cls", "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
            **{launcher.PORTS[api][0]: str(number) for api, number in ports.items()}}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        env["PIXTOK_UI_PORT"] = str(s.getsockname()[1])
+    env["PIXTOK_UI_PORT"] = str(launcher.free_ports()["inference"])
     pixtok = [sys.executable, "-m", "pixtok", "serve"]
     try:
         done = subprocess.run(pixtok, env=env, capture_output=True, text=True, timeout=240)

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -328,9 +327,7 @@ def test_the_page_asks_for_a_login_beyond_loopback(foreground, tmp_path, monkeyp
     assert new_ui_password(tmp_path, "given") == ("given", False)
     assert not (tmp_path / UI_PASSWORD_FILE).exists()
     # the real page, its login forced on (binding 0.0.0.0 here would open it to the network)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launcher.free_ports()["inference"]
     ui = launcher.start_ui(foreground.run_dir, port=port, models={"classify": "fashion-vit1"},
                            env={"GRADIO_TEMP_DIR": str(tmp_path / "gradio")}, timeout=120,
                            log=lambda *_: None, login=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -43,9 +42,7 @@ def store_page(tmp_path_factory):
     env.update({"PIXTOK_RUN_DIR": str(run_dir), "PIXTOK_MODEL_STORE": str(store),
                 "GRADIO_TEMP_DIR": str(tmp / "gradio"), "OMP_NUM_THREADS": "1",
                 **{launcher.PORTS[api][0]: str(n) for api, n in launcher.free_ports().items()}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        env["PIXTOK_UI_PORT"] = str(s.getsockname()[1])
+    env["PIXTOK_UI_PORT"] = str(launcher.free_ports()["inference"])
     serve = [sys.executable, "-m", "pixtok", "serve"]
     try:
         done = subprocess.run([*serve, "--server", "kserve"], env=env, capture_output=True,

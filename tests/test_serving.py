@@ -240,6 +240,53 @@ def test_grpc_listens_on_loopback_unless_opened(tmp_path, monkeypatch):
     assert "grpc_inference_address=0.0.0.0\n" in config
 
 
+def test_ports_handed_out_never_repeat_and_avoid_the_named_ones(monkeypatch):
+    """The kernel may offer a port it has just offered (nothing listens on it yet): TorchServe's
+    loopback inference port behind the gate once came out equal to the gRPC port, and TorchServe
+    exited on the bind. Ports handed out are distinct within a process and skip `avoid`."""
+    from serving import run_folder
+
+    offers = iter([40001, 40002, 40001, 40003, 40004, 40005, 40002, 40006, 40007, 40008,
+                   40009, 40010, 40011, 40012, 40013])
+
+    class Kernel:
+        """A socket whose bind to port 0 gets the next port on the list (repeats included)."""
+        def bind(self, address):
+            self.port = next(offers)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(run_folder.socket, "socket", Kernel)
+    monkeypatch.setattr(run_folder, "_HANDED_OUT", set())
+    first = run_folder.free_ports()
+    assert len(set(first.values())) == len(first) == len(run_folder.PORTS)
+    second = run_folder.free_ports(avoid={40009})
+    assert not set(second.values()) & (set(first.values()) | {40009})
+    assert len(set(second.values())) == len(second)
+
+
+def test_why_torchserve_exited_is_its_last_starts_exception(tmp_path):
+    from serving.torchserve import log_tail
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "torchserve.out").write_text(
+        "Torchserve version: 0.12.0\njava.lang.IllegalStateException: an earlier start\n"
+        "Torchserve version: 0.12.0\n2026 [INFO ] main ModelServer - Torchserve stopped.\n"
+        "java.io.IOException: Failed to bind to address /127.0.0.1:44059\n"
+        "\tat io.grpc.internal.ServerImpl.start(ServerImpl.java:184)\n"
+        "Caused by: io.grpc.Errors$NativeIoException: bind(..) failed: Address already in use\n")
+    (tmp_path / "logs" / "model_log.log").write_text("Torch worker started.\n")
+    assert log_tail(tmp_path) == ("java.io.IOException: Failed to bind to address "
+                                  "/127.0.0.1:44059 | Caused by: io.grpc.Errors$NativeIoException: "
+                                  "bind(..) failed: Address already in use")
+    (tmp_path / "logs" / "torchserve.out").write_text("Torchserve version: 0.12.0\n")
+    assert log_tail(tmp_path) == "Torch worker started."
+
+
 def test_model_registration_and_deletion_are_refused(server):
     client = server.client()
     assert client.management("POST", "models?url=tiny-cls.mar&model_name=again").status == 405
