@@ -137,11 +137,13 @@ def default_run_dir() -> Path:
     return Path(os.environ.get("PIXTOK_RUN_DIR") or Path.home() / ".cache" / "pixtok" / "run")
 
 
-def gate_address(run_dir: Path) -> str | None:
-    """Where the run folder's gate answers (gate.json), if `pixtok serve` put one in front of
-    TorchServe: config.properties' inference address is then TorchServe's own, behind it."""
+def gate_address(run_dir: Path, api: str = "inference") -> str | None:
+    """Where the run folder's gate answers for `api` (inference or management; gate.json), if
+    `pixtok serve` put one in front of TorchServe: config.properties' addresses are then
+    TorchServe's own, behind it."""
     try:
-        return json.loads((Path(run_dir) / "gate.json").read_text())["address"]
+        found = json.loads((Path(run_dir) / "gate.json").read_text())
+        return found["address" if api == "inference" else api]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -211,7 +213,9 @@ class Client:
         self.base_url = local_url(base_url or gate_address(self.run_dir)
                                   or props.get("inference_address")
                                   or f"http://127.0.0.1:{port('inference')}")
-        self.management_url = local_url(management_url or props.get("management_address")
+        self.management_url = local_url(management_url
+                                        or gate_address(self.run_dir, "management")
+                                        or props.get("management_address")
                                         or f"http://127.0.0.1:{port('management')}")
         self.key_file = self.run_dir / "key_file.json"
         self.timeout = timeout

@@ -28,11 +28,15 @@ dropped. It changes six answers:
   instead of a refused or reset connection.
 
 Bodies are read whole before they are sent on (a slow client never holds a TorchServe
-connection); answers are streamed. The management and metrics APIs and gRPC are not behind the
-gate. The gate holds no model and no key; SIGTERM lets the requests in flight finish.
+connection); answers are streamed. The same process fronts the management API where asked
+(serving/gate_management.py: /api-description and OPTIONS closed, the 401) and the two gRPC
+APIs (serving/gate_grpc.py: UNAUTHENTICATED for a refused key); the metrics API is not behind
+it. The gate holds no model and no key; SIGTERM lets the requests in flight finish (8 s).
 
     python -m serving.gate --listen HOST:PORT --upstream http://127.0.0.1:PORT --run-dir DIR
         [--max-body BYTES] [--request-timeout SECONDS]
+        [--management HOST:PORT=http://127.0.0.1:PORT]
+        [--grpc-inference HOST:PORT=127.0.0.1:PORT] [--grpc-management HOST:PORT=127.0.0.1:PORT]
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import collections
 import json
 import math
 import re
+import signal
 import sys
 import time
 import uuid
@@ -50,16 +55,20 @@ from pathlib import Path
 from aiohttp import (
     ClientConnectionError,
     ClientPayloadError,
-    ClientSession,
-    ClientTimeout,
-    TCPConnector,
     web,
 )
 
-# headers that belong to one connection, not to the request or answer (RFC 9110 7.6.1), and
-# the ones aiohttp sets itself from the body it sends
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
+from serving.gate_answers import (
+    CANCEL_HEADER,
+    HttpFront,
+    clip,
+    error,
+    not_served,
+    passed_on,
+    unauthorized,
+    unreachable,
+)
+
 MODEL_PATH = re.compile(r"^/(?:predictions|explanations)/([^/]+)|^/v[12]/models/([^/:]+)")
 # the routes the gate passes on, on the raw (still percent-encoded) path: /ping and
 # /predictions/MODEL[/VERSION]. TorchServe's other inference routes are closed here: its
@@ -69,15 +78,8 @@ MODEL_PATH = re.compile(r"^/(?:predictions|explanations)/([^/]+)|^/v[12]/models/
 OPEN_ROUTE = re.compile(r"^/ping$|^/predictions/([^/]+)(?:/([^/]+))?$")
 # a model name or version as TorchServe accepts them at registration
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-# a request's cancel token (pixtok/inference/handler_base.py): the gate sets it on every request
-# it passes on (a client's own is dropped) and, when a client leaves a streamed answer, makes
-# the file CANCEL_DIR/TOKEN in the run folder's tmp/, where the handler looks at each step
-CANCEL_HEADER = "X-Pixtok-Cancel-Token"
 CANCEL_DIR = "pixtok-cancelled"
 CANCEL_KEEP_S = 3600       # markers no handler picked up (the answer was done) go after an hour
-# headers of TorchServe's answers that are its own business, never the client's: its worker's
-# marker of a streamed answer's next chunk
-INTERNAL_ANSWER_HEADERS = {"ts_stream_next"}
 PACE_WINDOW_S = 30.0       # answers of the last 30 s set a model's pace
 RETRY_AFTER_MAX_S = 60
 UNDECODABLE_FORM = "ErrorDataDecoderException"   # TorchServe's type for a form it cannot decode
@@ -131,12 +133,6 @@ class Pace:
         return max(1, min(RETRY_AFTER_MAX_S, math.ceil(seconds)))
 
 
-def error(code: int, kind: str, message: str, headers: dict | None = None) -> web.Response:
-    """An answer in TorchServe's error shape, {"code", "type", "message"}."""
-    return web.json_response({"code": code, "type": kind, "message": message}, status=code,
-                             headers=headers)
-
-
 def full_queue(answer: bytes) -> bool:
     """TorchServe's full queue (or no live worker): 503 ServiceUnavailableException. A
     handler's own 503 (shutting_down) is passed on as it is."""
@@ -144,12 +140,6 @@ def full_queue(answer: bytes) -> bool:
         return json.loads(answer).get("type") == "ServiceUnavailableException"
     except (ValueError, AttributeError):
         return False
-
-
-def passed_on(headers) -> dict:
-    return {k: v for k, v in headers.items()
-            if k.lower() not in HOP_BY_HOP and k.lower() not in INTERNAL_ANSWER_HEADERS
-            and k.lower() != CANCEL_HEADER.lower()}
 
 
 def mark_cancelled(folder: Path | None, token: str) -> None:
@@ -167,10 +157,6 @@ def mark_cancelled(folder: Path | None, token: str) -> None:
         pass           # no marker: the worker finishes the steps, as without the gate
 
 
-def clip(text: str, limit: int = 64) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def closed_route(request: web.Request) -> web.Response | None:
     """None for a route the gate passes on; else the JSON answer: 404 NotFound for a closed
     route (OPTIONS anywhere), 404 ModelNotFoundException for a model name or version TorchServe
@@ -180,8 +166,7 @@ def closed_route(request: web.Request) -> web.Response | None:
 
     found = OPEN_ROUTE.match(request.raw_path.split("?", 1)[0])
     if request.method == "OPTIONS" or found is None:
-        return error(404, "NotFound", f"{request.method} {clip(request.path)!r} is not served "
-                     "here: the routes are /ping and /predictions/MODEL (docs/openapi.yaml)")
+        return not_served(request, "the routes are /ping and /predictions/MODEL")
     for part in found.groups():
         if part is not None and not NAME.match(unquote(part)):
             return error(404, "ModelNotFoundException",
@@ -190,49 +175,18 @@ def closed_route(request: web.Request) -> web.Response | None:
     return None
 
 
-def unauthorized(answer: bytes) -> web.Response | None:
-    """TorchServe 0.12 answers a missing, wrong or expired key with 400 InvalidKeyException;
-    the gate makes it the 401 with `WWW-Authenticate: Bearer` that HTTP clients expect."""
-    try:
-        found = json.loads(answer)
-    except ValueError:
-        return None
-    if not isinstance(found, dict) or found.get("type") != "InvalidKeyException":
-        return None
-    return error(401, "InvalidKeyException",
-                 "send the inference key as `Authorization: Bearer <key>` (key_file.json in "
-                 "the run folder; it rolls over, see docs/serving.md)",
-                 {"WWW-Authenticate": 'Bearer realm="pixtok"'})
+class Gate(HttpFront):
+    """The front of TorchServe's inference API."""
 
-
-def unreachable(why: str) -> web.Response:
-    return error(503, "ServiceUnavailableException",
-                 f"the model server is not reachable ({why}): it is starting again or "
-                 "stopping; retry after 1 s", {"Retry-After": "1"})
-
-
-class Gate:
     def __init__(self, upstream: str, max_body: int, log=print, request_timeout: float = 0.0,
                  cancel_dir: Path | None = None):
-        self.upstream, self.max_body, self.log = upstream.rstrip("/"), max_body, log
+        super().__init__(upstream)
+        self.max_body, self.log = max_body, log
         self.cancel_dir = cancel_dir
         self.request_timeout = request_timeout       # seconds; 0: none
         self.pace = Pace()
-        self.session: ClientSession | None = None
         self.refused = collections.Counter()     # full-queue answers since the last log line
         self.said_at = 0.0
-
-    async def open(self, _app=None) -> None:
-        # no limit on connections (TorchServe's queue is the limit), a fresh one per request (a
-        # kept-alive one TorchServe closed would lose a POST), and no read timeout (a generator
-        # may take minutes; TorchServe's responseTimeout bounds a worker)
-        self.session = ClientSession(connector=TCPConnector(limit=0, force_close=True),
-                                     auto_decompress=False,
-                                     timeout=ClientTimeout(total=None, sock_connect=5))
-
-    async def close(self, _app=None) -> None:
-        if self.session is not None:
-            await self.session.close()
 
     async def read_body(self, request: web.Request) -> bytes | web.Response:
         too_large = error(413, "body_too_large",
@@ -337,10 +291,7 @@ class Gate:
 def make_app(upstream: str, max_body: int, log=print, request_timeout: float = 0.0,
              cancel_dir: Path | None = None) -> web.Application:
     gate = Gate(upstream, max_body, log, request_timeout, cancel_dir)
-    app = web.Application(client_max_size=max_body + 1)
-    app.on_startup.append(gate.open)
-    app.on_cleanup.append(gate.close)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", gate.handle)    # newlines too (%0A)
+    app = gate.app(max_body + 1)
     app["gate"] = gate
     return app
 
@@ -350,7 +301,47 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def main(argv=None) -> int:
+def front(value: str) -> tuple[str, str]:
+    """LISTEN=UPSTREAM of --management and --grpc-*."""
+    listen, sep, upstream = value.partition("=")
+    if not sep or not upstream:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT=UPSTREAM")
+    return listen, upstream
+
+
+SHUTDOWN_S = 8     # SIGTERM: requests in flight get this long to finish
+
+
+async def run(sites: list[tuple[web.Application, str]], grpc_fronts: list[tuple], log) -> None:
+    """Serve each (app, HOST:PORT) and each (api, LISTEN, UPSTREAM) gRPC front until SIGTERM or
+    SIGINT; then stop taking connections and let the requests in flight finish."""
+    runners, servers, fronts = [], [], []
+    for app, listen in sites:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, *split_listen(listen)).start()
+    if grpc_fronts:
+        from serving.gate_grpc import make_grpc_server
+
+        for api, listen, upstream in grpc_fronts:
+            server, made = make_grpc_server(api, listen, upstream, sites[0][0]["gate"].max_body)
+            made.open()
+            await server.start()
+            servers.append(server)
+            fronts.append(made)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log("gate: stopping; the requests in flight may finish")
+    await asyncio.gather(*(s.stop(SHUTDOWN_S) for s in servers),
+                         *(r.cleanup() for r in runners))
+    await asyncio.gather(*(f.close() for f in fronts))
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m serving.gate", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", required=True, help="HOST:PORT to answer on")
@@ -361,18 +352,34 @@ def main(argv=None) -> int:
     parser.add_argument("--request-timeout", type=float, default=0.0,
                         help="seconds a request may wait for its answer to begin; then 503 "
                         "with Retry-After (0: no limit)")
-    args = parser.parse_args(argv)
-    host, port = split_listen(args.listen)
+    parser.add_argument("--management", type=front, metavar="HOST:PORT=URL",
+                        help="front TorchServe's management API (at URL) on HOST:PORT too")
+    for api in ("inference", "management"):
+        parser.add_argument(f"--grpc-{api}", type=front, metavar="HOST:PORT=HOST:PORT",
+                            help=f"front TorchServe's gRPC {api} API on the first HOST:PORT")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     def log(message: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}", flush=True)
 
-    app = make_app(args.upstream, args.max_body, log, args.request_timeout,
-                   args.run_dir / "tmp" / CANCEL_DIR)
-    log(f"gate: {args.listen} -> {args.upstream} (run folder {args.run_dir})")
-    # SIGTERM: stop taking connections, let the requests in flight finish (up to 8 s)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=8,
-                handle_signals=True)
+    sites = [(make_app(args.upstream, args.max_body, log, args.request_timeout,
+                       args.run_dir / "tmp" / CANCEL_DIR), args.listen)]
+    fronts = [f"{args.listen} -> {args.upstream}"]
+    if args.management:
+        from serving.gate_management import make_management_app
+
+        sites.append((make_management_app(args.management[1]), args.management[0]))
+        fronts.append(" -> ".join(args.management))
+    grpc_fronts = [(api, *given) for api, given in (("inference", args.grpc_inference),
+                                                    ("management", args.grpc_management))
+                   if given]
+    fronts += [f"gRPC {api} {listen} -> {upstream}" for api, listen, upstream in grpc_fronts]
+    log(f"gate: {'; '.join(fronts)} (run folder {args.run_dir})")
+    asyncio.run(run(sites, grpc_fronts, log))
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pixtok.errors import UserError
 from serving.client import Client
-from serving.gate_start import gate_setting, start_gate, stop_gate
+from serving.gate_start import GATED_APIS, gate_setting, start_gate, stop_gate
 from serving.load_failures import LoadFailures, load_attempts
 from serving.model_store import (
     check_room,
@@ -122,8 +122,9 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     timeout = timeout or float(os.environ.get("PIXTOK_SERVE_TIMEOUT", 180))
     check_room(run_dir, store, models)
     gated = config is None and gate_setting()
-    # behind the gate, TorchServe's inference API listens on a loopback port of its own
-    ts_ports = {**ports, "inference": upstream_port(ports)} if gated else ports
+    # behind the gate, TorchServe's inference, management and gRPC APIs listen on loopback
+    # ports of their own
+    ts_ports = {**ports, **upstream_ports(ports)} if gated else ports
     while True:
         with run_dir_writes(run_dir):
             if config is None:
@@ -138,7 +139,7 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
         server = launch(run_dir, store, path, host, ts_ports, names, broken,
                         worker_threads(models))
         if gated:
-            server = gated_server(server, ports["inference"])
+            server = gated_server(server, ports)
         unloadable = wait_ready(server, timeout, failures)
         if not unloadable:
             break
@@ -157,18 +158,20 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     return server
 
 
-def upstream_port(ports: dict) -> int:
-    """A loopback port for TorchServe's inference API behind the gate, none of the ports named
-    for the APIs or the page: nothing listens on those yet, so the kernel may offer one."""
+def upstream_ports(ports: dict) -> dict:
+    """Loopback ports for TorchServe's APIs behind the gate (all but metrics), none of the
+    ports named for the APIs or the page: nothing listens on those yet, so the kernel may
+    offer one."""
     page = os.environ.get(UI_PORT_ENV, "")
-    return free_ports(avoid={*ports.values(), *([int(page)] if page.isdigit() else [])})[
-        "inference"]
+    free = free_ports(avoid={*ports.values(), *([int(page)] if page.isdigit() else [])})
+    return {api: free[api] for api in GATED_APIS}
 
 
-def gated_server(server: Server, port: int) -> Server:
-    """The gate started on `port` in front of TorchServe; TorchServe is stopped if it fails."""
+def gated_server(server: Server, ports: dict) -> Server:
+    """The gate started on the public `ports` in front of TorchServe; TorchServe is stopped if
+    it fails."""
     try:
-        return start_gate(server, port)
+        return start_gate(server, ports)
     except ServeError:
         stop_torchserve(server.run_dir, log=lambda *_: None)
         raise

@@ -33,6 +33,11 @@ THREADS_ENV = "PIXTOK_WORKER_THREADS"   # torch threads per TorchServe worker (w
 DEFAULT_QUEUE_SIZE = 100
 
 
+def grpc_host() -> str:
+    """Where gRPC listens: 127.0.0.1, whatever `--host` says, unless PIXTOK_GRPC_HOST opens it."""
+    return os.environ.get("PIXTOK_GRPC_HOST", "").strip() or "127.0.0.1"
+
+
 def overload_settings() -> tuple[dict, dict]:
     """(settings for every model, settings that override the task's BATCHING) from
     PIXTOK_QUEUE_SIZE and PIXTOK_RESPONSE_TIMEOUT_S."""
@@ -53,15 +58,17 @@ def batching(task: str) -> dict:
 def render_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
                   token_expiration_min: float | None = None, gated: bool = False) -> Path:
     """Fill serving/config.properties in for this run; values are escaped for Java properties.
-    gated: the inference API listens on 127.0.0.1 (the gate answers on `host`)."""
+    gated: the inference, management and gRPC APIs listen on 127.0.0.1 (the gate answers on
+    `host`, gRPC on PIXTOK_GRPC_HOST); else gRPC listens on PIXTOK_GRPC_HOST, default 127.0.0.1."""
     overload, forced = overload_settings()
     per_model = {name: {version: {"defaultVersion": True, "marName": mar, **overload,
                                   **batching(task), **forced}}
                  for name, (mar, version, task) in models.items()}
     values = {
         "host": host, "address": bracketed(host),
-        "grpc_address": os.environ.get("PIXTOK_GRPC_HOST", "").strip() or "127.0.0.1",
+        "grpc_address": "127.0.0.1" if gated else grpc_host(),
         "inference_address": bracketed("127.0.0.1" if gated else host),
+        "management_address": bracketed("127.0.0.1" if gated else host),
         **{f"{api}_port": number for api, number in ports.items()},
         "token_expiration_min": token_expiration_min
         or os.environ.get("PIXTOK_TOKEN_EXPIRATION_MIN", "60"),

@@ -308,30 +308,124 @@ def test_a_client_that_leaves_a_stream_stops_the_sampler_on_torchserve(server):
     assert set(markers.iterdir()) <= left                   # this request's marker: picked up
 
 
-def test_grpc_needs_the_key_and_listens_on_loopback(server):
-    """TorchServe's gRPC inference API, called as grpcio calls it (a generic stub of its Ping
-    method): refused without the key, answered with it, on 127.0.0.1 only."""
+def field(number: int, value: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2): enough to write TorchServe's
+    PredictionsRequest by hand, as any client without its generated stubs would."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def first_field(message: bytes) -> bytes:
+    """The value of a message's first length-delimited field (PredictionResponse.prediction)."""
+    assert message[0] == (1 << 3 | 2)
+    length, shift, at = 0, 0, 1
+    while True:
+        length |= (message[at] & 0x7F) << shift
+        shift, at = shift + 7, at + 1
+        if not message[at - 1] & 0x80:
+            return message[at:at + length]
+
+
+def keyed(server, kind: str, call):
+    """call(metadata) with the `kind` key, renewed when refused (the session's keys last 6 s)."""
     grpc = pytest.importorskip("grpc")
-    port = server.ports["grpc_inference"]
+    client = server.client()
+    for _ in range(3):
+        key = client.key(kind)
+        try:
+            return call((("authorization", f"Bearer {key}"),))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            client.refresh_key(kind, key)
+    return call((("authorization", f"Bearer {client.key(kind)}"),))
+
+
+GRPC_INFERENCE = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
+GRPC_MANAGEMENT = "/org.pytorch.serve.grpc.management.ManagementAPIsService/"
+
+
+def test_grpc_goes_through_the_gate_and_a_refused_key_is_unauthenticated(server):
+    """TorchServe's gRPC APIs, called as grpcio calls them (generic stubs, messages written by
+    hand): the gate answers on the gRPC ports, on 127.0.0.1, and passes calls on to TorchServe's
+    own loopback ports; a missing or wrong key is UNAUTHENTICATED (TorchServe 0.12 itself says
+    PERMISSION_DENIED); with the key, Ping, a prediction and a management call are answered."""
+    grpc = pytest.importorskip("grpc")
     config = read_properties(server.run_dir / "config.properties")
-    assert config["grpc_inference_address"] == "127.0.0.1"
-    ping = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping"
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(ping, request_serializer=lambda m: m,
-                                   response_deserializer=lambda b: b)
+    assert config["grpc_inference_address"] == config["grpc_management_address"] == "127.0.0.1"
+    behind = int(config["grpc_inference_port"])
+    assert behind != server.ports["grpc_inference"]
+    identity = {"request_serializer": lambda m: m, "response_deserializer": lambda b: b}
+    with grpc.insecure_channel(f"127.0.0.1:{behind}") as channel:     # what the gate changes
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(GRPC_INFERENCE + "Ping", **identity)(b"", timeout=30)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc_inference']}") as channel:
+        ping = channel.unary_unary(GRPC_INFERENCE + "Ping", **identity)
         for metadata in ((), (("authorization", "Bearer wrong-key"),)):
             with pytest.raises(grpc.RpcError) as refused:
-                call(b"", metadata=metadata, timeout=30)
-            # TorchServe 0.12's status (UNAUTHENTICATED would be right; nothing is in front
-            # of gRPC to change it, docs/serving.md)
-            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "Token Authorization failed" in refused.value.details()
-        client = server.client()
-        for _ in range(3):                    # the session's keys last 6 s
-            key = client.key("inference")
-            try:
-                answer = call(b"", metadata=(("authorization", f"Bearer {key}"),), timeout=30)
-                break
-            except grpc.RpcError:
-                client.refresh_key("inference", key)
-        assert b"Healthy" in answer
+                ping(b"", metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer <key>" in refused.value.details()
+        assert b"Healthy" in keyed(server, "inference",
+                                   lambda md: ping(b"", metadata=md, timeout=30))
+        image = encode(noise(8, 8, 1))
+        request = field(1, b"tiny-cls") + field(3, field(1, b"data") + field(2, image))
+        predict = channel.unary_unary(GRPC_INFERENCE + "Predictions", **identity)
+        answer = keyed(server, "inference", lambda md: predict(request, metadata=md, timeout=60))
+        assert json.loads(first_field(answer)) == post(server.client(), "tiny-cls", image).json()
+        # a streamed generation: its steps, then the answer, each a message as it comes
+        body = json.dumps({"label": "coat", "steps": 2, "stream": True}).encode()
+        request = field(1, b"tiny-gen") + field(3, field(1, b"data") + field(2, body))
+        stream = channel.unary_stream(GRPC_INFERENCE + "StreamPredictions", **identity)
+        answers = keyed(server, "inference",
+                        lambda md: list(stream(request, metadata=md, timeout=120)))
+        lines = [json.loads(first_field(a)) for a in answers]
+        assert lines[:2] == [{"step": 1, "total": 2}, {"step": 2, "total": 2}]
+        assert len(lines) == 3 and len(lines[2]["images"]) == 1
+        # a management method is not on the inference port, as on TorchServe's own
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(GRPC_MANAGEMENT + "ListModels", **identity)(b"", timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(f"127.0.0.1:{server.ports['grpc_management']}") as channel:
+        listing = channel.unary_unary(GRPC_MANAGEMENT + "ListModels", **identity)
+        with pytest.raises(grpc.RpcError) as refused:
+            listing(b"", timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        limit = b"\x08\x0a"          # ListModelsRequest.limit = 10 (0 lists none)
+        answer = keyed(server, "management", lambda md: listing(limit, metadata=md, timeout=30))
+        assert "tiny-cls" in {m["modelName"] for m in
+                              json.loads(first_field(answer))["models"]}
+
+
+def test_the_management_port_is_the_gates_and_closes_the_api_description(server):
+    """TorchServe's management API sits behind the gate too: its /api-description and OPTIONS
+    (its whole API, without a key) are a JSON 404 there, key or not; a missing or wrong key is
+    the 401 with its challenge; the rest passes through."""
+    config = read_properties(server.run_dir / "config.properties")
+    behind = config["management_address"]
+    gate = json.loads(launcher.gate_file(server.run_dir).read_text())
+    assert behind == gate["management_upstream"] != server.management_url
+    assert gate["management"] == server.management_url
+    assert Client(run_dir=server.run_dir).management_url == server.management_url
+    assert raw(behind + "/api-description")[0] == 200          # what the gate keeps away
+    client = server.client()
+    for method, path in (("GET", "/api-description"), ("OPTIONS", "/"),
+                         ("OPTIONS", "/models")):
+        for headers in ({}, {"Authorization": f"Bearer {client.key('management')}"}):
+            status, _, answer = raw(server.management_url + path, None, headers, method)
+            assert status == 404, (method, path, status, answer[:200])
+            assert json.loads(answer)["type"] == "NotFound"
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        status, got, answer = raw(server.management_url + "/models", None, headers)
+        assert status == 401 and got["WWW-Authenticate"].startswith("Bearer")
+        assert json.loads(answer)["type"] == "InvalidKeyException"
+        assert "management key" in json.loads(answer)["message"]
+    assert client.is_ready("tiny-cls")            # through the gate, key renewal included
+    assert client.management("GET", "models").json()["models"]

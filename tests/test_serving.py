@@ -223,8 +223,8 @@ def test_requests_without_the_key_are_refused(server):
 
 
 def test_grpc_listens_on_loopback_unless_opened(tmp_path, monkeypatch):
-    """TorchServe 0.12 cannot turn gRPC off and the gate is not in front of it: it stays on
-    127.0.0.1 even when `--host` opens the rest, until PIXTOK_GRPC_HOST says otherwise."""
+    """TorchServe 0.12 cannot turn gRPC off: it stays on 127.0.0.1 even when `--host` opens the
+    rest, until PIXTOK_GRPC_HOST says otherwise."""
     from serving import launcher
     from serving.torchserve_config import render_config
 
@@ -238,6 +238,14 @@ def test_grpc_listens_on_loopback_unless_opened(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXTOK_GRPC_HOST", "0.0.0.0")
     config = render_config(tmp_path, tmp_path, "0.0.0.0", ports, models).read_text()
     assert "grpc_inference_address=0.0.0.0\n" in config
+    # behind the gate TorchServe's own listeners are on loopback; the gate's gRPC front listens
+    # on PIXTOK_GRPC_HOST (tests/test_gate.py)
+    config = render_config(tmp_path, tmp_path, "0.0.0.0", ports, models, gated=True).read_text()
+    for api in ("grpc_inference", "grpc_management"):
+        assert f"{api}_address=127.0.0.1\n" in config
+    for api in ("inference", "management"):
+        assert f"{api}_address=http://127.0.0.1:{ports[api]}\n" in config
+    assert f"metrics_address=http://0.0.0.0:{ports['metrics']}\n" in config
 
 
 def test_ports_handed_out_never_repeat_and_avoid_the_named_ones(monkeypatch):
