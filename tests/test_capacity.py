@@ -1,13 +1,15 @@
 """Capacity notes: the per-recipe arithmetic, checked against the model's own FLOP formula."""
 from __future__ import annotations
 
-from pixtok.models.vit import flops_per_image, vit_config
+from flop_formulas import vit_flops
+
+from pixtok.models.vit import vit_config
 from training.capacity import H100_BF16, MFU, recipe_capacity
 
 
 def test_vit_t1_cifar100_capacity_by_hand():
     r = recipe_capacity("vit-t1-cifar100")
-    fwd = flops_per_image(vit_config("ViT-T/1", image_size=(32, 32), num_classes=100))
+    fwd = vit_flops(vit_config("ViT-T/1", image_size=(32, 32), num_classes=100))
     assert r["forward_flops_per_image"] == fwd
     assert r["flops_per_epoch"] == 3 * fwd * 50_000
     assert r["flops_total"] == 3 * fwd * 50_000 * 2400

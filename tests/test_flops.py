@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flop_formulas import dit_flops, vit_flops
 from torch import nn
 
-from pixtok.models.vit import ViT, flops_per_image, vit_config
+from pixtok.models.vit import ViT, vit_config
 from training.flops import FlopCounter, count_forward_flops
 
 
@@ -14,7 +15,21 @@ from training.flops import FlopCounter, count_forward_flops
 def test_counter_matches_the_vit_formula_on_paper_sizes(name, side, pool):
     cfg = vit_config(name, image_size=(side, side), num_classes=100, pool=pool)
     counted = count_forward_flops(lambda: ViT(cfg), (lambda: torch.rand(1, 3, side, side),))
-    assert counted == flops_per_image(cfg)
+    assert counted == vit_flops(cfg)
+
+
+@pytest.mark.parametrize("name, side", [("DiT-L/1", 32), ("DiT-L/2", 32), ("DiT-S/1", 8)])
+def test_counter_matches_the_dit_formula(name, side):
+    """The DiT FLOPs that training/capacity.py and docs/capacity.md quote: the counter agrees
+    with the formula, adaLN modulation and the timestep MLP included."""
+    from pixtok.models import build_model
+    from pixtok.models.dit import dit_config
+
+    cfg = dit_config(name, sample_size=side, in_channels=4, num_classes=1000)
+    y = torch.zeros(1, dtype=torch.long)
+    counted = count_forward_flops(lambda: build_model({"arch": "dit", "args": cfg}),
+                                  (lambda: torch.rand(1, 4, side, side), lambda: y, lambda: y))
+    assert counted == dit_flops(cfg)
 
 
 def test_counter_on_a_real_forward_with_the_cpu_attention_kernel():
@@ -22,7 +37,7 @@ def test_counter_on_a_real_forward_with_the_cpu_attention_kernel():
     model = ViT(cfg)
     with FlopCounter() as fc, torch.no_grad():
         model(torch.rand(3, 3, 8, 8))
-    assert fc.total == 3 * flops_per_image(cfg)
+    assert fc.total == 3 * vit_flops(cfg)
     assert any("attention" in op for op in fc.by_op)          # SDPA counted, not skipped
 
 

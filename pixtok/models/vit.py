@@ -295,25 +295,12 @@ class ViT(nn.Module):
         return self.cfg.depth + 1
 
 
-def flops_per_image(cfg: ViTConfig) -> int:
-    """Model FLOPs of one forward pass (a multiply-add counts 2), the convention behind MFU."""
-    d, n = cfg.width, cfg.num_tokens + (cfg.pool == "cls")
-    hidden = int(d * cfg.mlp_ratio)
-    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
-    p2c = cfg.patch_size ** 2 * cfg.in_channels
-    embed = 2 * cfg.num_tokens * p2c * d if cfg.embed == "linear" else 0
-    if cfg.embed == "dictionary" and p2c * (cfg.dict_dim or d // cfg.in_channels) != d:
-        embed = 2 * cfg.num_tokens * p2c * (cfg.dict_dim or d // cfg.in_channels) * d
-    return embed + cfg.depth * per_block + 2 * d * cfg.num_classes
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-if __name__ == "__main__":   # quick look: python -m pixtok.models.vit
+if __name__ == "__main__":   # quick look (FLOPs: python -m training.capacity)
     for size in ("F", "P", "N", "T", "S", "B", "L"):
         cfg = vit_config(f"ViT-{size}/1", image_size=(32, 32), num_classes=100)
         print(f"ViT-{size}/1", f"{count_params(ViT(cfg)) / 1e6:.2f}M params",
-              f"{flops_per_image(cfg) / 1e9:.2f} GFLOPs", f"L={cfg.num_tokens}",
-              f"{math.prod(cfg.image_size)} pixels")
+              f"L={cfg.num_tokens}", f"{math.prod(cfg.image_size)} pixels")
