@@ -313,7 +313,6 @@ def test_build_depth_dataset_scenes_and_bad_names():
 
 # ---- training ---------------------------------------------------------------------------------
 
-@pytest.mark.timeout(60)
 def test_tiny_depth_vit_beats_mean_depth_baseline():
     torch.manual_seed(0)
     size = (12, 16)
