@@ -807,7 +807,7 @@ def test_custom_predictor_manifests_run_our_image_without_the_torchserve_runtime
     assert container["ports"][0]["containerPort"] == port
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
-    from serving.kserve_server import OPEN_PATHS
+    from serving.kserve_guard import OPEN_PATHS
 
     assert {"/v2/health/ready", "/v2/health/live"} <= set(OPEN_PATHS)    # probes need no key
     for kind in ("requests", "limits"):
