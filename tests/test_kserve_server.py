@@ -750,7 +750,7 @@ def test_foreground_as_in_the_manifests_stops_the_server_on_sigterm(ks, tmp_path
 def test_the_gradio_page_works_against_it_unchanged(ks, tmp_path):
     import gradio_client
 
-    from serving.gradio_app import served_models
+    from serving.page_settings import served_models
     from training.data.examples import write_examples
 
     models = {task: names[0] for task, names in served_models(ks.run_dir).items()}
