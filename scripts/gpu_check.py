@@ -122,7 +122,7 @@ def request_bodies(task: str, count: int) -> list[bytes]:
 
 
 def model_tasks(run_dir: Path) -> dict[str, str]:
-    from serving.gradio_app import served_models
+    from serving.page_settings import served_models
 
     return {name: task for task, names in served_models(run_dir).items() for name in names}
 

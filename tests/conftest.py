@@ -127,7 +127,7 @@ def ui(server, tmp_path_factory):
     import socket
 
     from serving import launcher
-    from serving.gradio_app import served_models
+    from serving.page_settings import served_models
     from training.data.examples import write_examples
 
     models = {task: names[0] for task, names in served_models(server.run_dir).items()}

@@ -195,7 +195,8 @@ def test_stop_cancels_and_the_page_is_free_again(ui, browser_page):
 
 
 def test_an_example_fills_in_the_generate_form(ui, browser_page):
-    from serving.gradio_app import archive_labels, generate_examples, served_archives
+    from serving.page_models import generate_examples
+    from serving.page_settings import archive_labels, served_archives
 
     if "generate" not in ui.models:
         pytest.skip("the session server has no generate model")
@@ -214,7 +215,7 @@ def test_an_example_fills_in_the_generate_form(ui, browser_page):
 def test_the_classify_tab_picks_among_the_served_classifiers(ui, browser_page):
     """The session serves two classifiers (tiny-cls and its ONNX twin): a Model picker names
     both and switches the line that describes the model."""
-    from serving.gradio_app import served_models
+    from serving.page_settings import served_models
 
     page, _ = browser_page
     page.get_by_role("tab", name="Classify").click()

@@ -19,22 +19,12 @@ import pytest
 from conftest import LABELS, make_classifier
 from PIL import Image
 
-from pixtok.inference.validate import GENERATE_DEFAULTS
+from pixtok.inference.validate import GENERATE_DEFAULTS, SAMPLERS
 from serving import launcher
 from serving.client import DEFAULT_MODELS
-from serving.gradio_app import (
-    RANDOM_SEEDS,
-    SAMPLERS,
-    archive_labels,
-    colour_table,
-    colourise,
-    decode_depth,
-    generate_examples,
-    legend_html,
-    model_names,
-    page_models,
-    served_archives,
-)
+from serving.page_actions import RANDOM_SEEDS, colour_table, colourise, decode_depth, legend_html
+from serving.page_models import generate_examples, page_models
+from serving.page_settings import archive_labels, model_names, served_archives
 from training.data.examples import FASHION_DIR, SCENE_SEED, SCENE_SIZE, write_examples
 
 gradio_client = pytest.importorskip("gradio_client")

@@ -750,7 +750,7 @@ def test_foreground_as_in_the_manifests_stops_the_server_on_sigterm(ks, tmp_path
 def test_the_gradio_page_works_against_it_unchanged(ks, tmp_path):
     import gradio_client
 
-    from serving.gradio_app import served_models
+    from serving.page_settings import served_models
     from training.data.examples import write_examples
 
     models = {task: names[0] for task, names in served_models(ks.run_dir).items()}
@@ -807,7 +807,7 @@ def test_custom_predictor_manifests_run_our_image_without_the_torchserve_runtime
     assert container["ports"][0]["containerPort"] == port
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
-    from serving.kserve_server import OPEN_PATHS
+    from serving.kserve_guard import OPEN_PATHS
 
     assert {"/v2/health/ready", "/v2/health/live"} <= set(OPEN_PATHS)    # probes need no key
     for kind in ("requests", "limits"):

@@ -18,9 +18,11 @@ PARTS = ("pixtok", "training", "export", "serving")
 TOP = {"pixtok.cli", "pixtok.__main__"}          # composes the parts; imports them lazily
 ALLOWED = {"pixtok": {"pixtok"}, "training": {"pixtok", "training"},
            "export": {"pixtok", "export"}, "serving": {"pixtok", "serving"}}
+# the Gradio page's modules: gradio_app.py and its parts, each held to the page
+PAGE = ("serving.gradio_app", "serving.page_models", "serving.page_actions",
+        "serving.page_layout")
 NARROWER = {   # modules held to less than their part
-    "serving.gradio_app": {"pixtok", "serving.client", "serving.page_settings",
-                           "serving.gradio_app"},
+    **{m: {"pixtok", "serving.client", "serving.page_settings", *PAGE} for m in PAGE},
     "serving.page_settings": {"pixtok", "serving.client"},
     "serving.client": {"pixtok"},
 }
@@ -91,6 +93,8 @@ def test_the_rule_catches_a_crossing(tmp_path):
     assert not allowed("export.archive", "serving.launcher")
     assert not allowed("serving.gradio_app", "pixtok" + "x")     # a prefix is not a package
     assert not allowed("serving.gradio_app", "serving.launcher")    # the page starts nothing
+    assert not allowed("serving.page_actions", "serving.kserve_models")     # nor holds a model
+    assert allowed("serving.page_layout", "serving.page_actions")
     assert allowed("serving.gradio_app", "pixtok.inference.validate")
     assert allowed("pixtok.cli", "serving.launcher")
 

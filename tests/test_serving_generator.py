@@ -268,10 +268,10 @@ def test_an_archive_module_that_reaches_into_the_repository_fails_the_export(tmp
 
 def test_one_list_of_samplers_for_the_cli_rest_and_the_page():
     import pixtok.cli
-    import serving.gradio_app
+    import serving.page_layout
     from pixtok import sampling
 
-    assert pixtok.cli.SAMPLERS is SAMPLERS is serving.gradio_app.SAMPLERS is sampling.SAMPLERS
+    assert pixtok.cli.SAMPLERS is SAMPLERS is serving.page_layout.SAMPLERS is sampling.SAMPLERS
     for sampler in SAMPLERS:      # euler too, which the REST API used to refuse
         request = parse_generate_request({"label": 1, "sampler": sampler}, LABELS)
         assert request["sampler"] == sampler
