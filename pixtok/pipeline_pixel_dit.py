@@ -44,6 +44,24 @@ def report_step(callback, step: int, total: int) -> None:
         raise SamplingCancelled(step, total)
 
 
+def guided_forward(model, latents, t, class_ids, scale: float, null_class: int) -> torch.Tensor:
+    """model(x, t, y)'s output (N, C or 2C, h, w) with classifier-free guidance on eps, the one
+    place it is computed (the serving core calls it too): the conditional and unconditional
+    (class `null_class`) halves go through one forward pass as one batch of 2N, eps is
+    uncond + scale * (cond - uncond), and the variance channels come from the conditional half.
+    At scale 1 that is the conditional output alone (the unconditional half would weigh zero)."""
+    n, c = latents.shape[:2]
+    if scale == 1:
+        return model(latents, torch.as_tensor(t, device=latents.device).reshape(-1).expand(n),
+                     class_ids)
+    x = torch.cat([latents, latents])                      # (2N, C, h, w)
+    steps = torch.as_tensor(t, device=x.device).reshape(-1).expand(2 * n)
+    cond, uncond = model(x, steps, torch.cat([class_ids, torch.full_like(class_ids, null_class)]
+                                             )).chunk(2)
+    eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+    return torch.cat([eps, cond[:, c:]], dim=1)
+
+
 class PixelDiTPipeline(DiffusionPipeline):
     """Class labels -> images: DiT/p denoises VQGAN latents with classifier-free guidance."""
 
@@ -87,20 +105,9 @@ class PixelDiTPipeline(DiffusionPipeline):
         return torch.tensor(ids, dtype=torch.long, device=self._execution_device)
 
     def guided_prediction(self, latents, t, class_ids, guidance_scale: float) -> torch.Tensor:
-        """Model output (N, C or 2C, h, w) with classifier-free guidance on eps: the conditional
-        and unconditional halves go through one forward pass as one batch of 2N; the variance
-        channels come from the conditional half. At scale 1 that is the conditional output alone."""
-        n, c = latents.shape[:2]
-        if guidance_scale == 1:
-            t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(n)
-            return self.transformer(latents, t, class_ids)
-        null = torch.full_like(class_ids, self.transformer.config.num_classes)
-        x = torch.cat([latents, latents])                      # (2N, C, h, w)
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(2 * n)
-        out = self.transformer(x, t, torch.cat([class_ids, null]))
-        cond, uncond = out.chunk(2)
-        eps = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)
+        """The transformer's output with classifier-free guidance (guided_forward)."""
+        return guided_forward(self.transformer, latents, t, class_ids, guidance_scale,
+                              self.transformer.config.num_classes)
 
     def passes_variance(self) -> bool:
         """Does the scheduler take the learned variance (model output with 2C channels)?"""

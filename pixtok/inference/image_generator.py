@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pixtok.pipeline_pixel_dit import SamplingCancelled, report_step
+from pixtok.pipeline_pixel_dit import SamplingCancelled, guided_forward, report_step
 
 from .validate import MAX_IMAGES, MAX_STEPS, RequestError, parse_generate_request
 
@@ -55,9 +55,8 @@ class VQDecoder(nn.Module):
 
 
 class GuidedDiT:
-    """The DiT with classifier-free guidance on eps: the conditional and unconditional halves run
-    as one batch of 2N; the learned-variance channels come from the conditional half. bf16
-    autocast on CUDA; the result is float32 for the scheduler."""
+    """The DiT with classifier-free guidance on eps (pixtok/pipeline_pixel_dit.py's
+    guided_forward, the pipeline's own), bf16 autocast on CUDA, float32 for the scheduler."""
 
     name = "torch"
 
@@ -67,19 +66,13 @@ class GuidedDiT:
         self.null_class = transformer.config.num_classes
 
     def __call__(self, latents, t, class_ids, guidance: float) -> torch.Tensor:
-        n, c = latents.shape[:2]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.device.type == "cuda"):
-            if guidance == 1:        # the unconditional half would be weighted by zero
-                t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(n)
-                return self.transformer(latents, t, class_ids).float()
-            null = torch.full_like(class_ids, self.null_class)
-            x = torch.cat([latents, latents])                           # (2N, C, h, w)
-            t = torch.as_tensor(t, device=x.device).reshape(-1).expand(2 * n)
-            out = self.transformer(x, t, torch.cat([class_ids, null])).float()
-        cond, uncond = out.chunk(2)
-        eps = uncond[:, :c] + guidance * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)                     # (N, C or 2C, h, w)
+        """(N, C or 2C, h, w) in float32; the transformer runs in bf16 autocast on CUDA."""
+        def forward(x, steps, y):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):
+                return self.transformer(x, steps, y).float()
+
+        return guided_forward(forward, latents, t, class_ids, guidance, self.null_class)
 
 
 def png_base64(pixels: np.ndarray) -> str:
