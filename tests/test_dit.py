@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pixtok.models import build_model
-from pixtok.models.dit import DIT_MODELS, PixelDiT, dit_config, flops_per_image
+from pixtok.models.dit import DIT_MODELS, PixelDiT, dit_config
 from pixtok.models.vit import VIT_MODELS
 from training.diffusion import (
     diffusion_loss,
@@ -15,6 +15,7 @@ from training.diffusion import (
     training_scheduler,
     variational_bound,
 )
+from training.flops import count_forward_flops
 
 
 def tiny_dit(**kw) -> PixelDiT:
@@ -40,11 +41,15 @@ def test_named_sizes_and_flops():
         assert vit is None or vit == (depth, width, heads, p), name
     with pytest.raises(ValueError, match="DiT-XL/2"):
         dit_config("DiT-Q/2")
-    # DiT paper, Table 4, on 256x256 images (32x32x4 latents), in multiply-adds
+    # DiT paper, Table 4, on 256x256 images (32x32x4 latents), in multiply-adds, as our FLOP
+    # counter counts them
+    y = torch.zeros(1, dtype=torch.long)
     for name, gmacs in (("DiT-XL/2", 118.6), ("DiT-L/2", 80.7), ("DiT-S/2", 6.06),
                         ("DiT-B/4", 5.56)):
         cfg = dit_config(name, sample_size=32, in_channels=4)
-        assert flops_per_image(cfg) / 2e9 == pytest.approx(gmacs, rel=2e-3)
+        flops = count_forward_flops(lambda cfg=cfg: build_model({"arch": "dit", "args": cfg}),
+                                    (lambda: torch.rand(1, 4, 32, 32), lambda: y, lambda: y))
+        assert flops / 2e9 == pytest.approx(gmacs, rel=2e-3)
 
 
 def test_fresh_model_outputs_zeros_and_blocks_are_identity():

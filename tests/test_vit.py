@@ -10,7 +10,6 @@ from pixtok.models.vit import (
     VIT_MODELS,
     ViT,
     ViTConfig,
-    flops_per_image,
     gather_tokens,
     parse_name,
     patchify,
@@ -19,6 +18,7 @@ from pixtok.models.vit import (
     unpatchify,
     vit_config,
 )
+from training.flops import count_forward_flops
 
 
 def tiny(p=1, **kw):
@@ -141,7 +141,7 @@ def test_flops_count_matches_a_by_hand_count():
     embed, qkv, attn = 2 * n * d, 6 * n * d * d, 4 * n * n * d      # QK^T and AV: 2 each
     proj, mlp = 2 * n * d * d, 16 * n * d * d
     by_hand = embed + qkv + attn + proj + mlp
-    assert flops_per_image(cfg) == by_hand
+    assert count_forward_flops(lambda: ViT(cfg), (lambda: torch.rand(1, 1, 4, 4),)) == by_hand
 
 
 def test_drop_path_only_in_training():
