@@ -1,19 +1,17 @@
 """A small REST client for `pixtok serve`: finds the server and its key through the run folder.
 
-TorchServe's keys expire (token_expiration_min) and a rejected key comes back as HTTP 401
-InvalidKeyException through pixtok's gate (TorchServe 0.12 itself, and its management API, answer
-400). On either, the client re-reads key_file.json (another
-client may already have rolled the key) and, if the key there is the one just refused, asks the
-management API for a fresh one with the never-expiring API key. A long-running server therefore
-never strands a client, the Gradio front end included.
+TorchServe's keys expire (token_expiration_min), and a refused key comes back as HTTP 401
+InvalidKeyException through pixtok's gate (TorchServe 0.12 itself answers 400). On either, the
+client re-reads key_file.json (another client may already have rolled the key) and, if the key
+there is the one just refused, asks the management API for a fresh one with the never-expiring
+API key. A long-running server therefore never strands a client, the Gradio front end included.
 
 Idempotent calls (classify, depth, and generate with a seed: same request, same bytes) are retried
 when the server is overloaded or lost a worker (HTTP 503, 429, 507, 502, 504, and TorchServe's
-500 "Worker died."), the connection
-failed or an answer was cut short, with exponential backoff and full jitter (honouring a
-Retry-After), for at most `retry_seconds` (PIXTOK_CLIENT_RETRY_S, default 30; 0 turns retries
-off); then a ServerError or ServerUnreachable says how many tries were made. A socket timeout is
-a ServerTimeout, never retried. See docs/reliability.md.
+500 "Worker died."), the connection failed or an answer was cut short, with exponential backoff
+and full jitter (honouring a Retry-After), for at most `retry_seconds` (PIXTOK_CLIENT_RETRY_S,
+default 30; 0 turns retries off); then a ServerError or ServerUnreachable says how many tries
+were made. A socket timeout is a ServerTimeout, never retried. See docs/reliability.md.
 
 generate_stream() asks for a streamed generation ("stream": true) and yields each sampler step
 ({"step": i, "total": n}) as the server sends it, then the answer; closing it (or breaking out of
@@ -139,8 +137,7 @@ def default_run_dir() -> Path:
 
 def gate_address(run_dir: Path, api: str = "inference") -> str | None:
     """Where the run folder's gate answers for `api` (inference or management; gate.json), if
-    `pixtok serve` put one in front of TorchServe: config.properties' addresses are then
-    TorchServe's own, behind it."""
+    there is one: config.properties' addresses are then TorchServe's own, behind it."""
     try:
         found = json.loads((Path(run_dir) / "gate.json").read_text())
         return found["address" if api == "inference" else api]
