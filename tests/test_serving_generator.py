@@ -90,7 +90,7 @@ def test_same_seed_same_bytes_and_defaults(server):
 
 def test_a_sampler_without_steps_takes_its_own_step_count():
     def steps(body, **kw):
-        return parse_generate_request(body, ["a", "b"], sampler_steps=DEFAULT_STEPS, **kw)["steps"]
+        return parse_generate_request(body, ["a", "b"], **kw)["steps"]
     assert steps({"label": 1}) == SAMPLING_DEFAULTS["steps"]
     assert steps({"label": 1, "sampler": "ddpm"}) == DEFAULT_STEPS["ddpm"] == 250
     assert steps({"label": 1, "sampler": "ddpm", "steps": 7}) == 7
