@@ -15,13 +15,13 @@ from pixtok.errors import UserError
 from pixtok.inference.validate import parse_generate_request
 from pixtok.sampling import DEFAULT_STEPS, SAMPLERS, SAMPLING_DEFAULTS, default_steps
 from training.data.fashion_mnist import CLASSES
-from training.sample import sampling_settings
-from training.tasks.generate import (
+from training.evaluate_generator import (
     Classifier,
     generation_metrics,
     load_pipeline,
     sampler_and_steps,
 )
+from training.sample import sampling_settings
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ def image_grid(images: torch.Tensor) -> Image.Image:
 
 def run_cli(args) -> int:
     from pixtok.pipeline import make_scheduler
-    from training.tasks.generate import device, load_pipeline
+    from training.evaluate_generator import device, load_pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise UserError(f"-n {args.num_images}: expected 1..{MAX_IMAGES}")

@@ -1,5 +1,6 @@
-"""`pixtok eval` for generators: fid_proxy and class agreement measured by a classifier this
-project trained on the same data.
+"""Generator evaluation: a generator's pipeline folder loaded, sampled and measured by a classifier
+this project trained on the same data, for `pixtok eval`, the DiT task's evaluations, `pixtok
+bench sample` and a generator study's protocol (protocol_metrics).
 
 fid_proxy is the Frechet distance between the classifier's features (its pooled tokens, before the
 head) of n generated images and of n real test images; class_agreement is the share of generated
@@ -28,7 +29,7 @@ from training.metrics.generation import (
     precision_recall,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLASSIFIER = Path("model_store") / "fashion-vit1"
 DEFAULT_SAMPLES = 1000
 
