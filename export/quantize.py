@@ -26,7 +26,7 @@ SCHEMES = ("int8",)
 MIN_AGREEMENT = 0.995      # classifier: top-1 agreement with fp32
 MAX_RMSE_RATIO = 1.01      # depth model: int8 RMSE / fp32 RMSE
 RECORD = "quantization.json"
-INT8_FILE = "model.int8.onnx"     # pixtok/inference/backend.py INT8_ONNX
+INT8_FILE = "model.int8.onnx"     # pixtok/inference/runtime.py INT8_ONNX
 
 
 class QuantizationRefused(UserError):

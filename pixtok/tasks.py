@@ -49,7 +49,7 @@ TASKS = {t.name: t for t in (
     TaskInfo("classify", "training.tasks.classify:ClassifyTask", "classifier", "classify",
              "logits", curve_key="acc1",
              export_check="export.archive:check_classifier_config",
-             serving=Serving("pixtok.inference.backend:load", "fashion-vit1",
+             serving=Serving("pixtok.inference.classifier:load", "fashion-vit1",
                              "PIXTOK_CLASSIFIER", "--classifier", 8, "image/png",
                              {"batchSize": 16, "maxBatchDelay": 10, "workers": 1})),
     TaskInfo("depth", "training.tasks.depth:DepthTask", "depth", "depth", "depth",

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixtok.inference.backend import load_classifier, pick_device
+from pixtok.inference.classifier import load_classifier
+from pixtok.inference.runtime import pick_device
 from serving import launcher
 from serving.client import Client, ServerError
 
@@ -234,9 +235,6 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
     "ping": {path: {"p50_ms", "p99_ms"}, "n", "gate_p50_ms"}, "startup_s", "startup_kserve_s"}.
     export_archive(ckpt, store, name=, onnx=, log=) builds the benchmark model's archives
     (`pixtok bench serve` passes export's; serving never imports export)."""
-    from pixtok.models import build_model
-    from pixtok.resize import resize_image
-
     per_client, rounds = (2, 2) if quick else (4, 4)
     threads = torch.get_num_threads()
     threads_for_every_path(threads)
@@ -251,8 +249,7 @@ def bench_serve(quick: bool = False, export_archive=None) -> dict:
         onnx_mar = export_archive(ckpt, store, name="bench-onnxruntime", log=lambda *_: None)
         local = tmp / "local"
         zipfile.ZipFile(onnx_mar).extractall(local)
-        batchers = {b: InProcessBatcher(load_classifier(local, build_model, resize_image, device,
-                                                        prefer_onnx=b != "torch"),
+        batchers = {b: InProcessBatcher(load_classifier(local, device, prefer_onnx=b != "torch"),
                                         rule["batchSize"], rule["maxBatchDelay"] / 1000)
                     for b in BACKENDS}
         try:

@@ -44,6 +44,7 @@ DEFAULT_MIX = "classify=0.7,depth=0.2,generate=0.1"
 RAMP_USERS = [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 RAMP_P99_S = 2.0
 CONTENT_TYPES = {name: t.serving.content_type for name, t in served_tasks().items()}
+MODEL_ENV = {name: t.serving.model_env for name, t in served_tasks().items()}
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 N_BODIES = 64
 
@@ -172,14 +173,13 @@ def served(client, mix: dict) -> dict[str, str]:
     """{route: model name}: the default model of each route in the mix, which must be READY."""
     from serving.client import DEFAULT_MODELS
 
-    env = {"classify": "PIXTOK_CLASSIFIER", "depth": "PIXTOK_DEPTH_MODEL",
-           "generate": "PIXTOK_GENERATOR"}
     models = {}
     for route in mix:
-        name = os.environ.get(env[route], DEFAULT_MODELS[route])
+        env = MODEL_ENV[route]                  # the page's variable for it, the same name
+        name = os.environ.get(env, DEFAULT_MODELS[route])
         if not client.is_ready(name):
             raise UserError(f"model {name!r} ({route}) has no READY worker on the server of "
-                            f"{client.run_dir}; set {env[route]} or leave {route} out of --mix")
+                            f"{client.run_dir}; set {env} or leave {route} out of --mix")
         models[route] = name
     return models
 

@@ -304,8 +304,8 @@ def unpack(mar: Path, into: Path) -> Path:
 
 def load_models(store: Path, run_dir: Path, only: list[str] | None, batch_size: int | None,
                 delay_ms: float | None, queue_size: int | None = None) -> list:
-    from pixtok.inference.backend import describe_backend, pick_device
     from pixtok.inference.core import load_core
+    from pixtok.inference.runtime import describe_backend, pick_device
 
     classes = make_model_classes()
     device = pick_device(0)

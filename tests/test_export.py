@@ -30,9 +30,7 @@ from export.archive import (
 )
 from export.onnx import export_onnx
 from pixtok.checkpoint import load_model
-from pixtok.inference.backend import load_classifier
-from pixtok.models import build_model
-from pixtok.resize import resize_image
+from pixtok.inference.classifier import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *_: None}
@@ -56,8 +54,9 @@ def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_pat
         labels = json.loads(z.read("index_to_name.json"))
         vit = z.read("pixtok/models/vit.py")
     code = {f"pixtok/{f}.py" for f in
-            ("__init__", "models/vit", "resize", "inference/backend", "inference/images",
-             "inference/validate", "inference/handler_base", "checkpoint", "errors")}
+            ("__init__", "models/vit", "resize", "inference/runtime", "inference/classifier",
+             "inference/images", "inference/validate", "inference/handler_base", "checkpoint",
+             "errors")}
     assert code | {"handler.py", "config.json", "model.safetensors", "index_to_name.json",
                    "requirements.txt"} <= names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
@@ -127,7 +126,7 @@ def test_archive_runs_without_pixtok(tiny_classifier, tmp_path):
     assert result["status"] == [[200, None], [400, "Bad Request"]]
     assert bad == {"code": 400, "type": "bad_image", "message": bad["message"]}
     # the archive's answer is the in-process answer of the repository's own code
-    local = load_classifier(tiny_classifier, build_model, resize_image)
+    local = load_classifier(tiny_classifier)
     expected = local.predict([local.preprocess(png(image), "image/png")])[0]
     assert good["index"] == expected["index"] and good["label"] == expected["label"]
     np.testing.assert_allclose([t["score"] for t in good["top_k"]],

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pixtok.inference.backend import load_classifier
+from pixtok.inference.classifier import load_classifier
 from pixtok.inference.images import decode_image
 from pixtok.inference.validate import (
     MAX_IMAGES,
@@ -21,8 +21,6 @@ from pixtok.inference.validate import (
     check_image_request,
     parse_generate_request,
 )
-from pixtok.models import build_model
-from pixtok.resize import resize_image
 from pixtok.sampling import SAMPLERS
 
 LABELS = ["tee", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -161,7 +159,7 @@ def classifier(tmp_path_factory):
     from conftest import make_classifier
 
     ckpt = make_classifier(tmp_path_factory.mktemp("ckpt") / "tiny-cls")
-    return load_classifier(ckpt, build_model, resize_image)
+    return load_classifier(ckpt)
 
 
 @settings(max_examples=150, deadline=None,

@@ -11,8 +11,17 @@ from conftest import tiny_pipeline
 from datafiles import learnable_fashion
 
 from pixtok.cli import main
+from pixtok.errors import UserError
+from pixtok.inference.validate import parse_generate_request
+from pixtok.sampling import DEFAULT_STEPS, SAMPLERS, SAMPLING_DEFAULTS, default_steps
 from training.data.fashion_mnist import CLASSES
-from training.tasks.generate import Classifier, generation_metrics, load_pipeline
+from training.evaluate_generator import (
+    Classifier,
+    generation_metrics,
+    load_pipeline,
+    sampler_and_steps,
+)
+from training.sample import sampling_settings
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +105,21 @@ def test_bench_sample_on_any_generator(generator, classifier, tmp_path):
     ddpm, dpm10 = rows[0]["images_per_s"], rows[2]["images_per_s"]
     assert dpm10 > 5 * ddpm                                  # 10 model calls against 250
     assert result["fid_proxy_floor"] >= 0
+
+
+def test_one_rule_for_the_steps_of_a_sampler_given_without_them():
+    """`pixtok sample`, `pixtok eval` (and a study) and the REST API fill in omitted steps
+    with pixtok.sampling.default_steps; each refuses an unknown sampler in its own words."""
+    assert default_steps(SAMPLING_DEFAULTS["sampler"]) == SAMPLING_DEFAULTS["steps"]
+    for sampler in SAMPLERS:
+        want = default_steps(sampler)
+        if sampler != SAMPLING_DEFAULTS["sampler"]:
+            assert want == DEFAULT_STEPS[sampler]
+        assert sampling_settings(sampler, None, None)["steps"] == want
+        assert sampler_and_steps(sampler, None) == (sampler, want)
+        assert parse_generate_request({"label": 0, "sampler": sampler}, ["a"])["steps"] == want
+    assert sampler_and_steps(None, 7) == (SAMPLING_DEFAULTS["sampler"], 7)
+    for fill in (lambda: sampling_settings("heun", None, None),
+                 lambda: sampler_and_steps("heun", None)):
+        with pytest.raises(UserError, match="unknown sampler 'heun'"):
+            fill()

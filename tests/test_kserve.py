@@ -30,10 +30,8 @@ from test_serving_generator import pipeline_pixels, pixels
 
 from export.archive import check_name, checkpoint_version, export_archive
 from pixtok.errors import UserError
-from pixtok.inference.backend import load_classifier
+from pixtok.inference.classifier import load_classifier
 from pixtok.inference.depth_estimator import load_depth_estimator
-from pixtok.models import build_model
-from pixtok.resize import resize_image
 from serving import launcher
 from serving.client import DEFAULT_MODELS, Client, ServerError, read_properties
 from serving.page_settings import UI_PASSWORD_FILE, needs_login, new_ui_password, ui_login
@@ -126,7 +124,7 @@ def answers(reply: dict) -> list[dict]:
 
 
 def test_classifier_answers_v2_as_it_answers_rest(kserve, store):
-    local = load_classifier(store.checkpoints["classify"], build_model, resize_image)
+    local = load_classifier(store.checkpoints["classify"])
     photo = RNG.integers(0, 256, (20, 30, 3), np.uint8)
     grey = RNG.integers(0, 256, (9, 7), np.uint8)
     wants = [local.predict([local.preprocess(png(a), "image/png")])[0] for a in (photo, grey)]
@@ -149,7 +147,7 @@ def test_classifier_answers_v2_as_it_answers_rest(kserve, store):
 
 
 def test_depth_answers_v2_at_the_uploads_size(kserve, store):
-    local = load_depth_estimator(store.checkpoints["depth"], build_model, resize_image)
+    local = load_depth_estimator(store.checkpoints["depth"])
     body = png(RNG.integers(0, 256, (24, 40, 3), np.uint8))
     want = local.predict([local.preprocess(body, "image/png")])[0]
     status, _, reply = infer(kserve, "scenes-vit1-depth", {"inputs": [image_input("image", body)]})

@@ -27,11 +27,9 @@ from conftest import make_classifier, make_depth, make_generator
 from PIL import Image
 from test_serving import BAD_INPUTS, assert_same_answer, encode, noise, odd_images, png_claiming
 
-from pixtok.inference.backend import load_classifier
+from pixtok.inference.classifier import load_classifier
 from pixtok.inference.depth_estimator import load_depth_estimator
 from pixtok.inference.validate import MAX_BODY_BYTES
-from pixtok.models import build_model
-from pixtok.resize import resize_image
 from serving import launcher
 from serving.client import Client, ServerError
 
@@ -100,7 +98,7 @@ def output(answer: dict, name: str) -> dict:
 
 
 def local_classifier(srv):
-    return load_classifier(srv.checkpoint, build_model, resize_image)
+    return load_classifier(srv.checkpoint)
 
 
 def server_pid(srv) -> int:
@@ -160,7 +158,7 @@ def test_pixels_input_is_the_same_as_the_image_file(ks):
 
 
 def test_depth_v2_answers_metres_at_the_image_size(ks):
-    local = load_depth_estimator(ks.depth_checkpoint, build_model, resize_image)
+    local = load_depth_estimator(ks.depth_checkpoint)
     files = [encode(noise(30, 40)), encode(noise(30, 40))]
     status, _, answer = infer(ks, "tiny-depth", [b64_images(*files)])
     assert status == 200, answer

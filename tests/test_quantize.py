@@ -16,10 +16,8 @@ from clirun import pixtok
 from export.archive import ExportError, build_missing_archives, export_archive
 from export.quantize import MIN_AGREEMENT, QuantizationRefused, check_classifier
 from pixtok.checkpoint import load_model
-from pixtok.inference.backend import load_backend
 from pixtok.inference.depth_estimator import load_depth_estimator
-from pixtok.models import build_model
-from pixtok.resize import resize_image
+from pixtok.inference.runtime import load_backend
 from training.held_out import held_out_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +48,8 @@ def test_the_default_models_archive_carries_onnx_and_runs_on_onnxruntime(tmp_pat
     with zipfile.ZipFile(mar) as z:
         assert {"model.onnx", "model.safetensors", "config.json"} <= set(z.namelist())
         z.extractall(folder)
-    onnx, config = load_backend(folder, build_model)
-    torch_backend, _ = load_backend(folder, build_model, prefer_onnx=False)
+    onnx, config = load_backend(folder)
+    torch_backend, _ = load_backend(folder, prefer_onnx=False)
     assert (onnx.name, torch_backend.name) == ("onnxruntime", "torch")
     assert onnx.threads == torch.get_num_threads()          # the worker's share, as torch's
     images, labels, _ = held_out_sample(config, n=64)
@@ -80,8 +78,8 @@ def test_int8_archive_passes_its_check_and_is_served_as_int8(tiny_depth, tmp_pat
     assert record["scheme"] == "int8" and record["passed"] is True and record["n"] == 64
     assert record["metric"] == "rmse_ratio" and record["value"] <= 1.01
     assert record["rmse_int8"] == pytest.approx(record["rmse_fp32"], rel=0.01)
-    int8 = load_depth_estimator(folder, build_model, resize_image)
-    fp32 = load_depth_estimator(folder, build_model, resize_image, prefer_onnx=False)
+    int8 = load_depth_estimator(folder)
+    fp32 = load_depth_estimator(folder, prefer_onnx=False)
     assert int8.backend.name == "onnxruntime-int8" and fp32.backend.name == "torch"
     x = np.random.default_rng(0).random((4, 3, 12, 16), dtype=np.float32)
     np.testing.assert_allclose(int8.backend(x), fp32.backend(x), rtol=0.1)

@@ -19,10 +19,8 @@ import pytest
 from clirun import pixtok
 from PIL import Image
 
-from pixtok.inference.backend import load_classifier
+from pixtok.inference.classifier import load_classifier
 from pixtok.inference.validate import GENERATE_DEFAULTS, RequestError, parse_generate_request
-from pixtok.models import build_model
-from pixtok.resize import resize_image
 from serving.client import ServerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +56,7 @@ def post(client, model: str, body: bytes, content_type: str | None = "image/png"
 
 def expected_answer(server, body: bytes) -> dict:
     """What the checkpoint answers in process, through the repository's own code."""
-    local = load_classifier(server.checkpoint, build_model, resize_image)
+    local = load_classifier(server.checkpoint)
     return local.predict([local.preprocess(body, "image/png")])[0]
 
 

@@ -15,8 +15,6 @@ from PIL import Image
 from export.archive import ExportError, export_archive
 from pixtok.checkpoint import load_model
 from pixtok.inference.depth_estimator import load_depth_estimator
-from pixtok.models import build_model
-from pixtok.resize import resize_image
 
 RNG = np.random.default_rng(1)
 QUIET = {"log": lambda *_: None}
@@ -55,7 +53,7 @@ def assert_per_contract(answer: dict, width: int, height: int) -> np.ndarray:
 
 def test_depth_answers_per_contract_at_the_uploads_size(server):
     client = server.client()
-    local = load_depth_estimator(server.depth_checkpoint, build_model, resize_image)
+    local = load_depth_estimator(server.depth_checkpoint)
     for img in (noise(20, 30), noise(7, 5, 1), noise(96, 128)):   # smaller, grey, larger
         body = encode(img)
         got = client.depth(body, model="tiny-depth")
@@ -106,8 +104,8 @@ def test_depth_archive_and_onnx_agree_with_pytorch(tiny_depth, tmp_path):
         expected = model(x).numpy()
     np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], expected, rtol=1e-4)
     # and the served answers of both backends, from the unpacked archive
-    onnx = load_depth_estimator(unpacked, build_model, resize_image, prefer_onnx=True)
-    torch_ = load_depth_estimator(unpacked, build_model, resize_image, prefer_onnx=False)
+    onnx = load_depth_estimator(unpacked, prefer_onnx=True)
+    torch_ = load_depth_estimator(unpacked, prefer_onnx=False)
     assert (onnx.backend.name, torch_.backend.name) == ("onnxruntime", "torch")
     bodies = [encode(noise(24, 32)), encode(noise(30, 20))]
     for a, b in zip(onnx.predict([onnx.preprocess(x, "image/png") for x in bodies]),

@@ -22,7 +22,6 @@ from export.archive import ExportError, check_self_contained, export_archive, st
 from export.generator import DECODER_PREFIXES
 from pixtok.inference.image_generator import load_generator
 from pixtok.inference.validate import GENERATE_DEFAULTS, MAX_STEPS, SAMPLERS, parse_generate_request
-from pixtok.models.dit import PixelDiT
 from pixtok.pipeline import PixelDiTPipeline, make_scheduler
 from pixtok.sampling import DEFAULT_STEPS, SAMPLING_DEFAULTS
 from serving.client import Response, ServerError, is_key_refused
@@ -91,7 +90,7 @@ def test_same_seed_same_bytes_and_defaults(server):
 
 def test_a_sampler_without_steps_takes_its_own_step_count():
     def steps(body, **kw):
-        return parse_generate_request(body, ["a", "b"], sampler_steps=DEFAULT_STEPS, **kw)["steps"]
+        return parse_generate_request(body, ["a", "b"], **kw)["steps"]
     assert steps({"label": 1}) == SAMPLING_DEFAULTS["steps"]
     assert steps({"label": 1, "sampler": "ddpm"}) == DEFAULT_STEPS["ddpm"] == 250
     assert steps({"label": 1, "sampler": "ddpm", "steps": 7}) == 7
@@ -216,7 +215,7 @@ def test_the_archive_holds_the_dit_and_only_the_vqgan_decoder(archive, tiny_gene
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_the_archive_samples_what_the_pipeline_samples(archive, tiny_generator, sampler):
-    core = load_generator(archive, PixelDiT.from_config, make_scheduler)
+    core = load_generator(archive)
     for guidance in (1.0, 4.0):
         got = core.sample(index=7, n=2, seed=5, steps=3, sampler=sampler, guidance=guidance)
         want = pipeline_pixels(tiny_generator, 7, 2, 5, 3, sampler, guidance)
@@ -224,7 +223,7 @@ def test_the_archive_samples_what_the_pipeline_samples(archive, tiny_generator, 
 
 
 def test_the_core_reports_steps_of_streamed_requests_only_and_cancels_one(archive):
-    core = load_generator(archive, PixelDiT.from_config, make_scheduler)
+    core = load_generator(archive)
     base = parse_generate_request({"label": 3, "steps": 4, "seed": 2}, LABELS)
     quiet, loud, stopped = base, {**base, "stream": True}, {**base, "stream": True, "seed": 9}
     heard = []

@@ -13,8 +13,8 @@ from datafiles import learnable_fashion
 
 from pixtok.cli import main
 from pixtok.errors import UserError
+from training.evaluate_generator import PROTOCOL_METRICS, judge_sha256, reconstructions
 from training.study import Study
-from training.tasks.generate import PROTOCOL_METRICS, judge_sha256, reconstructions
 from training.tasks.vqgan import weights_hash
 
 STUDY = """
@@ -125,7 +125,7 @@ def test_each_run_is_scored_at_every_guidance_beside_both_floors(finished, parts
 def test_reconstructions_are_the_vqgan_round_trip(parts):
     """The VQGAN floor's images: pad, encode, quantise, decode, exactly as generated latents are
     decoded, and close to the input (the VQGAN is trained, if only for a few steps)."""
-    from training.tasks.generate import load_pipeline
+    from training.evaluate_generator import load_pipeline
 
     out = parts[0] / "out" / "runs" / "dit1" / "seed0"
     if not (out / "model_index.json").is_file():

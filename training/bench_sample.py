@@ -15,7 +15,7 @@ import torch
 
 from pixtok.errors import UserError
 from pixtok.sampling import SAMPLING_DEFAULTS
-from training.tasks.generate import (
+from training.evaluate_generator import (
     ROOT,
     Classifier,
     check_labels,

@@ -21,15 +21,14 @@ MAX_IMAGES = 1024
 
 
 def sampling_settings(sampler: str | None, steps: int | None, guidance: float | None) -> dict:
-    """Fill in omitted settings: SAMPLING_DEFAULTS, or the sampler's own step count."""
-    from pixtok.sampling import DEFAULT_STEPS, SAMPLERS
+    """Fill in omitted settings: SAMPLING_DEFAULTS, and the sampler's steps (default_steps)."""
+    from pixtok.sampling import SAMPLERS, default_steps
 
     sampler = sampler or SAMPLING_DEFAULTS["sampler"]
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     if steps is None:
-        steps = SAMPLING_DEFAULTS["steps"] if sampler == SAMPLING_DEFAULTS["sampler"] \
-            else DEFAULT_STEPS[sampler]
+        steps = default_steps(sampler)
     if guidance is None:
         guidance = SAMPLING_DEFAULTS["guidance"]
     if not math.isfinite(guidance) or guidance < 0:
@@ -52,7 +51,7 @@ def image_grid(images: torch.Tensor) -> Image.Image:
 
 def run_cli(args) -> int:
     from pixtok.pipeline import make_scheduler
-    from training.tasks.generate import device, load_pipeline
+    from training.evaluate_generator import device, load_pipeline
 
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise UserError(f"-n {args.num_images}: expected 1..{MAX_IMAGES}")

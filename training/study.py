@@ -178,7 +178,7 @@ class Study:
         from pixtok.sampling import SAMPLERS
         if table.get("sampler", SAMPLERS[0]) not in SAMPLERS:
             raise UserError(f"{where} [generator]: sampler must be one of {', '.join(SAMPLERS)}")
-        from training.tasks.generate import PROTOCOL_METRICS
+        from training.evaluate_generator import PROTOCOL_METRICS
         name, _, at = self.metric.partition("@")
         scales = [f"{float(g):g}" for g in guidance]
         if name not in PROTOCOL_METRICS or at not in scales:
@@ -344,7 +344,7 @@ class Study:
 def pinned_judge(path: str, sha256: str, where: str) -> str:
     """The judge classifier's folder, whose weights must be the ones the study file pins, so
     that a re-shipped classifier never silently changes a score."""
-    from training.tasks.generate import judge_sha256
+    from training.evaluate_generator import judge_sha256
     judge = Path(path)
     if not judge.is_absolute() and not judge.exists():
         judge = STUDY_DIR.parents[1] / judge           # a path in the project
@@ -488,7 +488,7 @@ def evaluate_generator(study: Study, out: Path, run_dir: Path, log: Path,
     -> flat test metrics ({"fid_proxy@1.5": ..., "judge2.fid_proxy@1.5": ...}); the floors,
     which depend only on the VQGAN, the judge and n, are measured with the first run of each
     VQGAN and kept in DIR/floors.json."""
-    from training.tasks.generate import (
+    from training.evaluate_generator import (
         Classifier,
         device,
         generator_config,
@@ -777,7 +777,7 @@ def analyses(study: Study, runs: list[dict], out: Path, runs_dir: Path
 def generator_section(study: Study, runs: list[dict], runs_dir: Path) -> list[str]:
     """The report's table for a dit study: every protocol metric at every guidance scale
     (mean ± std over seeds), then the two floors and the judge."""
-    from training.tasks.generate import PROTOCOL_METRICS
+    from training.evaluate_generator import PROTOCOL_METRICS
 
     spec = study.generator
     scales = [f"{g:g}" for g in spec["guidance"]]

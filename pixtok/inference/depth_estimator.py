@@ -1,10 +1,11 @@
 """The depth model's inference core: image bytes -> a metric depth map as a 16-bit PNG. No
 TorchServe imports.
 
-An upload is decoded and resized to the model's input exactly as the classifier's is; the
-model's depth map is then resized back to the upload's size, so depth pixel (x, y) is the depth
-at image pixel (x, y). Bilinear resampling only averages neighbours, so the returned map stays
-within the model's own minimum and maximum.
+An upload is decoded and resized to the model's input exactly as the classifier's is (the
+resize its training data went through, pixtok/resize.py), and the model runs on a backend of
+runtime.py; its depth map is then resized back to the upload's size, so depth pixel (x, y) is
+the depth at image pixel (x, y). Bilinear resampling only averages neighbours, so the returned
+map stays within the model's own minimum and maximum.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backend import load_backend
+from pixtok.resize import resize_image
+
 from .images import MAX_PIXELS, decode_image
+from .runtime import load_backend
 from .validate import check_image_request
 
 MAX_MILLIMETRES = 65535     # the largest depth a 16-bit PNG holds: 65.535 m
@@ -46,13 +49,12 @@ class DepthEstimator:
     """Image bytes -> {"width", "height", "unit", "min", "max", "depth_png"}, batched."""
 
     def __init__(self, backend: Callable[[np.ndarray], np.ndarray], config: dict,
-                 resize_image: Callable, max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS):
         self.backend = backend
         spec = config["input"]
         self.size = tuple(spec["image_size"])          # (H, W) the model takes
         self.channels = int(spec["channels"])
         self.resize_mode = spec.get("resize", "bicubic")
-        self.resize_image = resize_image
         self.max_pixels = max_pixels
 
     def preprocess(self, body, content_type: str | None = None):
@@ -60,8 +62,8 @@ class DepthEstimator:
         data = check_image_request(body, content_type)
         pixels = decode_image(data, self.channels, self.max_pixels)     # (h, w, C) uint8
         upload_size = pixels.shape[:2]
-        pixels = self.resize_image(pixels[..., 0] if self.channels == 1 else pixels,
-                                   self.size, self.resize_mode)
+        pixels = resize_image(pixels[..., 0] if self.channels == 1 else pixels,
+                              self.size, self.resize_mode)
         pixels = pixels.reshape(*self.size, self.channels)              # (H, W, C)
         x = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / 255.0
         return x, upload_size
@@ -85,18 +87,13 @@ class DepthEstimator:
                 "max": hi, "depth_png": base64.b64encode(depth_png(depth_m)).decode("ascii")}
 
 
-def load_depth_estimator(model_dir, build_model: Callable[[dict], torch.nn.Module],
-                         resize_image: Callable, device: torch.device | str = "cpu",
+def load_depth_estimator(model_dir, device: torch.device | str = "cpu",
                          prefer_onnx: bool = True, threads: int | None = None) -> DepthEstimator:
     """A depth model's folder -> DepthEstimator (ONNX Runtime or PyTorch: load_backend)."""
-    backend, config = load_backend(model_dir, build_model, device, prefer_onnx, threads)
-    return DepthEstimator(backend, config, resize_image)
+    backend, config = load_backend(model_dir, device, prefer_onnx, threads)
+    return DepthEstimator(backend, config)
 
 
 def load(model_dir, device: torch.device | str = "cpu") -> DepthEstimator:
-    """The depth task's runner (pixtok/tasks.py): its DepthEstimator, with this core's own
-    model code and resize."""
-    from pixtok.models import build_model
-    from pixtok.resize import resize_image
-
-    return load_depth_estimator(model_dir, build_model, resize_image, device)
+    """The depth task's runner (pixtok/tasks.py): its DepthEstimator on device."""
+    return load_depth_estimator(model_dir, device)

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backend import describe_backend, pick_device
 from .drain import SHUTTING_DOWN, Drain
+from .runtime import describe_backend, pick_device
 from .validate import HF_NAMES, RequestError
 
 log = logging.getLogger(__name__)

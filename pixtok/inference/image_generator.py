@@ -3,8 +3,9 @@ TorchServe imports.
 
 A DiT/p denoises latents with classifier-free guidance, a diffusers scheduler steps them, and the
 decoding half of the VQGAN turns them into pixels. It computes what PixelDiTPipeline computes for
-the same request and seed (a test compares the bytes) but never holds the VQGAN's encoder. Model
-code (the DiT class, the sampler presets) is passed in, so an archive runs its own copies.
+the same request and seed (a test compares the bytes) but never holds the VQGAN's encoder. The
+DiT, the sampler presets (pixtok/pipeline.py) and the guidance (pixtok/pipeline_pixel_dit.py)
+are the pipeline's own.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pixtok.models.dit import PixelDiT
+from pixtok.pipeline import make_scheduler
 from pixtok.pipeline_pixel_dit import SamplingCancelled, guided_forward, report_step
 
 from .validate import MAX_IMAGES, MAX_STEPS, RequestError, parse_generate_request
@@ -85,14 +88,11 @@ def png_base64(pixels: np.ndarray) -> str:
 class ImageGenerator:
     """JSON {"label", "seed", "steps", "sampler", "guidance", "num_images"} -> {"images", ...}."""
 
-    def __init__(self, transformer: nn.Module, decoder: VQDecoder, make_scheduler: Callable,
-                 config: dict, device: torch.device | str = "cpu",
-                 sampler_steps: dict[str, int] | None = None):
+    def __init__(self, transformer: nn.Module, decoder: VQDecoder, config: dict,
+                 device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.sampler_steps = sampler_steps
         self.backend = GuidedDiT(transformer, self.device)
         self.decoder = decoder.to(self.device).eval()
-        self.make_scheduler = make_scheduler
         self.labels = list(config["labels"])
         self.schedule = config["schedule"]
         self.scaling_factor = config["vq_decoder"]["scaling_factor"]
@@ -105,8 +105,7 @@ class ImageGenerator:
 
     def preprocess(self, body, content_type: str | None = None) -> dict:
         """One request body -> a complete, checked request, or a RequestError."""
-        return parse_generate_request(body, self.labels, self.max_steps, MAX_IMAGES,
-                                      self.sampler_steps)
+        return parse_generate_request(body, self.labels, self.max_steps, MAX_IMAGES)
 
     def predict(self, requests: list[dict], progress: Callable | None = None) -> list:
         """Requests batched by TorchServe are sampled one by one, each from its own seed.
@@ -144,7 +143,7 @@ class ImageGenerator:
 
         # a CPU generator: the starting noise is the same on every device, as in the pipeline
         generator = torch.Generator().manual_seed(seed)
-        scheduler = self.make_scheduler(sampler, self.schedule, self.learn_sigma)
+        scheduler = make_scheduler(sampler, self.schedule, self.learn_sigma)
         c = self.latent_shape[0]
         latents = randn_tensor((n, *self.latent_shape), generator=generator, device=self.device,
                                dtype=torch.float32) * scheduler.init_noise_sigma
@@ -167,28 +166,20 @@ class ImageGenerator:
         return (images * 255).round().astype(np.uint8)                  # as diffusers' numpy_to_pil
 
 
-def load_generator(model_dir, build_transformer: Callable[[dict], nn.Module],
-                   make_scheduler: Callable, device: torch.device | str = "cpu",
-                   sampler_steps: dict[str, int] | None = None) -> ImageGenerator:
+def load_generator(model_dir, device: torch.device | str = "cpu") -> ImageGenerator:
     """An archive's folder (config.json, transformer.safetensors, vq_decoder.safetensors) ->
-    ImageGenerator. build_transformer: the DiT class's from_config; make_scheduler and
-    sampler_steps: the pipeline's sampler presets and their usual step counts."""
+    ImageGenerator on device."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    transformer = build_transformer(config["transformer"])
+    transformer = PixelDiT.from_config(config["transformer"])
     transformer.load_state_dict(load_file(model_dir / "transformer.safetensors"))
     decoder = VQDecoder(config["vq_decoder"])
     decoder.load_state_dict(load_file(model_dir / "vq_decoder.safetensors"))
-    return ImageGenerator(transformer, decoder, make_scheduler, config, device, sampler_steps)
+    return ImageGenerator(transformer, decoder, config, device)
 
 
 def load(model_dir, device: torch.device | str = "cpu") -> ImageGenerator:
-    """The generate task's runner (pixtok/tasks.py): its ImageGenerator, with this core's own
-    DiT and sampler presets."""
-    from pixtok.models.dit import PixelDiT
-    from pixtok.pipeline import make_scheduler
-    from pixtok.sampling import DEFAULT_STEPS
-
-    return load_generator(model_dir, PixelDiT.from_config, make_scheduler, device, DEFAULT_STEPS)
+    """The generate task's runner (pixtok/tasks.py): its ImageGenerator on device."""
+    return load_generator(model_dir, device)

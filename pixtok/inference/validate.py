@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from pixtok.sampling import DEFAULT_STEPS, SAMPLERS, SAMPLING_DEFAULTS
+from pixtok.sampling import SAMPLERS, SAMPLING_DEFAULTS, default_steps
 
 MAX_BODY_BYTES = int(os.environ.get("PIXTOK_MAX_BODY_BYTES", 10 * 2**20))    # 10 MB
 MAX_STEPS = 1000
@@ -106,14 +106,13 @@ def with_our_names(body: dict) -> dict:
 
 
 def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
-                           max_images: int = MAX_IMAGES,
-                           sampler_steps: dict[str, int] = DEFAULT_STEPS) -> dict:
+                           max_images: int = MAX_IMAGES) -> dict:
     """A generator request (JSON bytes/str or an already decoded dict) -> a complete dict.
 
     Returns {"label": name, "index": int, "seed", "steps", "sampler", "guidance", "num_images",
     "stream"} with omitted fields taken from GENERATE_DEFAULTS (and GENERATE_FLAGS), except
-    that a sampler other than the default, given without steps, takes its own step count from
-    sampler_steps (as `pixtok sample` does; pixtok/sampling.py's DEFAULT_STEPS).
+    that a sampler other than the default, given without steps, takes its own step count (as
+    `pixtok sample` does: pixtok/sampling.py's default_steps), at most max_steps.
     """
     if isinstance(body, (bytes, bytearray, str)):
         if len(body) == 0:
@@ -143,8 +142,8 @@ def parse_generate_request(body, labels: list[str], max_steps: int = MAX_STEPS,
     if sampler not in SAMPLERS:
         raise RequestError(400, "bad_field",
                            f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if "steps" not in body and sampler != GENERATE_DEFAULTS["sampler"] and sampler_steps:
-        request["steps"] = min(sampler_steps.get(sampler, request["steps"]), max_steps)
+    if "steps" not in body and sampler != GENERATE_DEFAULTS["sampler"]:
+        request["steps"] = min(default_steps(sampler), max_steps)
     guidance = request["guidance"]
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
         raise RequestError(400, "bad_field", f"guidance must be a number, got {guidance!r}")

@@ -27,16 +27,16 @@ from pixtok.pipeline import PixelDiTPipeline, make_scheduler
 from pixtok.sampling import SAMPLING_DEFAULTS
 from training.diffusion import diffusion_loss, training_scheduler
 from training.distributed import Dist
-from training.latents import ensure_cache
-from training.recipe import Recipe
-from training.tasks.base import COMMON_KEYS, Task
-from training.tasks.common import data_spec, load_split
-from training.tasks.generate import (
+from training.evaluate_generator import (
     DEFAULT_CLASSIFIER,
     classifier_path,
     evaluate_checkpoint,
     generation_metrics,
 )
+from training.latents import ensure_cache
+from training.recipe import Recipe
+from training.tasks.base import COMMON_KEYS, Task
+from training.tasks.common import data_spec, load_split
 from training.tasks.vqgan import load_vqgan
 
 EVAL_ITEMS = 10_000          # held-out items for the test diffusion loss (a fixed random subset)
@@ -189,7 +189,7 @@ class DiTTask(Task):
 
     @staticmethod
     def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
-        """`pixtok eval` of a generator: its pipeline folder (training/tasks/generate.py)."""
+        """`pixtok eval` of a generator: its pipeline folder (training/evaluate_generator.py)."""
         return evaluate_checkpoint(ckpt, config, args)
 
     @staticmethod

@@ -1,21 +1,20 @@
-"""The inference core: a model folder -> a batched, validated predictor. No TorchServe imports.
+"""What runs a model: a model folder -> a backend that maps a float (N, C, H, W) batch to the
+model's output, on ONNX Runtime where the folder has an ONNX file and onnxruntime imports, else
+on PyTorch. No TorchServe imports.
 
-The same code runs inside a TorchServe worker (shipped in the .mar as pixtok_model/) and in
-process (tests, `pixtok bench serve`). Model code is passed in (build_model, resize_image) rather
-than imported, so an archive carries its own copy and needs no pixtok install.
+The task runners (classifier.py, depth_estimator.py) put their pre- and postprocessing around a
+backend; the handlers and the KServe server name the device and the backend with pick_device
+and describe_backend.
 """
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .images import MAX_PIXELS, decode_image
-from .validate import check_image_request
+from pixtok.models import build_model
 
 
 def pick_device(gpu_id=None) -> torch.device:
@@ -96,53 +95,6 @@ def describe_backend(backend) -> str:
     return f"{getattr(backend, 'name', 'custom')}, {torch.get_num_threads()} torch threads"
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
-class ImageClassifier:
-    """Image bytes -> {"label", "index", "score", "top_k"}: decode, resize as in training, batch."""
-
-    def __init__(self, backend: Callable[[np.ndarray], np.ndarray], config: dict,
-                 resize_image: Callable, top_k: int = 5, max_pixels: int = MAX_PIXELS):
-        self.backend = backend
-        self.labels = list(config["labels"])
-        spec = config["input"]
-        self.size = tuple(spec["image_size"])          # (H, W)
-        self.channels = int(spec["channels"])
-        self.resize_mode = spec.get("resize", "bicubic")
-        self.resize_image = resize_image
-        self.top_k = min(top_k, len(self.labels))
-        self.max_pixels = max_pixels
-
-    def preprocess(self, body, content_type: str | None = None) -> np.ndarray:
-        """One request body -> float32 (C, H, W) in [0, 1], or a RequestError."""
-        data = check_image_request(body, content_type)
-        pixels = decode_image(data, self.channels, self.max_pixels)     # (h, w, C) uint8
-        pixels = self.resize_image(pixels[..., 0] if self.channels == 1 else pixels,
-                                   self.size, self.resize_mode)
-        pixels = pixels.reshape(*self.size, self.channels)              # (H, W, C)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / 255.0
-
-    def predict(self, images: list[np.ndarray]) -> list[dict]:
-        """A batch of preprocessed images -> one answer each, in order."""
-        return [self.postprocess(row) for row in self.probabilities(images)]
-
-    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
-        """A batch of preprocessed images -> float64 (N, classes) class probabilities."""
-        logits = self.backend(np.stack(images))          # (N, classes)
-        return softmax(logits.astype(np.float64))
-
-    def postprocess(self, probs: np.ndarray) -> dict:
-        order = np.argsort(-probs, kind="stable")[: self.top_k]
-        top = [{"label": self.labels[i], "index": int(i), "score": float(probs[i])}
-               for i in order]
-        if not all(math.isfinite(t["score"]) for t in top):
-            raise FloatingPointError("the model produced non-finite scores")
-        return {**top[0], "top_k": top}
-
-
 INT8_ONNX = "model.int8.onnx"    # `pixtok export --quantize int8`: passed its check at export
 
 
@@ -158,8 +110,7 @@ def pick_onnx(model_dir: Path, device: torch.device) -> tuple[Path, str] | None:
     return None
 
 
-def load_backend(model_dir, build_model: Callable[[dict], torch.nn.Module],
-                 device: torch.device | str = "cpu", prefer_onnx: bool = True,
+def load_backend(model_dir, device: torch.device | str = "cpu", prefer_onnx: bool = True,
                  threads: int | None = None):
     """A folder with config.json and model.safetensors (and maybe model.onnx) -> (backend, config).
 
@@ -178,20 +129,3 @@ def load_backend(model_dir, build_model: Callable[[dict], torch.nn.Module],
     model = build_model(config["model"])
     model.load_state_dict(load_file(model_dir / "model.safetensors"))
     return TorchBackend(model, device), config
-
-
-def load_classifier(model_dir, build_model: Callable[[dict], torch.nn.Module],
-                    resize_image: Callable, device: torch.device | str = "cpu",
-                    prefer_onnx: bool = True, threads: int | None = None) -> ImageClassifier:
-    """A classifier's model folder -> ImageClassifier (ONNX Runtime or PyTorch: load_backend)."""
-    backend, config = load_backend(model_dir, build_model, device, prefer_onnx, threads)
-    return ImageClassifier(backend, config, resize_image)
-
-
-def load(model_dir, device: torch.device | str = "cpu") -> ImageClassifier:
-    """The classify task's runner (pixtok/tasks.py): its ImageClassifier, with this core's own
-    model code and resize."""
-    from pixtok.models import build_model
-    from pixtok.resize import resize_image
-
-    return load_classifier(model_dir, build_model, resize_image, device)

@@ -1,5 +1,6 @@
-"""`pixtok eval` for generators: fid_proxy and class agreement measured by a classifier this
-project trained on the same data.
+"""Generator evaluation: a generator's pipeline folder loaded, sampled and measured by a classifier
+this project trained on the same data, for `pixtok eval`, the DiT task's evaluations, `pixtok
+bench sample` and a generator study's protocol (protocol_metrics).
 
 fid_proxy is the Frechet distance between the classifier's features (its pooled tokens, before the
 head) of n generated images and of n real test images; class_agreement is the share of generated
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pixtok.errors import UserError
-from pixtok.sampling import SAMPLING_DEFAULTS
+from pixtok.sampling import SAMPLERS, SAMPLING_DEFAULTS, default_steps
 from training.metrics.generation import (
     class_agreement,
     fid_from_features,
@@ -28,7 +29,7 @@ from training.metrics.generation import (
     precision_recall,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLASSIFIER = Path("model_store") / "fashion-vit1"
 DEFAULT_SAMPLES = 1000
 
@@ -209,9 +210,7 @@ def generation_metrics(pipe, classifier, n: int = DEFAULT_SAMPLES, pad: int = 0,
     if not isinstance(classifier, Classifier):
         classifier = Classifier(classifier, pipe.device)
     check_labels(pipe, classifier)
-    sampler = sampler or SAMPLING_DEFAULTS["sampler"]
-    steps = steps or (SAMPLING_DEFAULTS["steps"] if sampler == SAMPLING_DEFAULTS["sampler"]
-                      else default_steps(sampler))
+    sampler, steps = sampler_and_steps(sampler, steps)
     guidance = SAMPLING_DEFAULTS["guidance"] if guidance is None else guidance
     reference = real_reference(classifier, n, data_dir, split)
     k = pipe.transformer.config.num_classes
@@ -276,8 +275,7 @@ def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int =
     if n < 4:
         raise UserError(f"samples={n}: precision and recall need at least 4 samples")
     check_labels(pipe, classifier)
-    sampler = sampler or SAMPLING_DEFAULTS["sampler"]
-    steps = steps or default_steps(sampler)
+    sampler, steps = sampler_and_steps(sampler, steps)
     reference = real_reference(classifier, n, data_dir, split)
     more = {name: (judge, real_reference(judge, n, data_dir, split))
             for name, judge in (more_judges or {}).items()}
@@ -316,12 +314,15 @@ def protocol_metrics(pipe, classifier: Classifier, guidances, n: int, pad: int =
     return result
 
 
-def default_steps(sampler: str) -> int:
-    from pixtok.sampling import DEFAULT_STEPS
-
-    if sampler not in DEFAULT_STEPS:
-        raise UserError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFAULT_STEPS)}")
-    return DEFAULT_STEPS[sampler]
+def sampler_and_steps(sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """An omitted sampler or step count filled in as `pixtok sample` fills it
+    (pixtok/sampling.py); a UserError for an unknown sampler that needs its default steps."""
+    sampler = sampler or SAMPLING_DEFAULTS["sampler"]
+    if steps:
+        return sampler, steps
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    return sampler, default_steps(sampler)
 
 
 def evaluate_checkpoint(ckpt, config: dict, args) -> dict:
