@@ -20,9 +20,9 @@ from serving.page_start import (
     stop_ui,
     ui_port_from_env,
 )
-from serving.run_folder import ServeError, Server, prepare_run_dir
+from serving.run_folder import ServeError, Server, bracketed, prepare_run_dir
 from serving.torchserve import drain_seconds, start
-from serving.torchserve_config import BATCHING, batching
+from serving.torchserve_config import BATCHING, batching, grpc_host
 
 
 def check_serve_args(args, host: str, with_ui: bool) -> str:
@@ -61,6 +61,9 @@ def print_addresses(server: Server, ui: FrontEnd | None, foreground: bool) -> No
     else:
         print(f"  management  {server.management_url}")
         print(f"  metrics     {server.metrics_url}")
+        grpc = bracketed(grpc_host())
+        print(f"  gRPC        {grpc}:{server.ports['grpc_inference']} (inference), "
+              f"{grpc}:{server.ports['grpc_management']} (management; the key as metadata)")
     key = server.client().key("inference")
     if key:
         print(f"  key file    {rd / 'key_file.json'} "

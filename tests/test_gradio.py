@@ -278,6 +278,8 @@ def test_pixtok_serve_starts_both_and_stop_stops_both(tmp_path):
         assert "READY" not in done.stdout
         ui_url = f"http://127.0.0.1:{env['PIXTOK_UI_PORT']}/"
         assert ui_url in done.stdout and f"127.0.0.1:{ports['inference']}" in done.stdout
+        assert (f"gRPC        127.0.0.1:{ports['grpc_inference']} (inference), "
+                f"127.0.0.1:{ports['grpc_management']} (management" in done.stdout)
         ts_pid, ui_pid = launcher.running_pid(run_dir), launcher.running_ui_pid(run_dir)
         assert ts_pid and ui_pid
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
