@@ -12,12 +12,12 @@ import torch
 from clirun import pixtok
 from flop_formulas import vit_flops
 
-from pixtok.bench import build_depth, forward_flops
 from pixtok.checkpoint import save_weights, write_json
 from pixtok.errors import UserError
 from pixtok.models.depth import depth_loss
 from pixtok.models.mae import MAE, MAEConfig
 from pixtok.models.vit import vit_config
+from tools.bench_infer import build_depth, forward_flops
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
 from training.metrics.depth import depth_metrics, mean_depth_baseline

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from pixtok.errors import UserError
-from serving.bench_load import CONTENT_TYPES, LOOPBACK, make_bodies, served
 from serving.client import Client, default_run_dir
 from serving.launcher import running_pid
+from tools.bench_load import CONTENT_TYPES, LOOPBACK, make_bodies, served
 
 
 def drill_models(run_dir: Path, probe: Client) -> dict[str, str]:
@@ -102,7 +102,7 @@ def kill_worker(probe: Client, model: str, ready_limit: float) -> dict:
 
 
 def drill(inputs, threads: int = 6, settle: float = 20.0, ready_limit: float = 300.0) -> dict:
-    """inputs: as for serving.bench_load.make_bodies (pixtok's CLI passes it)."""
+    """inputs: as for tools.bench_load.make_bodies (pixtok's CLI passes it)."""
     run_dir = Path(default_run_dir()).expanduser().resolve()
     probe = Client(run_dir=run_dir, retry_seconds=0)
     models = drill_models(run_dir, probe)

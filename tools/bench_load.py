@@ -6,9 +6,9 @@
 The server is the one of $PIXTOK_RUN_DIR (its config.properties gives the address, its
 key_file.json the key); nothing is started here and only loopback addresses are loaded. This
 process makes the request bodies first (real Fashion-MNIST test images and scenes rendered by
-training/data/scenes.py, from training/load_inputs.py, which pixtok's CLI hands in: serving
-imports no training code; generator requests with a seed) and writes them to a temporary folder;
-the load itself runs in serving/load_users.py, a locust process that imports no training code.
+training/data/scenes.py, from tools/load_inputs.py, which pixtok's CLI hands in; generator
+requests with a seed) and writes them to a temporary folder; the load itself runs in
+tools/load_users.py, a locust process that imports no training code.
 While it runs, this process samples the resident memory (RSS) of TorchServe's worker processes,
 and of the gate in front of TorchServe (model name "gate"), every few seconds (psutil).
 
@@ -74,7 +74,7 @@ def make_bodies(mix: dict, folder: Path, inputs, labels: int = 10) -> dict[str, 
     """Request bodies per route, written as files into folder -> {route: [paths]}.
 
     inputs(routes) -> {"classify": [PNG bytes], "depth": [PNG bytes]}: the CLI passes
-    training.load_inputs.load_inputs (real Fashion-MNIST test images, rendered scenes)."""
+    tools.load_inputs.load_inputs (real Fashion-MNIST test images, rendered scenes)."""
     bodies = dict(inputs([r for r in mix if r != "generate"]))
     if "generate" in mix:
         bodies["generate"] = [json.dumps({"label": i % labels, "seed": i}).encode()
@@ -217,7 +217,7 @@ def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         total = sum(s["seconds"] for s in stages)
-        proc = subprocess.Popen([sys.executable, "-m", "serving.load_users",
+        proc = subprocess.Popen([sys.executable, "-m", "tools.load_users",
                                  str(tmp / "spec.json"), str(tmp / "out.json")],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         memory, period = [], max(1.0, min(30.0, total / 200))
