@@ -195,27 +195,14 @@ def serve(args) -> int:
 
 
 def bench(args) -> int:
+    """`pixtok bench SUITE`: the suite's function (tools/), its JSON printed and, with --json,
+    written."""
     module, func = BENCH_SUITES[args.suite].split(":")
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError):
         raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
-    extra = {}
-    if args.suite == "infer":        # FLOPs from training, the ONNX files from export
-        from export.onnx import export_onnx
-        from export.quantize import quantize_int8
-        from training.flops import count_forward_flops
-
-        extra.update(count_flops=count_forward_flops, to_onnx=export_onnx,
-                     quantize=quantize_int8)
-    elif args.suite == "serve":
-        from export.archive import export_archive
-
-        extra["export_archive"] = export_archive
-    elif args.suite in ("load", "drill"):   # against a running server, with training's images
-        from tools.load_inputs import load_inputs
-
-        extra.update(args=args, inputs=load_inputs)
+    extra = {"args": args} if args.suite in ("load", "drill") else {}    # their own options
     text = json.dumps(fn(quick=args.quick, **extra), indent=2)
     print(text)
     if args.json_out:

@@ -192,9 +192,7 @@ def test_depth_cli_errors_are_one_line(args, message, tmp_path):
 def test_bench_counts_a_depth_models_flops_as_the_hand_formula_does():
     """`pixtok bench infer` counts FLOPs with FlopCounterMode; the hand formula is the oracle:
     the encoder's, plus the dense head's one linear layer per token."""
-    from training.flops import count_forward_flops
-
     case = {"build": lambda: build_depth("ViT-F/1", (6, 8)), "image_size": [6, 8], "batch": 2}
     cfg = vit_config("ViT-F/1", image_size=(6, 8), pool="mean")
-    counted = forward_flops(case, case["build"](), count_forward_flops)
+    counted = forward_flops(case, case["build"]())
     assert counted == vit_flops(cfg) + 2 * 48 * 32
