@@ -43,7 +43,7 @@ RUN --mount=type=bind,from=wheels,target=/wheels \
     && PIP_FIND_LINKS=/wheels make install EXTRAS="$([ "$VARIANT" = cpu ] && echo serve || echo gpu)" \
         TORCH_INDEX="$TORCH_INDEX" \
     && .venv/bin/pixtok export model_store --out model_store \
-    && .venv/bin/python -m compileall -q pixtok training export serving \
+    && .venv/bin/python -m compileall -q pixtok training export serving tools \
     && torch=$(echo .venv/lib/python3*/site-packages/torch) \
     && rm -rf "$torch/include" "$torch/test" \
     && find "$torch/bin" -type f ! -name torch_shm_manager -delete

@@ -47,11 +47,11 @@ from pixtok.tasks import TASKS, TaskInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "pixtok"
-CLI_ONLY = ("cli.py", "__main__.py", "bench.py")    # the core's top: not needed to serve
+CLI_ONLY = ("cli.py", "__main__.py")    # the core's top: not needed to serve
 REQUIREMENTS = ["torch", "numpy", "pillow", "safetensors"]
 HANDLERS = ROOT / "serving" / "handlers"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-REPOSITORY_PACKAGES = ("training", "serving", "export")
+REPOSITORY_PACKAGES = ("training", "serving", "export", "tools")
 CODE_DIGEST = "code.sha256"    # at an archive's root: code_digest() of the code it carries
 
 

@@ -1,9 +1,10 @@
 """The `pixtok` command: train, eval, study, analyze, sample, export, serve, bench.
 
-This module is the top of the house: the only one that imports training/, export/ and serving/
-together, and it composes them (`pixtok serve` has export build the archives that are missing and
-training write the page's example images, then starts serving). Each subcommand's code is
-imported only when it runs, so `pixtok --help` is instant. A user's mistake (UserError) ends in
+This module is the top of the house: it composes training/, export/ and serving/ (`pixtok serve`
+has export build the archives that are missing and training write the page's example images, then
+starts serving), and with tools/ (the `pixtok bench` suites, which it alone imports) it is the
+only code that imports those parts together. Each subcommand's code is imported only when it
+runs, so `pixtok --help` is instant. A user's mistake (UserError) ends in
 one line on stderr, exit 2.
 """
 from __future__ import annotations
@@ -29,10 +30,12 @@ COMMANDS = {
     "serve": "pixtok.cli:serve",
     "bench": "pixtok.cli:bench",
 }
-# `pixtok bench SUITE`: each suite lives with the part it measures
-BENCH_SUITES = {"infer": "pixtok.bench:bench_infer", "sample": "training.bench_sample:bench_sample",
-                "serve": "serving.bench:bench_serve", "load": "serving.bench_load:bench_load",
-                "drill": "serving.fault_drill:bench_drill"}
+# `pixtok bench SUITE`: the suites are tools (tools/), which may import every part
+BENCH_SUITES = {"infer": "tools.bench_infer:bench_infer",
+                "sample": "tools.bench_sample:bench_sample",
+                "serve": "tools.bench_serve:bench_serve",
+                "load": "tools.bench_load:bench_load",
+                "drill": "tools.bench_drill:bench_drill"}
 
 
 def add_train(sub) -> None:
@@ -192,27 +195,14 @@ def serve(args) -> int:
 
 
 def bench(args) -> int:
+    """`pixtok bench SUITE`: the suite's function (tools/), its JSON printed and, with --json,
+    written."""
     module, func = BENCH_SUITES[args.suite].split(":")
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError):
         raise UserError(f"benchmark suite {args.suite!r} is not installed") from None
-    extra = {}
-    if args.suite == "infer":        # FLOPs from training, the ONNX files from export
-        from export.onnx import export_onnx
-        from export.quantize import quantize_int8
-        from training.flops import count_forward_flops
-
-        extra.update(count_flops=count_forward_flops, to_onnx=export_onnx,
-                     quantize=quantize_int8)
-    elif args.suite == "serve":
-        from export.archive import export_archive
-
-        extra["export_archive"] = export_archive
-    elif args.suite in ("load", "drill"):   # against a running server, with training's images
-        from training.load_inputs import load_inputs
-
-        extra.update(args=args, inputs=load_inputs)
+    extra = {"args": args} if args.suite in ("load", "drill") else {}    # their own options
     text = json.dumps(fn(quick=args.quick, **extra), indent=2)
     print(text)
     if args.json_out:

@@ -109,14 +109,14 @@ def environment() -> dict:
 
 # --- serving ------------------------------------------------------------------------------------
 def request_bodies(task: str, count: int) -> list[bytes]:
-    """Real request bodies: Fashion-MNIST test images, rendered scenes (training/load_inputs)."""
-    from training.load_inputs import load_inputs
+    """Real request bodies: Fashion-MNIST test images, rendered scenes (tools/load_inputs.py)."""
+    from tools.load_inputs import load_inputs
 
     try:
         return load_inputs([task], count=count, scenes=count)[task]
     except Exception as e:          # no Debian data set on the machine: noise of the same shape
         print(f"gpu-check: {task} inputs: {e}; sending noise images", flush=True)
-        from serving.bench import noise_pngs
+        from tools.bench_serve import noise_pngs
 
         return noise_pngs(count)
 
@@ -151,7 +151,7 @@ def call_for(client, name: str, task: str, bodies: list[bytes], steps: int | Non
 def measure_model(client, name: str, task: str, sequential: int, per_client: int,
                   steps: int | None) -> dict:
     """Batch-1 latency (sequential requests) and throughput at 16 clients."""
-    from serving.bench import drive
+    from tools.bench_serve import drive
 
     bodies = request_bodies(task, min(32, 4 * per_client)) if task != "generate" else []
     call = call_for(client, name, task, bodies, steps)

@@ -23,8 +23,8 @@ NOT_IN_THE_REPOSITORY = {"handler.py", "best/", "best.partial/", "best.old/", "t
                          # a generator folder's carried code (copies of pixtok/models/ files)
                          "transformer/pixel_dit.py", "transformer/pixel_layers.py"}
 PATH = re.compile(r"^[a-z_][\w./-]*(\.py|\.yaml|\.properties|\.md|/)$")
-DOTTED = re.compile(r"^(pixtok|training|export|serving)(\.\w+)+")
-PACKAGES = ("pixtok", "training", "export", "serving")
+DOTTED = re.compile(r"^(pixtok|training|export|serving|tools)(\.\w+)+")
+PACKAGES = ("pixtok", "training", "export", "serving", "tools")
 
 
 def repository_paths() -> list[str]:

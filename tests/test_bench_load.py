@@ -9,7 +9,7 @@ from clirun import ENV, pixtok
 
 from pixtok.errors import UserError
 from serving import launcher
-from serving.bench_load import parse_mix, slope_mb_per_h, summarise
+from tools.bench_load import parse_mix, slope_mb_per_h, summarise
 
 
 def load_env(server) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flop_formulas import vit_flops
 
 from pixtok.models.vit import vit_config
-from training.capacity import H100_BF16, MFU, recipe_capacity
+from tools.capacity import H100_BF16, MFU, recipe_capacity
 
 
 def test_vit_t1_cifar100_capacity_by_hand():

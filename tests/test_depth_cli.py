@@ -12,12 +12,12 @@ import torch
 from clirun import pixtok
 from flop_formulas import vit_flops
 
-from pixtok.bench import build_depth, forward_flops
 from pixtok.checkpoint import save_weights, write_json
 from pixtok.errors import UserError
 from pixtok.models.depth import depth_loss
 from pixtok.models.mae import MAE, MAEConfig
 from pixtok.models.vit import vit_config
+from tools.bench_infer import build_depth, forward_flops
 from training.data.depth import build_depth_dataset
 from training.distributed import Dist
 from training.metrics.depth import depth_metrics, mean_depth_baseline
@@ -192,9 +192,7 @@ def test_depth_cli_errors_are_one_line(args, message, tmp_path):
 def test_bench_counts_a_depth_models_flops_as_the_hand_formula_does():
     """`pixtok bench infer` counts FLOPs with FlopCounterMode; the hand formula is the oracle:
     the encoder's, plus the dense head's one linear layer per token."""
-    from training.flops import count_forward_flops
-
     case = {"build": lambda: build_depth("ViT-F/1", (6, 8)), "image_size": [6, 8], "batch": 2}
     cfg = vit_config("ViT-F/1", image_size=(6, 8), pool="mean")
-    counted = forward_flops(case, case["build"](), count_forward_flops)
+    counted = forward_flops(case, case["build"]())
     assert counted == vit_flops(cfg) + 2 * 48 * 32

@@ -77,7 +77,7 @@ def test_archive_holds_code_config_and_safetensors_only(tiny_classifier, tmp_pat
 # own Context: one good image and one bad one in the same batch.
 ISOLATED = textwrap.dedent("""
     import importlib.abc, importlib.machinery, json, os, sys
-    BLOCKED = {"training", "serving", "export"}
+    BLOCKED = {"training", "serving", "export", "tools"}
     HERE = os.path.realpath(".") + os.sep
 
     class Block(importlib.abc.MetaPathFinder):

@@ -20,7 +20,7 @@ def test_counter_matches_the_vit_formula_on_paper_sizes(name, side, pool):
 
 @pytest.mark.parametrize("name, side", [("DiT-L/1", 32), ("DiT-L/2", 32), ("DiT-S/1", 8)])
 def test_counter_matches_the_dit_formula(name, side):
-    """The DiT FLOPs that training/capacity.py and docs/capacity.md quote: the counter agrees
+    """The DiT FLOPs that tools/capacity.py and docs/capacity.md quote: the counter agrees
     with the formula, adaLN modulation and the timestep MLP included."""
     from pixtok.models import build_model
     from pixtok.models.dit import dit_config

@@ -1,7 +1,8 @@
 """The one-way flow of docs/architecture.md, read from every module's imports (lazy ones in
 functions included): the core `pixtok` imports none of the parts; training, export and serving
-import only the core; nothing imports serving but the CLI; the Gradio page holds no model code;
-and no modules import each other in a circle."""
+import only the core; tools may import every part, and nothing imports them but the CLI (by
+name); nothing imports serving but the CLI and tools; the Gradio page holds no model code; and
+no modules import each other in a circle."""
 from __future__ import annotations
 
 import ast
@@ -14,10 +15,11 @@ from export.archive import imported_modules
 from pixtok.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("pixtok", "training", "export", "serving")
+PARTS = ("pixtok", "training", "export", "serving", "tools")
 TOP = {"pixtok.cli", "pixtok.__main__"}          # composes the parts; imports them lazily
 ALLOWED = {"pixtok": {"pixtok"}, "training": {"pixtok", "training"},
-           "export": {"pixtok", "export"}, "serving": {"pixtok", "serving"}}
+           "export": {"pixtok", "export"}, "serving": {"pixtok", "serving"},
+           "tools": set(PARTS)}      # what measures or describes the parts: like the CLI
 # the Gradio page's modules: gradio_app.py and its parts, each held to the page
 PAGE = ("serving.gradio_app", "serving.page_models", "serving.page_actions",
         "serving.page_layout")
@@ -35,7 +37,7 @@ def module_name(path: Path) -> str:
 
 # "module:name" references (resolved with importlib by whoever reads them) and
 # importlib.import_module("module") calls with a literal name
-REFERENCE = re.compile(r"^((?:pixtok|training|export|serving)(?:\.\w+)+):\w+$")
+REFERENCE = re.compile(r"^((?:pixtok|training|export|serving|tools)(?:\.\w+)+):\w+$")
 # the task registry's references are resolved by the part each field belongs to, not by the
 # core that holds them: field -> the module that imports what it names
 REGISTRY_RESOLVERS = {"trainer": "training.tasks", "export_check": "export.archive",
@@ -97,6 +99,13 @@ def test_the_rule_catches_a_crossing(tmp_path):
     assert allowed("serving.page_layout", "serving.page_actions")
     assert allowed("serving.gradio_app", "pixtok.inference.validate")
     assert allowed("pixtok.cli", "serving.launcher")
+    # tools import every part; no part imports a tool, and only the CLI reaches them
+    assert allowed("tools.bench_load", "training.data.scenes")
+    assert allowed("tools.bench_serve", "export.archive")
+    assert not allowed("serving.launcher", "tools.bench_load")
+    assert not allowed("training.train", "tools.capacity")
+    assert not allowed("pixtok.inference.core", "tools.bench_infer")
+    assert allowed("pixtok.cli", "tools.bench_drill")
 
 
 def registry_references() -> list[tuple[str, str]]:
@@ -118,15 +127,17 @@ def test_string_imports_are_seen(tmp_path):
     """A module that imports by name at run time is read as importing that module."""
     module = tmp_path / "lazy.py"
     module.write_text('import importlib\nCMD = "training.train:run_cli"\n'
+                      'BENCH = "tools.bench_load:bench_load"\n'
                       'def f():\n    return importlib.import_module("export.cli")\n')
-    assert string_imports(module) == {"training.train", "export.cli"}
-    assert not allowed("serving.bench", "training.train")
+    assert string_imports(module) == {"training.train", "tools.bench_load", "export.cli"}
+    assert not allowed("serving.launcher", "training.train")
 
 
 def test_the_modules_are_all_seen():
     names = {module_name(p) for p in MODULES}
     assert {"pixtok.models.vit", "pixtok.inference.handler_base", "training.train",
-            "export.archive", "serving.launcher", "serving.handlers.classifier"} <= names
+            "export.archive", "serving.launcher", "serving.handlers.classifier",
+            "tools.bench_load", "tools.capacity"} <= names
 
 
 def module_imports(path: Path, names: set[str]) -> set[str]:

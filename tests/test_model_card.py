@@ -1,4 +1,4 @@
-"""export.model_card: a run folder becomes a shipped model with its card and learning curve."""
+"""tools.model_card: a run folder becomes a shipped model with its card and learning curve."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from export.model_card import recipe_toml
+from tools.model_card import recipe_toml
 from training.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def run_folder(tmp_path, task="classify", metrics=((1, 0.5), (2, 0.7), (3, 0.8))
 
 
 def card(tmp_path, *extra):
-    out = subprocess.run([sys.executable, "-m", "export.model_card", str(tmp_path / "run"),
+    out = subprocess.run([sys.executable, "-m", "tools.model_card", str(tmp_path / "run"),
                           "--name", "my-model", "--store", str(tmp_path / "store"),
                           "--eval", str(tmp_path / "eval.json"), "--hours", "1.5",
                           "--command", "pixtok train vit1-fashion --out runs/x", *extra],

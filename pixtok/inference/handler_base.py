@@ -38,7 +38,7 @@ from .validate import HF_NAMES, RequestError
 
 log = logging.getLogger(__name__)
 STREAM_CONTENT_TYPE = "application/x-ndjson"     # a streamed answer: one JSON object per line
-REPOSITORY_PACKAGES = {"training", "serving", "export"}    # never shipped in an archive
+REPOSITORY_PACKAGES = {"training", "serving", "export", "tools"}    # never shipped in an archive
 
 
 # A streamed request's cancel token: pixtok's gate (serving/gate.py) gives every request one and,

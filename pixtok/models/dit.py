@@ -19,7 +19,7 @@ def dit_config(name: str, **kwargs) -> dict:
     return {"depth": depth, "width": width, "heads": heads, "patch_size": p, **kwargs}
 
 
-if __name__ == "__main__":   # quick look (FLOPs: python -m training.capacity)
+if __name__ == "__main__":   # quick look (FLOPs: python -m tools.capacity)
     for size in DIT_SIZES:
         cfg = dit_config(f"DiT-{size}/1", sample_size=32, in_channels=4)
         with torch.device("meta"):   # count parameters without allocating them

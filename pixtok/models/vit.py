@@ -299,7 +299,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-if __name__ == "__main__":   # quick look (FLOPs: python -m training.capacity)
+if __name__ == "__main__":   # quick look (FLOPs: python -m tools.capacity)
     for size in ("F", "P", "N", "T", "S", "B", "L"):
         cfg = vit_config(f"ViT-{size}/1", image_size=(32, 32), num_classes=100)
         print(f"ViT-{size}/1", f"{count_params(ViT(cfg)) / 1e6:.2f}M params",

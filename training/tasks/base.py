@@ -74,7 +74,7 @@ class Task:
     def shape_model(recipe: Recipe, data) -> tuple[dict, tuple]:
         """(config.json's "model" entry, makers of one forward pass's inputs) of the recipe's
         model on a data set known by its shape only (`image_size`, `in_channels`, `classes`):
-        what training/capacity.py counts the FLOPs of, without reading any data."""
+        what tools/capacity.py counts the FLOPs of, without reading any data."""
         raise ValueError(f"no capacity rule for task {recipe.task}")
 
 

@@ -12,9 +12,10 @@ window, the order reversed every other round (ABC CBA ...), and each row reports
 rounds of its own rate and of its rate over the GEMM rate of the same round.
 
 Each shipped shape (the classifier ViT-N/1 at 28x28, the depth ViT-N/1 at 48x64, at batch 1 and
-the server's batch) is timed under PyTorch eager and, when the CLI hands in the ONNX tools, under
-ONNX Runtime fp32 and its dynamic int8 file, all at the same thread count (torch's). FLOPs come
-from torch.utils.flop_counter.FlopCounterMode (training/flops.py, handed in by the CLI).
+the server's batch) is timed under PyTorch eager, ONNX Runtime fp32 and its dynamic int8 file
+(export/onnx.py, export/quantize.py), all at the same thread count (torch's). FLOPs come from
+torch.utils.flop_counter.FlopCounterMode (training/flops.py). Those parts are imported where
+they are used, so the memory probe's fresh (spawned) process loads torch alone.
 """
 from __future__ import annotations
 
@@ -101,17 +102,18 @@ def case_input(case: dict, model) -> torch.Tensor:
     return torch.rand(case["batch"], model.cfg.in_channels, h, w)
 
 
-def onnx_sessions(model, input_shape: tuple, folder: Path, to_onnx, quantize) -> dict:
+def onnx_sessions(model, input_shape: tuple, folder: Path) -> dict:
     """{"onnxruntime": session, "onnxruntime-int8": session} of the model's ONNX files, on the
     CPU at torch's thread count (the per-worker share the servers give both runtimes)."""
     import onnxruntime as ort
 
+    from export.onnx import export_onnx
+    from export.quantize import quantize_int8
+
     fp32 = folder / "model.onnx"
-    to_onnx(model, input_shape, fp32)
-    files = {"onnxruntime": fp32}
-    if quantize is not None:
-        quantize(fp32, folder / "model.int8.onnx")
-        files["onnxruntime-int8"] = folder / "model.int8.onnx"
+    export_onnx(model, input_shape, fp32)
+    quantize_int8(fp32, folder / "model.int8.onnx")
+    files = {"onnxruntime": fp32, "onnxruntime-int8": folder / "model.int8.onnx"}
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     return {backend: ort.InferenceSession(str(path), options,
@@ -119,8 +121,7 @@ def onnx_sessions(model, input_shape: tuple, folder: Path, to_onnx, quantize) ->
             for backend, path in files.items()}
 
 
-def runners_for(case: dict, folder: Path, to_onnx, quantize,
-                shared: dict) -> tuple[dict, torch.nn.Module]:
+def runners_for(case: dict, folder: Path, shared: dict) -> tuple[dict, torch.nn.Module]:
     """{backend: one forward pass of the case's batch} and the model; cases with the same
     "serve" key share one model and its ONNX sessions (`shared`)."""
     key = case.get("serve")
@@ -128,10 +129,9 @@ def runners_for(case: dict, folder: Path, to_onnx, quantize,
         model, sessions = shared[key]
     else:
         model, sessions = case["build"](), {}
-        if key and to_onnx is not None:
-            shape = tuple(case_input({**case, "batch": 1}, model).shape[1:])
-            sessions = onnx_sessions(model, shape, folder, to_onnx, quantize)
         if key:
+            shape = tuple(case_input({**case, "batch": 1}, model).shape[1:])
+            sessions = onnx_sessions(model, shape, folder)
             shared[key] = model, sessions
     x = case_input(case, model)
 
@@ -146,16 +146,15 @@ def runners_for(case: dict, folder: Path, to_onnx, quantize,
     return runners, model
 
 
-def forward_flops(case: dict, model, count_flops) -> int | None:
-    """FLOPs of one image's forward pass, from FlopCounterMode (count_flops(build, inputs))."""
-    if count_flops is None:
-        return None
+def forward_flops(case: dict, model) -> int:
+    """FLOPs of one image's forward pass, from FlopCounterMode (training/flops.py)."""
+    from training.flops import count_forward_flops
+
     one = case_input({**case, "batch": 1}, model)
-    return int(count_flops(case["build"], (lambda: torch.empty(one.shape),)))
+    return int(count_forward_flops(case["build"], (lambda: torch.empty(one.shape),)))
 
 
-def model_rows(quick: bool, rounds: int, seconds: float, count_flops=None, to_onnx=None,
-               quantize=None) -> list[dict]:
+def model_rows(quick: bool, rounds: int, seconds: float) -> list[dict]:
     """Every case under every backend, with the GEMM, in alternating rounds -> one row each."""
     cases = case_list(quick)
     fns, meta, shared = {}, {}, {}
@@ -165,8 +164,8 @@ def model_rows(quick: bool, rounds: int, seconds: float, count_flops=None, to_on
         for i, case in enumerate(cases):
             folder = Path(tmp) / str(i)
             folder.mkdir()
-            runners, model = runners_for(case, folder, to_onnx, quantize, shared)
-            flops = forward_flops(case, model, count_flops)
+            runners, model = runners_for(case, folder, shared)
+            flops = forward_flops(case, model)
             for backend, fn in runners.items():
                 fns[(i, backend)] = fn
                 meta[(i, backend)] = {k: v for k, v in case.items() if k not in ("build",
@@ -230,12 +229,10 @@ def peak_forward_mb(name: str, side: int, impl: str, depth: int) -> float:
     return queue.get()
 
 
-def bench_infer(quick: bool = False, count_flops=None, to_onnx=None, quantize=None) -> dict:
-    """The suite. count_flops(build, inputs) -> FLOPs (training/flops.py), to_onnx(model,
-    input_shape, path) and quantize(fp32, out) (export/) come from the CLI: the core imports
-    neither part."""
+def bench_infer(quick: bool = False) -> dict:
+    """The suite: the models' rows, then the attention memory probes."""
     rounds, seconds = (4, 0.5) if quick else (7, 1.0)
-    results = model_rows(quick, rounds, seconds, count_flops, to_onnx, quantize)
+    results = model_rows(quick, rounds, seconds)
     sides = [32, 64] if quick else [32, 64, 128]         # 1024, 4096, 16384 tokens
     depth = 1 if quick else 12
     memory = [{"tokens": s * s, "attention": impl, "peak_mb": peak_forward_mb("ViT-T/1", s, impl,
@@ -243,6 +240,6 @@ def bench_infer(quick: bool = False, count_flops=None, to_onnx=None, quantize=No
               for s in sides for impl in ("sdpa", "naive")]
     return {"suite": "infer", "device": "cpu", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "rounds": rounds, "window_s": seconds,
-            "flops": "torch.utils.flop_counter.FlopCounterMode" if count_flops else None,
+            "flops": "torch.utils.flop_counter.FlopCounterMode",
             "results": results, "memory": memory,
             "memory_model": f"ViT-T/1 depth {depth}, batch 1"}

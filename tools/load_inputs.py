@@ -1,8 +1,8 @@
 """Request images for `pixtok bench load` / `pixtok bench drill`: real Fashion-MNIST test images
 and scenes rendered by training/data/scenes.py, as PNG bytes.
 
-The CLI passes load_inputs to the serving benchmarks (serving imports no training code), so the
-images are made once in the CLI process before any load starts.
+The benches make them once, in their own process, before any load starts (the load process of
+`pixtok bench load`, tools/load_users.py, reads them from files and imports no training code).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 resume state) and write its card: recipe, exact commands, data, time and machine, the test
 metrics `pixtok eval` measured, the learning curve, and for generators a sample grid.
 
-    python -m export.model_card runs/vit1-fashion --name fashion-vit1 --eval eval.json \
+    python -m tools.model_card runs/vit1-fashion --name fashion-vit1 --eval eval.json \
         --command "pixtok train vit1-fashion --out runs/vit1-fashion threads=1" ...
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The load loop of `pixtok bench load`: locust users, run as a library in a process of their own.
 
-`python -m serving.load_users SPEC.json OUT.json` (started by serving/bench_load.py). locust
+`python -m tools.load_users SPEC.json OUT.json` (started by tools/bench_load.py). locust
 patches the standard library for gevent when it is imported, so it runs here, away from the
 process that made the request bodies (that one imports training code and numpy; this one imports
 neither). The spec names the server, the routes and their shares, the request bodies (files in

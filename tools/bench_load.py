@@ -6,9 +6,9 @@
 The server is the one of $PIXTOK_RUN_DIR (its config.properties gives the address, its
 key_file.json the key); nothing is started here and only loopback addresses are loaded. This
 process makes the request bodies first (real Fashion-MNIST test images and scenes rendered by
-training/data/scenes.py, from training/load_inputs.py, which pixtok's CLI hands in: serving
-imports no training code; generator requests with a seed) and writes them to a temporary folder;
-the load itself runs in serving/load_users.py, a locust process that imports no training code.
+training/data/scenes.py, from tools/load_inputs.py; generator requests with a seed) and writes
+them to a temporary folder; the load itself runs in tools/load_users.py, a locust process that
+imports no training code.
 While it runs, this process samples the resident memory (RSS) of TorchServe's worker processes,
 and of the gate in front of TorchServe (model name "gate"), every few seconds (psutil).
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from pixtok.errors import UserError
 from pixtok.tasks import served_tasks
+from tools.load_inputs import load_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MIX = "classify=0.7,depth=0.2,generate=0.1"
@@ -70,12 +71,11 @@ def parse_mix(text: str) -> dict[str, float]:
     return {r: v / total for r, v in mix.items() if v > 0}
 
 
-def make_bodies(mix: dict, folder: Path, inputs, labels: int = 10) -> dict[str, list[str]]:
-    """Request bodies per route, written as files into folder -> {route: [paths]}.
-
-    inputs(routes) -> {"classify": [PNG bytes], "depth": [PNG bytes]}: the CLI passes
-    training.load_inputs.load_inputs (real Fashion-MNIST test images, rendered scenes)."""
-    bodies = dict(inputs([r for r in mix if r != "generate"]))
+def make_bodies(mix: dict, folder: Path, labels: int = 10) -> dict[str, list[str]]:
+    """Request bodies per route, written as files into folder -> {route: [paths]}: real
+    Fashion-MNIST test images and rendered scenes (tools/load_inputs.py), seeded generator
+    requests."""
+    bodies = dict(load_inputs([r for r in mix if r != "generate"]))
     if "generate" in mix:
         bodies["generate"] = [json.dumps({"label": i % labels, "seed": i}).encode()
                               for i in range(N_BODIES)]
@@ -184,8 +184,8 @@ def served(client, mix: dict) -> dict[str, str]:
     return models
 
 
-def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
-    """The load bench; inputs: see make_bodies (pixtok's CLI passes it)."""
+def bench_load(quick: bool = False, args=None) -> dict:
+    """The load bench; args: `pixtok bench`'s options (--users, --seconds, --mix, ...)."""
     from serving.client import Client, ServerUnreachable, default_run_dir
     from serving.launcher import running_gate_pid, running_pid
 
@@ -206,7 +206,7 @@ def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
         raise UserError(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="pixtok-load-") as tmp:
         tmp = Path(tmp)
-        bodies = make_bodies(mix, tmp, inputs)
+        bodies = make_bodies(mix, tmp)
         t0 = time.time()
         spec = {"base_url": client.base_url, "run_dir": str(run_dir), "t0": t0,
                 "stages": stages, **extra,
@@ -217,7 +217,7 @@ def bench_load(quick: bool = False, args=None, inputs=None) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         total = sum(s["seconds"] for s in stages)
-        proc = subprocess.Popen([sys.executable, "-m", "serving.load_users",
+        proc = subprocess.Popen([sys.executable, "-m", "tools.load_users",
                                  str(tmp / "spec.json"), str(tmp / "out.json")],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         memory, period = [], max(1.0, min(30.0, total / 200))

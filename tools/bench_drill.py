@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from pixtok.errors import UserError
-from serving.bench_load import CONTENT_TYPES, LOOPBACK, make_bodies, served
 from serving.client import Client, default_run_dir
 from serving.launcher import running_pid
+from tools.bench_load import CONTENT_TYPES, LOOPBACK, make_bodies, served
 
 
 def drill_models(run_dir: Path, probe: Client) -> dict[str, str]:
@@ -101,13 +101,14 @@ def kill_worker(probe: Client, model: str, ready_limit: float) -> dict:
     return {"model": model, "killed_pid": old, "ready_again_s": None}
 
 
-def drill(inputs, threads: int = 6, settle: float = 20.0, ready_limit: float = 300.0) -> dict:
-    """inputs: as for serving.bench_load.make_bodies (pixtok's CLI passes it)."""
+def drill(threads: int = 6, settle: float = 20.0, ready_limit: float = 300.0) -> dict:
+    """`threads` users of the retrying client; after `settle` seconds, and `settle` seconds
+    after each kill, one worker of the next served model is SIGKILLed -> the drill's JSON."""
     run_dir = Path(default_run_dir()).expanduser().resolve()
     probe = Client(run_dir=run_dir, retry_seconds=0)
     models = drill_models(run_dir, probe)
     with tempfile.TemporaryDirectory(prefix="pixtok-drill-") as tmp:
-        paths = make_bodies(dict.fromkeys(models, 1.0), Path(tmp), inputs)
+        paths = make_bodies(dict.fromkeys(models, 1.0), Path(tmp))
         bodies = {r: [Path(p).read_bytes() for p in ps] for r, ps in paths.items()}
     # an accepted request that is merely slow (a contended machine) is waited for: lost means
     # an error the retries could not get past, not a slow answer
@@ -123,9 +124,9 @@ def drill(inputs, threads: int = 6, settle: float = 20.0, ready_limit: float = 3
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
-def bench_drill(quick: bool = False, args=None, inputs=None) -> dict:
+def bench_drill(quick: bool = False, args=None) -> dict:
     threads = args.users if args and args.users is not None else 6
     settle = args.seconds if args and args.seconds is not None else 20.0
     if threads < 1 or settle <= 0:
         raise UserError("--users must be >= 1 and --seconds > 0")
-    return drill(inputs, threads, min(settle, 5.0) if quick else settle)
+    return drill(threads, min(settle, 5.0) if quick else settle)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from export.archive import export_archive
 from pixtok.inference.classifier import load_classifier
 from pixtok.inference.runtime import pick_device
 from serving import launcher
@@ -229,12 +230,11 @@ def threads_for_every_path(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def bench_serve(quick: bool = False, export_archive=None) -> dict:
+def bench_serve(quick: bool = False) -> dict:
     """{"suite": "serve", "model", "threads", "rounds", "results": [{"path", "backend",
     "clients", "images_per_s", "p50_ms", "p99_ms", "of_in_process", "speedup_vs_torch"}],
     "ping": {path: {"p50_ms", "p99_ms"}, "n", "gate_p50_ms"}, "startup_s", "startup_kserve_s"}.
-    export_archive(ckpt, store, name=, onnx=, log=) builds the benchmark model's archives
-    (`pixtok bench serve` passes export's; serving never imports export)."""
+    The benchmark model's two archives are built by export, as `pixtok export` builds them."""
     per_client, rounds = (2, 2) if quick else (4, 4)
     threads = torch.get_num_threads()
     threads_for_every_path(threads)
