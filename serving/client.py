@@ -88,9 +88,8 @@ def worth_retrying(resp: Response) -> bool:
     frontend, or a worker that died under the request. TorchServe answers the last with 507 when
     it has already seen the worker's exit status (137) and with 500 when it has not yet; the
     message is the same, so a 500 is retried only with exactly that message."""
-    if resp.status in RETRY_STATUSES:
-        return True
-    return resp.status == 500 and resp.json().get("message") == WORKER_DIED
+    return resp.status in RETRY_STATUSES or (resp.status == 500
+                                             and resp.json().get("message") == WORKER_DIED)
 
 
 def backoff_delay(attempt: int, retry_after: str | None = None, rng=random) -> float:

@@ -126,14 +126,8 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     # ports of their own
     ts_ports = {**ports, **upstream_ports(ports)} if gated else ports
     while True:
-        with run_dir_writes(run_dir):
-            if config is None:
-                path = render_config(run_dir, store, host, ts_ports,
-                                     models, token_expiration_min, gated)
-                names = list(models)
-            else:
-                path = install_config(run_dir, config)
-                names = snapshot_models(path) or list(models)
+        path, names = write_config(run_dir, store, host, ts_ports, models, token_expiration_min,
+                                   gated, config)
         failures = LoadFailures(run_dir / "logs", attempts,
                                 {m: store / mar for m, (mar, _, _) in models.items()})
         server = launch(run_dir, store, path, host, ts_ports, names, broken,
@@ -156,6 +150,18 @@ def start(model_store=None, host: str = "127.0.0.1", run_dir=None, timeout: floa
     if key_file.exists():
         os.chmod(key_file, 0o600)
     return server
+
+
+def write_config(run_dir: Path, store: Path, host: str, ports: dict, models: dict,
+                 token_expiration_min: float | None, gated: bool, config) -> tuple[Path, list]:
+    """The run's config.properties (rendered, or the given `config` installed) and the models
+    to wait for."""
+    with run_dir_writes(run_dir):
+        if config is None:
+            return (render_config(run_dir, store, host, ports, models, token_expiration_min,
+                                  gated), list(models))
+        path = install_config(run_dir, config)
+        return path, snapshot_models(path) or list(models)
 
 
 def upstream_ports(ports: dict) -> dict:

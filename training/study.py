@@ -952,26 +952,46 @@ def write_report(study: Study, done: dict, out: Path, runs_dir: Path | None = No
                "late_movement": movements(study, runs)}
     write_json(out / "results.json", results)
     files = plots(study, test, val, out) + curves_plot(study, runs, out)
-    total = len(study.runs())
+    lines = header_lines(study, runs) + arm_table(study, test, val)
     devices = sorted({r["device"] for r in runs})
-    lines = [f"# Study `{study.name}`", "",
-             f"Base recipe `{study.base}`, metric `{study.metric}` "
-             f"({'lower' if study.lower_is_better else 'higher'} is better), seeds "
-             f"{study.seeds}; {len(runs)} of {total} runs finished. Study file "
-             f"`{study.path.name}` (sha256 {study.file_sha256[:12]})"
-             + (f", command-line overrides `{' '.join(study.overrides)}`" if study.overrides
-                else "") + ".", "",
-             f"**Held fixed:** {study.held_fixed or 'the base recipe and the common overrides'}. "
-             "Each row states its FLOPs per image and images seen, so equal compute is read "
-             "off the table, not assumed.", "",
-             ("Each generator is measured once it has finished, against the test split only "
-              "(see below); nothing is chosen between runs, so no validation split is used."
-              if study.task == "dit" else
-              "Each run is evaluated on the validation split (what any choice between runs may "
-              "look at); once it has finished, the weights that were best on it (CKPT/best/, "
-              "the step in the last table) are evaluated once on the test split, which is "
-              "reported only."), "",
-             f"| arm | overrides | test {study.metric} | val {study.metric} | params | "
+    lines += ["", f"Devices: {', '.join(devices) or '—'}. Wall time of the finished runs: "
+              f"{sum(r['wall_s'] for r in runs + grid_only(study, done)) / 3600:.2f} h.", ""]
+    lines += mixed_devices(runs) + decision_section(study, verdicts)
+    lines += also_section(study, runs) + grid_section(study, done)
+    lines += convergence_section(study, runs)
+    lines += [f"![{f}]({f})" for f in files]
+    lines += analysis_section(study, runs, out, runs_dir or out)
+    if study.task == "dit":
+        lines += generator_section(study, runs, runs_dir or out)
+    lines += runs_section(study, runs + grid_only(study, done))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+def header_lines(study: Study, runs: list[dict]) -> list[str]:
+    """The report's title, what was held fixed and how runs are evaluated."""
+    return [f"# Study `{study.name}`", "",
+            f"Base recipe `{study.base}`, metric `{study.metric}` "
+            f"({'lower' if study.lower_is_better else 'higher'} is better), seeds "
+            f"{study.seeds}; {len(runs)} of {len(study.runs())} runs finished. Study file "
+            f"`{study.path.name}` (sha256 {study.file_sha256[:12]})"
+            + (f", command-line overrides `{' '.join(study.overrides)}`" if study.overrides
+               else "") + ".", "",
+            f"**Held fixed:** {study.held_fixed or 'the base recipe and the common overrides'}. "
+            "Each row states its FLOPs per image and images seen, so equal compute is read "
+            "off the table, not assumed.", "",
+            ("Each generator is measured once it has finished, against the test split only "
+             "(see below); nothing is chosen between runs, so no validation split is used."
+             if study.task == "dit" else
+             "Each run is evaluated on the validation split (what any choice between runs may "
+             "look at); once it has finished, the weights that were best on it (CKPT/best/, "
+             "the step in the last table) are evaluated once on the test split, which is "
+             "reported only."), ""]
+
+
+def arm_table(study: Study, test: list[dict], val: list[dict]) -> list[str]:
+    """One row per arm: its overrides, test and val metric, params, FLOPs, images seen."""
+    lines = [f"| arm | overrides | test {study.metric} | val {study.metric} | params | "
              "GFLOPs/image | images seen |", "|---|---|---|---|---|---|---|"]
     for t, v in zip(test, val):
         over = " ".join(f"{k}={v_}" for k, v_ in t["recipe"].items()) or "—"
@@ -980,41 +1000,43 @@ def write_report(study: Study, done: dict, out: Path, runs_dir: Path | None = No
         lines.append(f"| {t['arm']} | `{over}` | {fmt(t['mean'], t['std'], t['n'])} | "
                      f"{val_cell} | {t['params'] or '—'} | {gflops} | "
                      f"{t['images_seen'] or '—'} |")
-    lines += ["", f"Devices: {', '.join(devices) or '—'}. Wall time of the finished runs: "
-              f"{sum(r['wall_s'] for r in runs + grid_only(study, done)) / 3600:.2f} h.", ""]
-    lines += mixed_devices(runs) + decision_section(study, verdicts)
-    lines += also_section(study, runs) + grid_section(study, done)
-    lines += convergence_section(study, runs)
-    lines += [f"![{f}]({f})" for f in files]
-    looked = analyses(study, runs, out, runs_dir or out)
-    if looked:
-        lines += ["", "## Where the heads look (`pixtok analyze`, first seed of each arm)", "",
-                  "Mean attention distance in pixels per layer (averaged over heads; each head "
-                  "in analysis/ARM/analysis.json), on held-out images; uniform attention would "
-                  "give the last column.", "",
-                  "| arm | " + " | ".join(f"layer {row['layer']}"
-                                          for row in looked[0][1]["layers"]) + " | uniform |",
-                  "|---|" + "---|" * (len(looked[0][1]["layers"]) + 1)]
-        for arm, result in looked:
-            lines.append(f"| {arm} | " + " | ".join(f"{row['mean']:.2f}"
-                                                    for row in result["layers"])
-                         + f" | {result['uniform_distance']:.2f} |")
-        lines.append("")
-        for arm, _ in looked:
-            lines += [f"![{arm}: distances](analysis/{arm}/attention_distance.png)",
-                      f"![{arm}: offsets](analysis/{arm}/attention_offsets.png)"]
-    if study.task == "dit":
-        lines += generator_section(study, runs, runs_dir or out)
-    lines += ["", "## Runs", "", f"| arm | seed | test {study.metric} | val {study.metric} | "
-              "steps | chosen at step | wall s |", "|---|---|---|---|---|---|---|"]
-    for r in runs + grid_only(study, done):
+    return lines
+
+
+def analysis_section(study: Study, runs: list[dict], out: Path, runs_dir: Path) -> list[str]:
+    """Mean attention distance per layer of each arm's first seed (`pixtok analyze`), if any."""
+    looked = analyses(study, runs, out, runs_dir)
+    if not looked:
+        return []
+    lines = ["", "## Where the heads look (`pixtok analyze`, first seed of each arm)", "",
+             "Mean attention distance in pixels per layer (averaged over heads; each head "
+             "in analysis/ARM/analysis.json), on held-out images; uniform attention would "
+             "give the last column.", "",
+             "| arm | " + " | ".join(f"layer {row['layer']}"
+                                     for row in looked[0][1]["layers"]) + " | uniform |",
+             "|---|" + "---|" * (len(looked[0][1]["layers"]) + 1)]
+    for arm, result in looked:
+        lines.append(f"| {arm} | " + " | ".join(f"{row['mean']:.2f}"
+                                                for row in result["layers"])
+                     + f" | {result['uniform_distance']:.2f} |")
+    lines.append("")
+    for arm, _ in looked:
+        lines += [f"![{arm}: distances](analysis/{arm}/attention_distance.png)",
+                  f"![{arm}: offsets](analysis/{arm}/attention_offsets.png)"]
+    return lines
+
+
+def runs_section(study: Study, runs: list[dict]) -> list[str]:
+    """Every finished run, the lr grid's included."""
+    lines = ["", "## Runs", "", f"| arm | seed | test {study.metric} | val {study.metric} | "
+             "steps | chosen at step | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
         tv, vv = metric_of(r, study, "test"), (metric_of(r, study, "val") if r["val"] else None)
         arm = r["arm"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
         lines.append(f"| {arm} | {r['seed']} | {tv:.4f} | "
                      f"{'—' if vv is None else f'{vv:.4f}'} | {r['steps']} | "
                      f"{r.get('selected_step', r['steps'])} | {r['wall_s']} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return results
+    return lines
 
 
 def records_folder(study: Study, out: Path, given: str | None) -> Path:
