@@ -124,16 +124,13 @@ def server(tmp_path_factory):
 def ui(server, tmp_path_factory):
     """The Gradio front end over `server`, started the way `pixtok serve` starts it, on a free
     port; it uses the first served model of each task (.models: {task: name})."""
-    import socket
 
     from serving import launcher
     from serving.page_settings import served_models
     from training.data.examples import write_examples
 
     models = {task: names[0] for task, names in served_models(server.run_dir).items()}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launcher.free_ports()["inference"]
     env = {"GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     front = launcher.start_ui(server.run_dir, port=port, models=models, env=env, timeout=120,
                               log=lambda *_: None, examples=write_examples)
@@ -145,10 +142,15 @@ def ui(server, tmp_path_factory):
 # `make test-fast` leaves these out (pytest -m "not serve and not slow"): tests that start a real
 # TorchServe, Gradio page or browser (by the fixtures they use, or the whole module), and tests
 # that train or evaluate through the CLI in subprocesses
-SERVE_FIXTURES = {"server", "ui", "kserve", "foreground", "browser_page"}
-SERVE_MODULES = {"test_browser", "test_container", "test_gradio", "test_kserve", "test_page_store"}
+SERVE_FIXTURES = {"server", "ui", "kserve", "ks", "foreground", "browser_page"}
+SERVE_MODULES = {"test_browser", "test_container", "test_gradio", "test_kserve", "test_page_store",
+                 "test_kserve_server", "test_openapi", "test_contract_fuzz"}
 SLOW_MODULES = {"test_train", "test_depth_cli", "test_mae_cli", "test_generation_cli",
-                "test_generation_eval", "test_vqgan_resume", "test_distributed", "test_bench"}
+                "test_generation_eval", "test_vqgan_resume", "test_distributed", "test_bench",
+                "test_study", "test_study_generator", "test_quantize"}
+# single tests that train a model in process for tens of seconds
+SLOW_TESTS = {"test_tiny_depth_vit_beats_mean_depth_baseline", "test_vqgan_trains",
+              "test_a_few_steps_lower_the_loss"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -156,7 +158,8 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in SERVE_MODULES or SERVE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.serve)
-        if module in SLOW_MODULES or "pixtok(" in _source(item):
+        if (module in SLOW_MODULES or item.originalname in SLOW_TESTS
+                or "pixtok(" in _source(item)):
             item.add_marker(pytest.mark.slow)
 
 
