@@ -150,7 +150,8 @@ SLOW_MODULES = {"test_train", "test_depth_cli", "test_mae_cli", "test_generation
                 "test_study", "test_study_generator", "test_quantize"}
 # single tests that train a model in process for tens of seconds
 SLOW_TESTS = {"test_tiny_depth_vit_beats_mean_depth_baseline", "test_vqgan_trains",
-              "test_a_few_steps_lower_the_loss"}
+              "test_a_few_steps_lower_the_loss", "test_a_tiny_vit1_learns",
+              "test_dit_trains_with_falling_loss"}
 
 
 def pytest_collection_modifyitems(config, items):
