@@ -190,7 +190,9 @@ def test_a_full_queue_is_answered_503_json_at_once(busy_server):
     refused = [g for g in got if isinstance(g, ServerError)]
     answered = [g for g in got if isinstance(g, dict)]
     assert len(refused) + len(answered) == 8, got          # no hang, no reset, nothing else
-    assert refused and len(answered) >= 3                  # one running, two queued
+    # the two the queue holds at least; a third when the worker took one off the queue before
+    # the others came (a race on a loaded machine, so not asserted)
+    assert refused and len(answered) >= 2
     for e in refused:
         assert e.status == 503 and e.payload["type"] == "server_busy"
         assert "queue is full" in e.payload["message"]
@@ -212,7 +214,7 @@ def test_the_gate_gives_a_full_queue_a_retry_after(busy_server):
 
     run_together(go, 8)
     refused = [r for r in got if r.status == 503]
-    assert refused and sum(r.status == 200 for r in got) >= 3, [r.status for r in got]
+    assert refused and sum(r.status == 200 for r in got) >= 2, [r.status for r in got]
     for r in refused:
         payload = r.json()
         assert payload["type"] == "ServiceUnavailableException"
